@@ -1,0 +1,215 @@
+"""The Accelerate training harness shared by both stages: config, schedule, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+from .config import ConfigError
+
+CHECKPOINT_PREFIX = "step_"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of one training run."""
+
+    output_dir: str = "runs/tokenizer"
+    seed: int = 0
+    batch_size: int = 32  # per process, per micro-batch
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000  # optimizer steps
+    max_minutes: float | None = None  # wall-clock budget: stop early (and save) when reached
+    learning_rate: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float | None = 1.0
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    log_every: int = 10
+    eval_every: int = 250
+    save_every: int = 250
+    keep_checkpoints: int = 2
+    log_with: str | None = None  # any Accelerate tracker ("tensorboard", "wandb", ...)
+    num_threads: int | None = None  # torch CPU threads per process (None: torch's default)
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "gradient_accumulation_steps", "max_steps", "log_every")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be at least 1")
+        for key in ("eval_every", "save_every", "keep_checkpoints", "warmup_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0 (0 turns it off)")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError("train.mixed_precision must be 'no', 'bf16' or 'fp16'")
+        if self.learning_rate <= 0:
+            raise ConfigError("train.learning_rate must be positive")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("train.min_lr_ratio must be in [0, 1]")
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    """One Accelerator for the run: mixed precision, accumulation, seedable data order."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=cfg.log_with,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def warmup_cosine(cfg: TrainConfig) -> Any:
+    """LR multiplier: linear warmup to 1, then cosine down to `min_lr_ratio` at `max_steps`."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
+
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints: <run>/checkpoints/step_<N>/, written to a temporary folder and renamed when complete
+
+
+@dataclass
+class TrainerState:
+    """Where the loop stands; saved beside Accelerate's state in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    elapsed_s: float = 0.0
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of a killed save are ignored)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    done = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[5:].isdigit()
+    ]
+    done = [p for p in done if (p / "trainer_state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
+    """`--resume latest` -> newest complete checkpoint (None when there is none); a path -> itself."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder")
+    return path
+
+
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str | Path, state: TrainerState, keep: int
+) -> Path:
+    """Accelerate `save_state` into step_<N>.tmp, then an atomic rename to step_<N>."""
+    root = checkpoint_root(output_dir)
+    final = root / f"{CHECKPOINT_PREFIX}{state.step}"
+    tmp = root / f"{CHECKPOINT_PREFIX}{state.step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[: -keep or None] if keep else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
+    """Restore model, optimizer, scheduler and RNG states; return where the loop stood."""
+    accelerator.load_state(str(path))
+    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+
+
+def save_final(accelerator: Accelerator, model: torch.nn.Module, output_dir: str | Path) -> Path:
+    """`save_pretrained` into <run>/final/ via a temporary folder and an atomic rename."""
+    final = Path(output_dir) / "final"
+    tmp = Path(output_dir) / "final.tmp"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+class MetricsLog:
+    """Appends one JSON object per line to <run>/metrics.jsonl (main process) and to trackers."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: str | Path):
+        self.accelerator = accelerator
+        self.path = Path(output_dir) / "metrics.jsonl"
+
+    def log(self, step: int, values: dict[str, float], kind: str = "train") -> None:
+        """Record `values` at `step`."""
+        if not self.accelerator.is_main_process:
+            return
+        record = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        self.accelerator.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (a resumed run logs those steps again)."""
+        if not self.accelerator.is_main_process or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+
+def read_metrics(output_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The records of <run>/metrics.jsonl, optionally of one kind."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if kind is None or r.get("kind") == kind]
