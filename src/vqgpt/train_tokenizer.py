@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import QuantizerConfig, load_config, save_config
-from .data import DataConfig, ImageTextDataset, ImageTransform, collate, load_image_dataset
+from .data import DataConfig, collate, image_text_dataset
 from .evaluate import EvalConfig, evaluate_tokenizer
 from .losses import LossConfig, VQLoss
 from .training import (
@@ -25,6 +25,7 @@ from .training import (
     build_accelerator,
     load_checkpoint,
     read_metrics,
+    replica_max_abs_diff,
     resolve_resume,
     save_checkpoint,
     save_final,
@@ -66,12 +67,9 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
     if tc.log_with:
         accelerator.init_trackers("vqgpt-tokenizer")
 
-    train_set = ImageTextDataset(
-        load_image_dataset(recipe.data, recipe.data.train_split),
-        ImageTransform(recipe.model.image_size, random_crop=recipe.data.random_crop),
-    )
-    if train_set.skipped.total:
-        accelerator.print(f"train data: skipped {train_set.skipped.summary()}")
+    train_set = image_text_dataset(recipe.data, recipe.data.train_split, train=True)
+    if train_set.stats.total:
+        accelerator.print(f"train data: {train_set.stats}")
     if len(train_set) < tc.batch_size * accelerator.num_processes:
         raise ValueError(
             f"train split has {len(train_set)} usable images, fewer than one batch "
@@ -116,15 +114,15 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
 
     eval_set = None
     if accelerator.is_main_process and recipe.eval.max_images > 0:
-        eval_set = ImageTextDataset(
-            load_image_dataset(recipe.data, recipe.data.eval_split),
-            ImageTransform(recipe.model.image_size, random_crop=False),
-        )
+        eval_set = image_text_dataset(recipe.data, recipe.data.eval_split, train=False)
 
     def run_eval() -> None:
         if eval_set is not None and len(eval_set):
             result = evaluate_tokenizer(
-                raw_model, eval_set, recipe.eval, grid_path=out / "samples" / f"recon_{state.step:06d}.png"
+                raw_model,
+                eval_set,
+                recipe.eval,
+                grid_path=out / "samples" / f"recon_{state.step:06d}.png",
             )
             metrics.log(state.step, result.to_log(), kind="eval")
             bar.write(f"step {state.step}: " + result.summary())
@@ -143,14 +141,20 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
     running: dict[str, float] = {}
     while not stop:
         loader.set_epoch(state.epoch)
-        batches = skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
+        batches = (
+            skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
+        )
         for batch in batches:
             state.batches_in_epoch += 1
             pixels = batch["pixel_values"]
             with accelerator.accumulate(model):
                 output = model(pixels)
                 record = loss_fn.autoencoder_loss(
-                    pixels, output.reconstruction, output.quantizer.loss, state.step, raw_model.last_layer
+                    pixels,
+                    output.reconstruction,
+                    output.quantizer.loss,
+                    state.step,
+                    raw_model.last_layer,
                 )
                 accelerator.backward(record.total)
                 if accelerator.sync_gradients and tc.grad_clip:
@@ -162,6 +166,7 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
                     disc_record = loss_fn.discriminator_loss(
                         pixels, output.reconstruction.detach(), state.step
                     )
+                    disc_optimizer.zero_grad(set_to_none=True)  # drop the generator step's grads
                     accelerator.backward(disc_record.total)
                     disc_optimizer.step()
                     disc_optimizer.zero_grad(set_to_none=True)
@@ -200,9 +205,15 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
     bar.close()
 
     run_eval()
+    drift = replica_max_abs_diff(accelerator, model)
     final = save_final(accelerator, model, out)
     if accelerator.is_main_process:
-        summary = {"step": state.step, "elapsed_s": round(state.elapsed_s, 1)}
+        summary = {
+            "step": state.step,
+            "elapsed_s": round(state.elapsed_s, 1),
+            "num_processes": accelerator.num_processes,
+            "replica_max_abs_diff": drift,
+        }
         evals = read_metrics(out, kind="eval")
         if evals:
             summary.update({k: v for k, v in evals[-1].items() if k not in ("kind", "time")})
@@ -217,4 +228,3 @@ def _out_of_time(accelerator, max_minutes: float | None, elapsed_s: float) -> bo
         return False
     flag = torch.tensor([float(elapsed_s > max_minutes * 60)], device=accelerator.device)
     return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-

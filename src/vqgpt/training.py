@@ -175,6 +175,17 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, output_dir: str
     return final
 
 
+@torch.no_grad()
+def replica_max_abs_diff(accelerator: Accelerator, model: torch.nn.Module) -> float:
+    """Largest difference of any parameter or buffer between the ranks (0.0: replicas in sync)."""
+    if accelerator.num_processes == 1:
+        return 0.0
+    state = accelerator.unwrap_model(model).state_dict()
+    flat = torch.cat([t.detach().float().flatten() for t in state.values()])
+    gathered = accelerator.gather(flat[None])  # (num_processes, numel)
+    return float((gathered - gathered[0]).abs().max())
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics
 

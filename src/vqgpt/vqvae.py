@@ -38,7 +38,9 @@ class ModelConfig:
         if f not in (2, 4, 8, 16, 32):
             raise ConfigError(f"model: downsampling factor {f} must be a power of two in 2..32")
         if self.image_size % f:
-            raise ConfigError(f"model.image_size {self.image_size} is not divisible by the factor {f}")
+            raise ConfigError(
+                f"model.image_size {self.image_size} is not divisible by the factor {f}"
+            )
 
     @property
     def downsample_factor(self) -> int:
@@ -207,4 +209,3 @@ class VQVAE(PreTrainedModel):
     def forward(self, pixel_values: torch.Tensor) -> VQVAEOutput:
         q = self.quantize(pixel_values)
         return VQVAEOutput(reconstruction=self.decoder(q.quantized), codes=q.codes, quantizer=q)
-

@@ -1,0 +1,87 @@
+"""Shared test helpers: running the real CLI in subprocesses, tiny recipes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_tokenizer_recipe(out_dir: Path, **sections) -> dict:
+    """A recipe that trains in seconds on 2 cores (32 px shapes, 8x8 tokens, K=32)."""
+    recipe = {
+        "model": dict(
+            image_size=32, base_channels=8, channel_mult=[1, 2], latent_dim=8, norm_groups=4
+        ),
+        "quantizer": dict(codebook_size=32, restart_after_steps=2),
+        "data": dict(
+            source="shapes", shapes=dict(num_images=64, num_test_images=16, image_size=32)
+        ),
+        "train": dict(
+            output_dir=str(out_dir),
+            batch_size=8,
+            max_steps=6,
+            warmup_steps=2,
+            log_every=1,
+            eval_every=0,
+            save_every=2,
+            keep_checkpoints=5,
+            num_threads=1,
+        ),
+        "eval": dict(max_images=16, batch_size=16, grid_images=4),
+    }
+    for key, value in sections.items():
+        recipe[key].update(value)
+    return recipe
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1"
+    )
+    env["TQDM_DISABLE"] = "1"
+    return env
+
+
+def run_cli(*args: str, launcher: list[str] | None = None, check: bool = True, timeout: int = 300):
+    """Run `python -m vqgpt.cli ARGS` (or through an accelerate launcher) and return the result."""
+    cmd = (launcher or [sys.executable]) + ["-m", "vqgpt.cli", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({result.returncode})\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
+    return result
+
+
+@pytest.fixture(scope="session")
+def accelerate_launcher() -> list[str]:
+    """`accelerate launch` with two CPU processes over gloo."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]

@@ -1,0 +1,73 @@
+"""Config mechanics: YAML <-> dataclass, overrides, unknown keys, presets, every shipped YAML loads."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vqgpt.config import (
+    ConfigError,
+    QuantizerConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    to_dict,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_unknown_key_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match="quantizer.codebok_size"):
+        from_dict(QuantizerConfig, {"codebok_size": 3}, "quantizer")
+
+
+def test_seed_preset_fills_fields_and_explicit_keys_win():
+    seed = QuantizerConfig.from_preset("seed")
+    assert (seed.ema, seed.kmeans_init, seed.restart_after_steps, seed.init) == (
+        False,
+        False,
+        0,
+        "uniform",
+    )
+    explicit = from_dict(QuantizerConfig, {"preset": "seed", "ema": True})
+    assert explicit.ema is True and explicit.kmeans_init is False
+    # a saved config (all fields + preset) reloads to the same values
+    assert from_dict(QuantizerConfig, to_dict(explicit)) == explicit
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump({"codebook_size": 64}))
+    cfg = load_config(QuantizerConfig, path, ["ema_decay=0.9", "codebook_dim=8", "ema=false"])
+    assert cfg.codebook_size == 64 and cfg.ema_decay == 0.9 and cfg.codebook_dim == 8
+    assert cfg.ema is False
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["nonsense"])
+
+
+def test_validation_speaks_to_the_user():
+    with pytest.raises(ConfigError, match="codebook_size"):
+        QuantizerConfig(codebook_size=1)
+    with pytest.raises(ConfigError, match="expected int"):
+        from_dict(QuantizerConfig, {"codebook_size": "many"})
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(QuantizerConfig, tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("tokenizer/*.yaml")), ids=lambda p: p.name)
+def test_every_tokenizer_recipe_loads(path):
+    from vqgpt.train_tokenizer import load_recipe
+
+    recipe = load_recipe(path)
+    assert recipe.model.image_size % recipe.model.downsample_factor == 0
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("accelerate/*.yaml")), ids=lambda p: p.name)
+def test_every_accelerate_config_is_valid_yaml(path):
+    data = yaml.safe_load(path.read_text())
+    assert data["distributed_type"] in {"NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP"}
+    assert data["num_processes"] >= 1
