@@ -64,7 +64,11 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """One Accelerator for the run: mixed precision, accumulation, seedable data order."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    # Several processes with no GPU (e.g. `accelerate launch --multi_gpu` on a CPU machine): Accelerate
+    # only sets up gloo when told the run is on the CPU.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
+        cpu=multi_cpu,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=cfg.log_with,
