@@ -15,6 +15,22 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
     print(f"tokenizer saved to {final}")
 
 
+def _train_lm(args: argparse.Namespace) -> None:
+    from .train_lm import load_lm_recipe, train_lm
+
+    recipe = load_lm_recipe(args.config, args.overrides)
+    final = train_lm(recipe, resume=args.resume)
+    print(f"pipeline saved to {final}")
+
+
+def _pretokenize(args: argparse.Namespace) -> None:
+    from .pretokenize import pretokenize
+    from .train_lm import load_lm_recipe
+
+    recipe = load_lm_recipe(args.config, args.overrides)
+    print(pretokenize(recipe.data).summary())
+
+
 def _reconstruct(args: argparse.Namespace) -> None:
     from .codec import reconstruct_files
 
@@ -50,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-tokenizer", help="stage one: train the VQ-VAE image tokenizer")
     _add_train_args(p)
     commands["train-tokenizer"] = _train_tokenizer
+
+    p = sub.add_parser("pretokenize", help="encode a dataset's images once (the LM recipe's data)")
+    p.add_argument("--config", required=True, help="LM recipe YAML (configs/lm/...)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=128")
+    commands["pretokenize"] = _pretokenize
+
+    p = sub.add_parser("train-lm", help="stage two: train the GPT-2 over text + image tokens")
+    _add_train_args(p)
+    commands["train-lm"] = _train_lm
 
     for name, fn, helptext, out_help in (
         ("reconstruct", _reconstruct, "images -> tokens -> images", "output folder"),

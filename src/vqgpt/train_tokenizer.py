@@ -27,6 +27,7 @@ from .training import (
     read_metrics,
     replica_max_abs_diff,
     resolve_resume,
+    out_of_time,
     save_checkpoint,
     save_final,
     warmup_cosine,
@@ -191,7 +192,7 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
                 metrics.log(state.step, values)
                 bar.set_postfix(loss=f"{values.get('total', math.nan):.4f}")
                 running = {}
-                stop = _out_of_time(accelerator, tc.max_minutes, state.elapsed_s)
+                stop = out_of_time(accelerator, tc.max_minutes, state.elapsed_s)
             stop = stop or state.step >= tc.max_steps
             if tc.save_every and (state.step % tc.save_every == 0 or stop):
                 save_checkpoint(accelerator, out, state, tc.keep_checkpoints)
@@ -221,10 +222,3 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
     accelerator.end_training()
     return final
 
-
-def _out_of_time(accelerator, max_minutes: float | None, elapsed_s: float) -> bool:
-    """Every rank stops at the same step once the main process's wall-clock budget is spent."""
-    if max_minutes is None:
-        return False
-    flag = torch.tensor([float(elapsed_s > max_minutes * 60)], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)

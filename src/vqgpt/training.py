@@ -179,6 +179,14 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, output_dir: str
     return final
 
 
+def out_of_time(accelerator: Accelerator, max_minutes: float | None, elapsed_s: float) -> bool:
+    """True on every rank once any rank has spent the wall-clock budget (all stop at one step)."""
+    if max_minutes is None:
+        return False
+    flag = torch.tensor([float(elapsed_s > max_minutes * 60)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
 @torch.no_grad()
 def replica_max_abs_diff(accelerator: Accelerator, model: torch.nn.Module) -> float:
     """Largest difference of any parameter or buffer between the ranks (0.0: replicas in sync)."""
