@@ -85,3 +85,43 @@ def accelerate_launcher() -> list[str]:
         "--main_process_port",
         "0",
     ]
+
+
+def tiny_lm_recipe(tokenizer_run: Path, out_dir: Path, codes_dir: Path, **sections) -> dict:
+    """A stage-two recipe over a tiny tokenizer: 2-layer GPT-2, 8x8 codes, seconds per run."""
+    recipe = {
+        "data": dict(
+            tokenizer=str(tokenizer_run),
+            output_dir=str(codes_dir),
+            batch_size=32,
+            images=dict(
+                source="shapes", shapes=dict(num_images=64, num_test_images=16, image_size=32)
+            ),
+        ),
+        "sequences": dict(max_length=160, caption_dropout=0.2),
+        "model": dict(preset="tiny"),
+        "train": dict(
+            output_dir=str(out_dir),
+            batch_size=4,
+            max_steps=6,
+            warmup_steps=2,
+            log_every=1,
+            eval_every=0,
+            save_every=2,
+            keep_checkpoints=5,
+            num_threads=1,
+        ),
+        "eval": dict(max_images=8, batch_size=8, baseline_images=32),
+    }
+    for key, value in sections.items():
+        recipe[key].update(value)
+    return recipe
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_run(tmp_path_factory) -> Path:
+    """A stage-one tokenizer trained in seconds with the real CLI (shared by the stage-two tests)."""
+    out = tmp_path_factory.mktemp("tokenizer") / "run"
+    cfg = write_yaml(out.parent / "r.yaml", tiny_tokenizer_recipe(out, train=dict(save_every=0)))
+    run_cli("train-tokenizer", "--config", str(cfg))
+    return out

@@ -166,7 +166,7 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
                 ("image_loss", loss.image_loss),
                 ("text_loss", loss.text_loss),
             ):
-                running[key] = running.get(key, 0.0) + float(value)
+                running[key] = running.get(key, 0.0) + float(value.detach())
             running["_n"] = running.get("_n", 0.0) + 1
             if not accelerator.sync_gradients:
                 continue

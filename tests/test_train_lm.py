@@ -1,0 +1,83 @@
+"""Stage-two training: a real run, a killed run that resumes, a 2-process run that saves once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import cli_env, run_cli, tiny_lm_recipe, write_yaml
+
+from vqgpt.pipeline import Pipeline
+from vqgpt.training import list_checkpoints, read_metrics
+
+
+def losses(run) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run, "train")}
+
+
+@pytest.fixture(scope="module")
+def lm_run(tiny_tokenizer_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    out = root / "run"
+    cfg = write_yaml(root / "r.yaml", tiny_lm_recipe(tiny_tokenizer_run, out, root / "codes"))
+    run_cli("train-lm", "--config", str(cfg))
+    return out
+
+
+def test_run_saves_a_loadable_pipeline_and_reports_eval_per_task(lm_run):
+    final = lm_run / "final"
+    pipe = Pipeline.from_pretrained(final)
+    assert pipe.layout.grid == pipe.image_tokenizer.grid
+    summary = json.loads((final / "eval.json").read_text())
+    assert summary["step"] == 6
+    for key in ("full/t2i", "full/caption", "split/t2i/image", "unigram_full/caption"):
+        assert summary[key] > 0, key
+    # the split normalisation is over fewer rows: never worse than the full one
+    assert summary["split/t2i/image"] <= summary["full/t2i/image"] + 1e-6
+    train = read_metrics(lm_run, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert all(r["tokens_per_s"] > 0 for r in train)
+
+
+def test_killed_run_resumes_with_the_same_next_step_loss(lm_run, tiny_tokenizer_run, tmp_path):
+    out = tmp_path / "run"
+    recipe = tiny_lm_recipe(tiny_tokenizer_run, out, tmp_path / "codes", train=dict(save_every=1))
+    cfg = write_yaml(tmp_path / "r.yaml", recipe)
+    cmd = [sys.executable, "-m", "vqgpt.cli", "train-lm", "--config", str(cfg)]
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "step_2").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_from = int(list_checkpoints(out)[-1].name.split("_")[1])
+    assert 2 <= resumed_from < 6, "the kill came too late to test a resume"
+    result = run_cli("train-lm", "--config", str(cfg), "--resume", "latest")
+    assert "resumed from" in result.stdout + result.stderr
+    reference, resumed = losses(lm_run), losses(out)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in range(resumed_from + 1, 7):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-7), step
+
+
+@pytest.mark.slow
+def test_two_process_run_trains_and_saves_once(tiny_tokenizer_run, tmp_path, accelerate_launcher):
+    out = tmp_path / "run"
+    recipe = tiny_lm_recipe(
+        tiny_tokenizer_run, out, tmp_path / "codes", train=dict(max_steps=3, save_every=0)
+    )
+    cfg = write_yaml(tmp_path / "r.yaml", recipe)
+    result = run_cli("train-lm", "--config", str(cfg), launcher=accelerate_launcher)
+    assert "pipeline saved to" in result.stdout
+    assert not (out / "final.tmp").exists()
+    # one writer: every step logged once, not once per rank
+    assert [r["step"] for r in read_metrics(out, "train")] == [1, 2, 3]
+    summary = json.loads((out / "final" / "eval.json").read_text())
+    assert summary["num_processes"] == 2 and summary["replica_max_abs_diff"] == 0.0
+    Pipeline.from_pretrained(out)
