@@ -31,6 +31,45 @@ def _pretokenize(args: argparse.Namespace) -> None:
     print(pretokenize(recipe.data).summary())
 
 
+def _sampling(args: argparse.Namespace, **fixed):
+    from .generate import SamplingConfig
+
+    return SamplingConfig(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        **fixed,
+    )
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .infer import generate_to_folder, read_prompts
+
+    prompts = read_prompts(args.prompts, args.prompts_file)
+    sampling = _sampling(args, cfg_scale=args.cfg, do_sample=not args.greedy)
+    print(generate_to_folder(args.model, prompts, args.n, sampling, args.out).summary())
+
+
+def _caption(args: argparse.Namespace) -> None:
+    from .infer import caption_files
+
+    sampling = _sampling(
+        args,
+        do_sample=args.sample,
+        num_beams=args.beams,
+        max_new_tokens=args.max_new_tokens,
+    )
+    caption_files(args.model, args.inputs, sampling, args.out)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _reconstruct(args: argparse.Namespace) -> None:
     from .codec import reconstruct_files
 
@@ -86,6 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=name == "reconstruct", default=None, help=out_help)
         p.add_argument("--batch-size", type=int, default=32)
         commands[name] = fn
+
+    p = sub.add_parser("generate", help="captions -> images (text-to-image)")
+    p.add_argument("--model", required=True, help="an LM run folder or its final/ folder")
+    p.add_argument("prompts", nargs="*", help="captions")
+    p.add_argument("--prompts", dest="prompts_file", default=None, help="file, one caption a line")
+    p.add_argument("-n", type=int, default=4, help="images per prompt")
+    p.add_argument(
+        "--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)"
+    )
+    p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    p.add_argument("--out", required=True, help="output folder")
+    _add_sampling_args(p)
+    commands["generate"] = _generate
+
+    p = sub.add_parser("caption", help="images -> captions")
+    p.add_argument("--model", required=True, help="an LM run folder or its final/ folder")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--beams", type=int, default=1, help="beam search width (1 = greedy)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy/beam")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--out", default=None, help="write JSON lines here too")
+    _add_sampling_args(p)
+    commands["caption"] = _caption
 
     parser.set_defaults(_commands=commands)
     return parser

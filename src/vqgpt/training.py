@@ -60,15 +60,20 @@ class TrainConfig:
             raise ConfigError("train.min_lr_ratio must be in [0, 1]")
 
 
+def multi_cpu_run() -> bool:
+    """Several processes and no GPU (`accelerate launch --multi_gpu` on a CPU machine).
+
+    Accelerate sets up gloo for such a run only when told it is on the CPU (`cpu=True`).
+    """
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """One Accelerator for the run: mixed precision, accumulation, seedable data order."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    # Several processes with no GPU (e.g. `accelerate launch --multi_gpu` on a CPU machine): Accelerate
-    # only sets up gloo when told the run is on the CPU.
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
-        cpu=multi_cpu,
+        cpu=multi_cpu_run(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=cfg.log_with,
