@@ -55,10 +55,18 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, launcher: list[str] | None = None, check: bool = True, timeout: int = 300):
+def run_cli(
+    *args: str,
+    launcher: list[str] | None = None,
+    check: bool = True,
+    timeout: int = 300,
+    cwd: Path | None = None,
+):
     """Run `python -m vqgpt.cli ARGS` (or through an accelerate launcher) and return the result."""
     cmd = (launcher or [sys.executable]) + ["-m", "vqgpt.cli", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=timeout)
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env=cli_env(), timeout=timeout, cwd=cwd
+    )
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({result.returncode})\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"

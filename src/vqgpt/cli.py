@@ -70,6 +70,29 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(output_dir=args.out, quick=args.quick, eval_images=args.eval_images))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .config import from_dict
+    from .data import DataConfig
+    from .demo import write_report
+    from .evaluate import PipelineEvalConfig
+    from .pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.model)
+    size = pipe.image_tokenizer.config.arch.image_size
+    data = from_dict(DataConfig, {"source": args.data, "image_size": size})
+    cfg = PipelineEvalConfig(num_images=args.num_images, cfg_scales=(1.0, args.cfg))
+    folder = write_report(pipe, data, Path(args.out), cfg, runs={}, timings={})
+    print((folder / "report.md").read_text())
+
+
 def _reconstruct(args: argparse.Namespace) -> None:
     from .codec import reconstruct_files
 
@@ -148,6 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write JSON lines here too")
     _add_sampling_args(p)
     commands["caption"] = _caption
+
+    p = sub.add_parser("eval", help="held-out captioning and text-to-image scores of a pipeline")
+    p.add_argument("--model", required=True, help="an LM run folder or its final/ folder")
+    p.add_argument("--data", default="shapes", help="'shapes' or an image folder with a test split")
+    p.add_argument("--num-images", type=int, default=200)
+    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale scored beside 1.0")
+    p.add_argument("--out", required=True, help="folder for metrics.json, report.md, grids")
+    commands["eval"] = _eval
+
+    p = sub.add_parser("demo", help="the whole pipeline on the built-in shapes, with a report")
+    p.add_argument("--out", default="runs/demo", help="output folder (reused by a second run)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in minutes")
+    p.add_argument("--eval-images", type=int, default=200)
+    commands["demo"] = _demo
 
     parser.set_defaults(_commands=commands)
     return parser

@@ -9,9 +9,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .config import ConfigError
-from .data import collate
+from .data import (
+    DataConfig,
+    ImageTextDataset,
+    ImageTransform,
+    collate,
+    load_image_dataset,
+    load_rgb,
+)
+from .generate import SamplingConfig
 from .images import save_reconstruction_grid
 from .metrics import CodebookUsage, psnr, ssim
+from .shape_checker import check, t2i_scores
+from .shapes import parse_caption
+from .text_metrics import caption_scores
 from .vqvae import VQVAE
 
 
@@ -83,3 +94,158 @@ def evaluate_tokenizer(
         perplexity=float(stats.perplexity),
         num_images=n,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole pipeline: captioning and text-to-image on a held-out split
+
+
+@dataclass
+class PipelineEvalConfig:
+    """Held-out captioning and text-to-image evaluation of a trained pipeline."""
+
+    num_images: int = 200  # held-out images to caption, and held-out captions to draw
+    cfg_scales: tuple[float, ...] = (1.0, 3.0)  # text-to-image is scored at each scale
+    temperature: float = 1.0  # text-to-image sampling
+    top_k: int = 0
+    caption_beams: int = 1  # 1 = greedy captions
+    seed: int = 0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.num_images < 1 or self.batch_size < 1 or self.caption_beams < 1:
+            raise ConfigError("eval.num_images, eval.batch_size, eval.caption_beams must be >= 1")
+        if not self.cfg_scales:
+            raise ConfigError("eval.cfg_scales needs at least one scale (1.0 = no guidance)")
+
+
+@dataclass
+class PipelineEval:
+    """Scores of one pipeline on held-out data, plus samples for the report."""
+
+    tokenizer: TokenizerMetrics | None
+    caption: dict  # CaptionScores as a dict
+    t2i: dict[str, dict]  # "cfg=<scale>" -> T2IScores as a dict
+    caption_samples: list[tuple]  # (PIL image, reference, prediction)
+    t2i_samples: dict[str, list[tuple]]  # "cfg=<scale>" -> (prompt, PIL image, ok)
+
+    def to_json(self) -> dict:
+        out = {"caption": self.caption, "t2i": self.t2i}
+        if self.tokenizer is not None:
+            out["tokenizer"] = self.tokenizer.to_log()
+        return out
+
+    def markdown(self) -> str:
+        """The scores as Markdown tables."""
+        lines = []
+        if self.tokenizer is not None:
+            t = self.tokenizer
+            lines += [
+                "| tokenizer (held-out) | PSNR (dB) | SSIM | codebook usage | perplexity | images |",
+                "|---|---|---|---|---|---|",
+                f"| | {t.psnr:.2f} | {t.ssim:.4f} | {100 * t.usage:.1f}% | {t.perplexity:.1f} "
+                f"| {t.num_images} |",
+                "",
+            ]
+        c = self.caption
+        attrs = c.get("per_attribute", {})
+        lines += [
+            "| captioning (held-out) | exact match | " + " | ".join(attrs) + " | BLEU-4 | images |",
+            "|---|---|" + "---|" * len(attrs) + "---|---|",
+            f"| greedy | {100 * c['exact_match']:.1f}% | "
+            + " | ".join(f"{100 * v:.1f}%" for v in attrs.values())
+            + f" | {c['bleu4']:.3f} | {c['n']} |",
+            "",
+        ]
+        keys = list(next(iter(self.t2i.values())).get("per_attribute", {}))
+        lines += [
+            "| text-to-image (held-out captions) | all objects right | "
+            + " | ".join(keys)
+            + " | images |",
+            "|---|---|" + "---|" * len(keys) + "---|",
+        ]
+        for name, s in self.t2i.items():
+            per = s.get("per_attribute", {})
+            lines.append(
+                f"| {name} | {100 * s['accuracy']:.1f}% | "
+                + " | ".join(f"{100 * per[k]:.1f}%" for k in keys)
+                + f" | {s['n']} |"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def _held_out(data: DataConfig, n: int):
+    """The first `n` readable rows of the eval split: (PIL images, captions)."""
+    ds = load_image_dataset(data, data.eval_split)
+    images, texts = [], []
+    for row in ds:
+        image = load_rgb(row["image"])
+        if image is not None:
+            images.append(image)
+            texts.append(row["text"])
+        if len(images) == n:
+            break
+    return images, texts
+
+
+def evaluate_pipeline(
+    pipe, data: DataConfig, cfg: PipelineEvalConfig, tokenizer_eval: EvalConfig | None = None
+) -> PipelineEval:
+    """Caption held-out images and draw held-out captions; score both (shapes: exact checks)."""
+    from .infer import caption_images, generate_images  # infer -> pipeline -> vqvae: load late
+
+    images, texts = _held_out(data, cfg.num_images)
+    if not images:
+        raise ValueError(f"the {data.eval_split} split of {data.source} has no readable images")
+    tok = None
+    if tokenizer_eval is not None:
+        size = pipe.image_tokenizer.config.arch.image_size
+        held = ImageTextDataset(
+            load_image_dataset(data, data.eval_split), ImageTransform(size, random_crop=False)
+        )
+        tok = evaluate_tokenizer(pipe.image_tokenizer, held, tokenizer_eval)
+
+    greedy = SamplingConfig(
+        do_sample=False, num_beams=cfg.caption_beams, seed=cfg.seed, batch_size=cfg.batch_size
+    )
+    predictions = caption_images(pipe, images, greedy)
+    caption = _as_dict(caption_scores(predictions, texts))
+    t2i, t2i_samples = {}, {}
+    for scale in cfg.cfg_scales:
+        sampling = SamplingConfig(
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            cfg_scale=scale,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+        )
+        drawn = generate_images(pipe, texts, 1, sampling)
+        name = f"cfg={scale:g}"
+        scores = t2i_scores(texts, drawn)
+        t2i[name] = _as_dict(scores)
+        t2i_samples[name] = [
+            (p, im, _all_match(im, p)) for p, im in zip(texts[:16], drawn[:16], strict=True)
+        ]
+    return PipelineEval(
+        tokenizer=tok,
+        caption=_plain(caption),
+        t2i={k: _plain(v) for k, v in t2i.items()},
+        caption_samples=list(zip(images[:16], texts[:16], predictions[:16], strict=True)),
+        t2i_samples=t2i_samples,
+    )
+
+
+def _all_match(image, prompt: str) -> bool:
+    try:
+        return bool(check(image, parse_caption(prompt)).all_match)
+    except ValueError:
+        return False
+
+
+def _as_dict(scores) -> dict:
+    return scores._asdict() if hasattr(scores, "_asdict") else asdict(scores)
+
+
+def _plain(d: dict) -> dict:
+    """Drop values that are not JSON data (e.g. per-item lists stay, tensors go)."""
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, dict, list, bool))}

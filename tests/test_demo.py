@@ -1,0 +1,29 @@
+"""`vqgpt demo --quick`: every stage end to end, and a second run that reuses finished stages."""
+
+import json
+
+import pytest
+from conftest import ROOT, run_cli
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end_and_reuses_stages(tmp_path):
+    out = tmp_path / "demo"
+    run_cli("demo", "--quick", "--out", str(out), timeout=900, cwd=ROOT)
+    report = out / "report"
+    text = (report / "report.md").read_text()
+    for name in (
+        "captions.png",
+        "t2i_cfg1.png",
+        "t2i_cfg3.png",
+        "loss_tokenizer.png",
+        "loss_lm.png",
+    ):
+        assert (report / name).is_file() and f"({name})" in text
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics["t2i"]) == {"cfg=1", "cfg=3"}
+    assert 0.0 <= metrics["caption"]["exact_match"] <= 1.0
+    assert metrics["tokenizer"]["num_images"] > 0
+
+    again = run_cli("demo", "--quick", "--out", str(out), timeout=900, cwd=ROOT)
+    assert again.stdout.count("exists: reusing it") == 2
