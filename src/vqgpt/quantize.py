@@ -56,7 +56,7 @@ def _broadcast_(t: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def nearest_code(x: Tensor, codebook: Tensor, chunk_size: int = 4096) -> Tensor:
+def nearest_code(x: Tensor, codebook: Tensor, chunk_size: int) -> Tensor:
     """Index of the nearest codebook row for each row of `x`, searched `chunk_size` rows at a time.
 
     `argmin_i ||x - e_i||^2 = argmin_i (||e_i||^2 - 2 x.e_i)`: `||x||^2` is constant per row and
@@ -91,7 +91,7 @@ def nearest_code_full(x: Tensor, codebook: Tensor) -> Tensor:
 
 @torch.no_grad()
 def kmeans(
-    x: Tensor, k: int, iters: int, cosine: bool = False, chunk_size: int = 4096
+    x: Tensor, k: int, iters: int, cosine: bool = False, chunk_size: int = 256
 ) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means on rows of `x`: returns (centroids [k, D], counts [k]).
 
@@ -182,8 +182,8 @@ class Codebook(nn.Module):
         if not (cfg.ema or cfg.restart_after_steps > 0):
             return
         k = cfg.codebook_size
-        # one all-reduce for counts and sums: [K, 1 + dim]
-        stats = torch.zeros(k, 1 + x.shape[1], device=x.device)
+        # one all-reduce for counts (and, for EMA, sums): [K, 1 (+ dim)]
+        stats = torch.zeros(k, 1 + (x.shape[1] if cfg.ema else 0), device=x.device)
         stats[:, 0].index_add_(0, codes, torch.ones_like(codes, dtype=stats.dtype))
         if cfg.ema:
             stats[:, 1:].index_add_(0, codes, x)
