@@ -24,10 +24,10 @@ from .training import (
     TrainerState,
     build_accelerator,
     load_checkpoint,
+    out_of_time,
     read_metrics,
     replica_max_abs_diff,
     resolve_resume,
-    out_of_time,
     save_checkpoint,
     warmup_cosine,
 )
@@ -180,8 +180,8 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
                 seconds = max(time.time() - clock, 1e-9)
                 values["tokens_per_s"] = tokens_since / seconds
                 if peak:
-                    values["mfu"] = values["tokens_per_s"] * flops_token / (
-                        peak * accelerator.num_processes
+                    values["mfu"] = (
+                        values["tokens_per_s"] * flops_token / (peak * accelerator.num_processes)
                     )
                 values["lr"] = scheduler.get_last_lr()[0]
                 values["elapsed_s"] = round(state.elapsed_s, 1)

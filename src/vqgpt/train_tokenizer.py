@@ -24,10 +24,10 @@ from .training import (
     TrainerState,
     build_accelerator,
     load_checkpoint,
+    out_of_time,
     read_metrics,
     replica_max_abs_diff,
     resolve_resume,
-    out_of_time,
     save_checkpoint,
     save_final,
     warmup_cosine,
@@ -221,4 +221,3 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
         (final / "eval.json").write_text(json.dumps(summary, indent=2))
     accelerator.end_training()
     return final
-
