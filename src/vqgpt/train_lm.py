@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from .config import ConfigError, load_config, save_config
 from .lm import LMConfig, build_lm, flops_per_token, forward_hidden, lm_loss, peak_flops
@@ -25,6 +24,7 @@ from .training import (
     build_accelerator,
     load_checkpoint,
     out_of_time,
+    progress_bar,
     read_metrics,
     replica_max_abs_diff,
     resolve_resume,
@@ -112,13 +112,7 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
             bar.write(f"step {state.step}: " + result.summary())
         accelerator.wait_for_everyone()
 
-    bar = tqdm(
-        total=tc.max_steps,
-        initial=state.step,
-        desc="lm",
-        disable=not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-    )
+    bar = progress_bar(accelerator, tc.max_steps, state.step, "lm")
     start = time.time() - state.elapsed_s
     model.train()
     stop = state.step >= tc.max_steps

@@ -12,7 +12,6 @@ import torch
 from accelerate import skip_first_batches
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .config import QuantizerConfig, load_config, save_config
 from .data import DataConfig, collate, image_text_dataset
@@ -25,6 +24,7 @@ from .training import (
     build_accelerator,
     load_checkpoint,
     out_of_time,
+    progress_bar,
     read_metrics,
     replica_max_abs_diff,
     resolve_resume,
@@ -129,13 +129,7 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
             bar.write(f"step {state.step}: " + result.summary())
         accelerator.wait_for_everyone()
 
-    bar = tqdm(
-        total=tc.max_steps,
-        initial=state.step,
-        desc="tokenizer",
-        disable=not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-    )
+    bar = progress_bar(accelerator, tc.max_steps, state.step, "tokenizer")
     start = time.time() - state.elapsed_s
     model.train()
     stop = state.step >= tc.max_steps

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from tqdm.auto import tqdm
 
 from .config import ConfigError
 
@@ -201,6 +202,12 @@ def replica_max_abs_diff(accelerator: Accelerator, model: torch.nn.Module) -> fl
     flat = torch.cat([t.detach().float().flatten() for t in state.values()])
     gathered = accelerator.gather(flat[None])  # (num_processes, numel)
     return float((gathered - gathered[0]).abs().max())
+
+
+def progress_bar(accelerator: Accelerator, total: int, initial: int, desc: str) -> tqdm:
+    """A tqdm bar on the local main process only (TQDM_DISABLE=1 in the environment silences it)."""
+    quiet = {} if accelerator.is_local_main_process else {"disable": True}
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, **quiet)
 
 
 # ---------------------------------------------------------------------------------------------
