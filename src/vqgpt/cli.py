@@ -107,6 +107,25 @@ def _encode(args: argparse.Namespace) -> None:
     print(result.summary())
 
 
+def _export(args: argparse.Namespace) -> None:
+    from .export import ExportConfig, PushError, export_run
+
+    cfg = ExportConfig(
+        run=args.run,
+        out=args.out,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+        revision=args.revision,
+        metrics=args.metrics,
+    )
+    try:
+        result = export_run(cfg)
+    except PushError as err:
+        print(f"vqgpt export: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"exported to {result.folder}" + (f", pushed to {result.url}" if result.url else ""))
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="recipe YAML (configs/...)")
     p.add_argument(
@@ -179,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=3.0, help="guidance scale scored beside 1.0")
     p.add_argument("--out", required=True, help="folder for metrics.json, report.md, grids")
     commands["eval"] = _eval
+
+    p = sub.add_parser("export", help="a run -> a Hugging Face Hub folder (loads without vqgpt)")
+    p.add_argument("--run", required=True, help="an LM or tokenizer run folder, or its final/")
+    p.add_argument("--out", required=True, help="export folder (an earlier export is replaced)")
+    p.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="upload it there")
+    p.add_argument("--private", action="store_true", help="create the Hub repo private")
+    p.add_argument("--revision", default=None, help="branch to push to (default: main)")
+    p.add_argument("--metrics", default=None, help="`vqgpt eval` metrics.json for the card")
+    commands["export"] = _export
 
     p = sub.add_parser("demo", help="the whole pipeline on the built-in shapes, with a report")
     p.add_argument("--out", default="runs/demo", help="output folder (reused by a second run)")

@@ -17,14 +17,20 @@ from .vqvae import VQVAE
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A run folder (uses its final/) or a folder holding config.json."""
+    """The image tokenizer's folder in a tokenizer run, an LM run, a pipeline or an export."""
     path = Path(path)
-    for candidate in (path, path / "final"):
-        if (candidate / "config.json").is_file():
+    for candidate in (
+        path,
+        path / "final",
+        path / "image_tokenizer",
+        path / "final" / "image_tokenizer",
+    ):
+        config = candidate / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("model_type") == "vqgpt_vqvae":
             return candidate
     raise FileNotFoundError(
-        f"{path}: no tokenizer here (expected config.json in it or in {path / 'final'}); "
-        "train one with `vqgpt train-tokenizer`"
+        f"{path}: no image tokenizer here (a config.json with model_type vqgpt_vqvae in it, in "
+        "final/, or in image_tokenizer/); train one with `vqgpt train-tokenizer`"
     )
 
 

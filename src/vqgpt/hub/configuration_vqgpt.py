@@ -1,0 +1,71 @@
+"""Configuration of the vqgpt image tokenizer (a VQ-VAE), as exported to the Hugging Face Hub.
+
+Self-contained remote code: imports only transformers. `config.json` keeps vqgpt's two sections,
+`architecture` (encoder / decoder) and `quantizer`, so vqgpt's own `VQVAE.from_pretrained` reads
+the same file. Only the fields that inference needs are read; the training-only quantizer options
+(EMA, k-means, restarts) ride along untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+ARCHITECTURE_DEFAULTS: dict[str, Any] = {
+    "image_size": 64,
+    "in_channels": 3,
+    "base_channels": 32,
+    "channel_mult": [1, 2, 2],  # one entry per resolution level
+    "num_res_blocks": 1,  # per level
+    "stem_stride": 2,  # 2: the first conv halves the resolution
+    "latent_dim": 64,  # channels of z_e, the quantizer's input
+    "attention": False,  # self-attention in the mid blocks
+    "norm_groups": 32,
+    "dropout": 0.0,
+}
+QUANTIZER_DEFAULTS: dict[str, Any] = {
+    "codebook_size": 1024,  # K
+    "codebook_dim": None,  # factorised codes: searched in this many dims (proj_in / proj_out)
+    "l2_normalize": False,  # codes and inputs on the unit sphere (cosine search)
+    "levels": 1,  # residual quantisation depth
+    "chunk_size": 256,  # rows per block of the nearest-code search
+}
+
+
+class VQVAEConfig(PretrainedConfig):
+    """`config.json` of the image tokenizer: `architecture` and `quantizer` sections."""
+
+    model_type = "vqgpt_vqvae"
+
+    def __init__(
+        self,
+        architecture: dict[str, Any] | None = None,
+        quantizer: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        self.architecture = {**ARCHITECTURE_DEFAULTS, **(architecture or {})}
+        self.quantizer = {**QUANTIZER_DEFAULTS, **(quantizer or {})}
+        arch, quant = self.architecture, self.quantizer
+        if arch["stem_stride"] not in (1, 2):
+            raise ValueError(f"architecture.stem_stride must be 1 or 2, got {arch['stem_stride']}")
+        if quant["l2_normalize"] and quant["levels"] > 1:
+            raise ValueError("quantizer: l2_normalize with levels > 1 is not supported")
+        super().__init__(**kwargs)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per token side: stem_stride * 2^(levels - 1)."""
+        arch = self.architecture
+        return arch["stem_stride"] * 2 ** (len(arch["channel_mult"]) - 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Token grid (h, w) of one `image_size` image."""
+        side = self.architecture["image_size"] // self.downsample_factor
+        return (side, side)
+
+    @property
+    def codebook_size(self) -> int:
+        """K, the number of codes per level."""
+        return self.quantizer["codebook_size"]

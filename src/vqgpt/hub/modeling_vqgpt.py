@@ -1,0 +1,343 @@
+"""The vqgpt image tokenizer for inference: pixels -> codes -> pixels, loadable without vqgpt.
+
+Self-contained remote code (imports only torch and transformers) that mirrors vqgpt's modules
+(`vqgpt.blocks`, `vqgpt.vqvae`, `vqgpt.quantize`) op for op, so codes and reconstructions equal
+vqgpt's bit for bit, and with the same parameter names, so vqgpt's `model.safetensors` loads
+unchanged. Training machinery (losses, straight-through, EMA, k-means init, dead-code restarts)
+is left out: its buffers in the checkpoint are ignored on load.
+
+    z_e = encoder(pixels)                                   # (B, D, h, w)
+    z = l2norm?(proj_in?(z_e))                              # per position, float32
+    k_l = argmin_i ||r_l - e_{l,i}||^2,  r_0 = z,  r_{l+1} = r_l - e_{l,k_l}   (residual levels)
+    pixels = clamp(decoder(proj_out?(sum_l e_{l,k_l})), -1, 1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_vqgpt import VQVAEConfig
+
+# ---------------------------------------------------------------------------------------------
+# convolutional blocks (vqgpt.blocks)
+
+
+def group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    """GroupNorm with as many groups as divide `channels` (at most `groups`)."""
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """norm -> SiLU -> conv, twice, plus a (1x1-projected) skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, groups: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_ch, groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = group_norm(out_ch, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the spatial positions."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.norm = group_norm(ch, groups)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=1)
+        # (B, C, h, w) -> (B, 1, h*w, C)
+        q, k, v = (t.permute(0, 2, 3, 1).reshape(b, 1, h * w, c) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, h*w, C)
+        out = out.reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, h, w)
+        return x + self.proj(out)
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv halving the resolution."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class MidBlock(nn.Module):
+    """ResnetBlock, optional attention, ResnetBlock."""
+
+    def __init__(self, ch: int, groups: int, attention: bool, dropout: float):
+        super().__init__()
+        self.res1 = ResnetBlock(ch, ch, groups, dropout)
+        self.attn = AttnBlock(ch, groups) if attention else nn.Identity()
+        self.res2 = ResnetBlock(ch, ch, groups, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.res2(self.attn(self.res1(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# encoder and decoder (vqgpt.vqvae)
+
+
+class Encoder(nn.Module):
+    """pixels [B, 3, H, W] -> z_e [B, latent_dim, H/f, W/f]."""
+
+    def __init__(self, arch: dict):
+        super().__init__()
+        chans = [arch["base_channels"] * m for m in arch["channel_mult"]]
+        groups, dropout = arch["norm_groups"], arch["dropout"]
+        stem = (
+            nn.Conv2d(arch["in_channels"], chans[0], 4, stride=2, padding=1)
+            if arch["stem_stride"] == 2
+            else nn.Conv2d(arch["in_channels"], chans[0], 3, padding=1)
+        )
+        layers: list[nn.Module] = [stem]
+        ch = chans[0]
+        for level, out_ch in enumerate(chans):
+            for _ in range(arch["num_res_blocks"]):
+                layers.append(ResnetBlock(ch, out_ch, groups, dropout))
+                ch = out_ch
+            if level < len(chans) - 1:
+                layers.append(Downsample(ch))
+        layers += [
+            MidBlock(ch, groups, arch["attention"], dropout),
+            group_norm(ch, groups),
+            nn.SiLU(),
+            nn.Conv2d(ch, arch["latent_dim"], 3, padding=1),
+        ]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.layers(pixels)
+
+
+class Decoder(nn.Module):
+    """z_q [B, latent_dim, h, w] -> pixels [B, 3, h*f, w*f] (unbounded)."""
+
+    def __init__(self, arch: dict):
+        super().__init__()
+        chans = [arch["base_channels"] * m for m in arch["channel_mult"]]
+        groups, dropout = arch["norm_groups"], arch["dropout"]
+        ch = chans[-1]
+        layers: list[nn.Module] = [
+            nn.Conv2d(arch["latent_dim"], ch, 3, padding=1),
+            MidBlock(ch, groups, arch["attention"], dropout),
+        ]
+        for level in reversed(range(len(chans))):
+            for _ in range(arch["num_res_blocks"]):
+                layers.append(ResnetBlock(ch, chans[level], groups, dropout))
+                ch = chans[level]
+            if level > 0:
+                layers.append(Upsample(ch))
+        if arch["stem_stride"] == 2:
+            layers.append(Upsample(ch))
+        layers += [group_norm(ch, groups), nn.SiLU()]
+        self.layers = nn.Sequential(*layers)
+        self.conv_out = nn.Conv2d(ch, arch["in_channels"], 3, padding=1)
+
+    def forward(self, z_q: Tensor) -> Tensor:
+        return self.conv_out(self.layers(z_q))
+
+
+# ---------------------------------------------------------------------------------------------
+# the quantizer, inference only (vqgpt.quantize)
+
+
+def l2norm(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    return F.normalize(x, dim=-1, eps=eps)
+
+
+@torch.no_grad()
+def nearest_code(x: Tensor, codebook: Tensor, chunk_size: int) -> Tensor:
+    """Index of the nearest codebook row for each row of `x` [N, D], `chunk_size` rows at a time.
+
+    `argmin_i ||x - e_i||^2 = argmin_i (||e_i||^2 - 2 x.e_i)`: the constant `||x||^2` is dropped.
+    """
+    e_sq = codebook.pow(2).sum(dim=1)  # (K,)
+    codes = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for start in range(0, x.shape[0], chunk_size):
+        rows = x[start : start + chunk_size]
+        scores = torch.addmm(e_sq, rows, codebook.t(), beta=1.0, alpha=-2.0)  # (chunk, K)
+        codes[start : start + chunk_size] = scores.argmin(dim=1)
+    return codes
+
+
+class Codebook(nn.Module):
+    """One level's K codes (`embed`, [K, dim]) in search space."""
+
+    def __init__(self, dim: int, codebook_size: int, l2_normalize: bool):
+        super().__init__()
+        self.l2_normalize = l2_normalize
+        self.embed = nn.Parameter(torch.randn(codebook_size, dim))
+
+    @property
+    def vectors(self) -> Tensor:
+        """The [K, dim] codes in float32, unit-norm when `l2_normalize`."""
+        embed = self.embed.float()
+        return l2norm(embed) if self.l2_normalize else embed
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code search (optionally factorised, l2-normalised, residual) and code lookup."""
+
+    def __init__(self, dim: int, quant: dict):
+        super().__init__()
+        self.dim = dim
+        self.levels = quant["levels"]
+        self.codebook_size = quant["codebook_size"]
+        self.chunk_size = quant["chunk_size"]
+        self.l2_normalize = quant["l2_normalize"]
+        search_dim = quant["codebook_dim"] if quant["codebook_dim"] is not None else dim
+        if quant["codebook_dim"] is not None:
+            self.proj_in = nn.Linear(dim, search_dim)
+            self.proj_out = nn.Linear(search_dim, dim)
+        else:
+            self.proj_in = self.proj_out = None
+        self.codebooks = nn.ModuleList(
+            Codebook(search_dim, self.codebook_size, self.l2_normalize) for _ in range(self.levels)
+        )
+
+    def _project(self, x: Tensor, proj: nn.Linear | None) -> Tensor:
+        if proj is None:
+            return x
+        bias = None if proj.bias is None else proj.bias.float()
+        return F.linear(x, proj.weight.float(), bias)  # float32 even if the module is not
+
+    @torch.no_grad()
+    def search(self, z_e: Tensor) -> Tensor:
+        """z_e [B, D, h, w] -> codes [B, h, w] (levels == 1) or [B, h, w, L]."""
+        if z_e.ndim != 4 or z_e.shape[1] != self.dim:
+            raise ValueError(f"z_e must be [B, {self.dim}, h, w], got {tuple(z_e.shape)}")
+        b, d, h, w = z_e.shape
+        with torch.autocast(device_type=z_e.device.type, enabled=False):
+            x = z_e.float().permute(0, 2, 3, 1).reshape(b * h * w, d)  # (N, D), N = B*h*w
+            z = self._project(x, self.proj_in)  # (N, search_dim)
+            if self.l2_normalize:
+                z = l2norm(z)
+            residual, all_codes = z, []
+            for cb in self.codebooks:
+                vectors = cb.vectors
+                codes = nearest_code(residual, vectors, self.chunk_size)  # (N,)
+                residual = residual - F.embedding(codes, vectors)
+                all_codes.append(codes)
+            codes = torch.stack(all_codes, dim=-1).reshape(b, h, w, self.levels)  # (B, h, w, L)
+        return codes[..., 0] if self.levels == 1 else codes
+
+    def lookup(self, codes: Tensor) -> Tensor:
+        """codes [B, h, w] (or [B, h, w, L]) -> quantized vectors [B, D, h, w]."""
+        if self.levels == 1 and codes.ndim == 3:
+            codes = codes[..., None]
+        if codes.ndim != 4 or codes.shape[-1] != self.levels:
+            want = "[B, h, w]" if self.levels == 1 else f"[B, h, w, {self.levels}]"
+            raise ValueError(f"codes must be {want}, got {tuple(codes.shape)}")
+        k = self.codebook_size
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
+            raise ValueError(f"codes must lie in [0, {k}); got {codes.min()}..{codes.max()}")
+        vectors = sum(F.embedding(codes[..., i], cb.vectors) for i, cb in enumerate(self.codebooks))
+        out = self._project(vectors, self.proj_out)  # (B, h, w, D)
+        return out.permute(0, 3, 1, 2).to(self.codebooks[0].embed.dtype)  # (B, D, h, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class VQVAEOutput(ModelOutput):
+    """`forward`'s result: the codes and their decoded pixels."""
+
+    reconstruction: Tensor | None = None  # (B, 3, H, W) in [-1, 1]
+    codes: Tensor | None = None  # (B, h, w) or (B, h, w, L)
+
+
+class VQVAE(PreTrainedModel):
+    """Encoder -> VectorQuantizer -> Decoder: `encode` gives codes, `decode` gives pixels."""
+
+    config_class = VQVAEConfig
+    main_input_name = "pixel_values"
+    base_model_prefix = "vqvae"
+    # training state saved by vqgpt beside the codes; inference does not read it
+    _keys_to_ignore_on_load_unexpected = [
+        r"ema_cluster_size",
+        r"ema_embed_sum",
+        r"unused_steps",
+        r"\.initialized$",
+    ]
+
+    def __init__(self, config: VQVAEConfig):
+        super().__init__(config)
+        arch = config.architecture
+        self.encoder = Encoder(arch)
+        self.quantizer = VectorQuantizer(arch["latent_dim"], config.quantizer)
+        self.decoder = Decoder(arch)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        return  # every module initialises itself; the checkpoint overwrites all of it
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Token grid (h, w) of one `image_size` image."""
+        return self.config.grid
+
+    @property
+    def codebook_size(self) -> int:
+        """K, the number of codes per level."""
+        return self.config.codebook_size
+
+    def _check_pixels(self, pixels: Tensor) -> None:
+        channels, f = self.config.architecture["in_channels"], self.config.downsample_factor
+        if pixels.ndim != 4 or pixels.shape[1] != channels:
+            raise ValueError(f"pixels must be [B, {channels}, H, W], got {tuple(pixels.shape)}")
+        if pixels.shape[-1] % f or pixels.shape[-2] % f:
+            raise ValueError(f"image sides {tuple(pixels.shape[-2:])} must be multiples of {f}")
+
+    @torch.no_grad()
+    def encode(self, pixel_values: Tensor) -> Tensor:
+        """pixels [B, 3, H, W] in [-1, 1] -> codes [B, h, w] (or [B, h, w, L] for residual VQ)."""
+        self._check_pixels(pixel_values)
+        return self.quantizer.search(self.encoder(pixel_values))
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        """codes [B, h, w] (or [B, h, w, L]) -> pixels [B, 3, H, W], clamped to [-1, 1]."""
+        codes = torch.as_tensor(codes, device=self.device)
+        return self.decoder(self.quantizer.lookup(codes)).clamp(-1.0, 1.0)
+
+    def forward(self, pixel_values: Tensor) -> VQVAEOutput:
+        """Round trip: the codes of `pixel_values` and their decoded pixels."""
+        codes = self.encode(pixel_values)
+        return VQVAEOutput(reconstruction=self.decode(codes), codes=codes)

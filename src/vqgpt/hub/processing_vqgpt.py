@@ -1,0 +1,210 @@
+"""Processor of a vqgpt export: images and text <-> the joint token sequences the GPT-2 reads.
+
+Self-contained remote code (imports torch and transformers). The joint vocabulary is GPT-2's
+ids 0..text_vocab_size-1 (the last is `<|endoftext|>`, "eos"), then the special tokens
+(`<|boi|>`, `<|eoi|>`), then one token per image code: `id = image_offset + code`. Sequences:
+
+    captioning     eos boi codes eoi [caption eos]     (the bracket: with text, for training)
+    text-to-image  eos caption boi [codes eoi eos]     (the bracket: with images)
+
+Image codes are flattened row-major. The layout comes from `processor_config.json` and is
+checked against the tokenizer on load.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+BOI_TOKEN = "<|boi|>"
+EOI_TOKEN = "<|eoi|>"
+EOS_TOKEN = "<|endoftext|>"
+TASKS = ("caption", "t2i")
+
+
+class VQGPTProcessor(ProcessorMixin):
+    """Image processor + joint tokenizer: builds captioning / text-to-image `input_ids`."""
+
+    def __init__(self, image_processor: Any, tokenizer: Any, layout: dict | None = None) -> None:
+        super().__init__(image_processor, tokenizer)
+        if layout is None:
+            raise ValueError("VQGPTProcessor needs `layout` (the vqgpt_vocab.json contents)")
+        self.layout = dict(layout)
+        self._check_tokenizer()
+
+    # -- the layout ---------------------------------------------------------------------------
+
+    @property
+    def text_vocab_size(self) -> int:
+        """Ids [0, text_vocab_size) are GPT-2 text; the last of them is `<|endoftext|>`."""
+        return int(self.layout["text_vocab_size"])
+
+    @property
+    def eos_id(self) -> int:
+        """`<|endoftext|>`: BOS, EOS and pad."""
+        return self.text_vocab_size - 1
+
+    @property
+    def boi_id(self) -> int:
+        """`<|boi|>`: begin of image."""
+        return self.text_vocab_size + list(self.layout["special_tokens"]).index(BOI_TOKEN)
+
+    @property
+    def eoi_id(self) -> int:
+        """`<|eoi|>`: end of image."""
+        return self.text_vocab_size + list(self.layout["special_tokens"]).index(EOI_TOKEN)
+
+    @property
+    def image_offset(self) -> int:
+        """Id of image code 0."""
+        return self.text_vocab_size + len(self.layout["special_tokens"])
+
+    @property
+    def codebook_size(self) -> int:
+        """K image codes."""
+        return int(self.layout["codebook_size"])
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids in the joint vocabulary (the LM may pad its embedding past this)."""
+        return self.image_offset + self.codebook_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) image tokens per image."""
+        h, w = self.layout["grid"]
+        return int(h), int(w)
+
+    def _check_tokenizer(self) -> None:
+        tok = self.tokenizer
+        expected = {
+            EOS_TOKEN: self.eos_id,
+            BOI_TOKEN: self.boi_id,
+            EOI_TOKEN: self.eoi_id,
+            "<|img_00000|>": self.image_offset,
+        }
+        got = {t: tok.convert_tokens_to_ids(t) for t in expected}
+        if got != expected or len(tok) != self.vocab_size:
+            raise ValueError(
+                f"the tokenizer does not fit the vqgpt layout {self.layout}: expected ids "
+                f"{expected} and {self.vocab_size} tokens, got {got} and {len(tok)} tokens"
+            )
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def encode_text(self, texts: list[str]) -> list[list[int]]:
+        """GPT-2 ids of each text; special-token strings inside it count as plain text."""
+        out = self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)
+        return [list(ids) for ids in out["input_ids"]]
+
+    def image_ids(self, codes: Any) -> list[list[int]]:
+        """Codes [B, h, w] -> per image the h*w token ids, row-major."""
+        codes = torch.as_tensor(codes)
+        if codes.dtype.is_floating_point or codes.ndim != 3 or tuple(codes.shape[1:]) != self.grid:
+            raise ValueError(
+                f"image codes must be an integer tensor [B, {self.grid[0]}, {self.grid[1]}], got "
+                f"{codes.dtype} {tuple(codes.shape)} (residual codes [B, h, w, L] have no tokens)"
+            )
+        k = self.codebook_size
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
+            raise ValueError(f"image codes must lie in [0, {k}), got {codes.min()}..{codes.max()}")
+        return (codes.long().reshape(codes.shape[0], -1) + self.image_offset).tolist()
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        *,
+        task: str | None = None,
+        image_codes: Any = None,
+        image_tokenizer: Any = None,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """Images and/or text -> `input_ids` and `attention_mask` (left-padded with eos).
+
+        task "caption": `eos boi codes eoi`, plus `caption eos` when text is given.
+        task "t2i": `eos caption boi`, plus `codes eoi eos` when images are given.
+        Without `task`: images alone mean captioning, text alone text-to-image.
+        Images become codes through `image_tokenizer` (the exported image tokenizer, loaded with
+        AutoModel); or pass `image_codes` [B, h, w] directly. With images, `pixel_values` is
+        returned too.
+        """
+        data: dict[str, Any] = {}
+        codes = image_codes
+        if images is not None and codes is None:
+            pixels = self.image_processor(images)["pixel_values"]  # (B, 3, S, S)
+            data["pixel_values"] = pixels
+            if image_tokenizer is None:
+                raise ValueError(
+                    "images become tokens through the image tokenizer: pass image_tokenizer="
+                    "AutoModel.from_pretrained(<export>, subfolder='image_tokenizer', "
+                    "trust_remote_code=True), or image_codes=<codes [B, h, w]>"
+                )
+            device = next(image_tokenizer.parameters()).device
+            codes = image_tokenizer.encode(pixels.to(device)).cpu()
+        if codes is not None:
+            codes = torch.as_tensor(codes)
+            codes = codes[None] if codes.ndim == 2 else codes
+        texts = [text] if isinstance(text, str) else (None if text is None else list(text))
+        if task is None:
+            if (codes is None) == (texts is None):
+                raise ValueError(
+                    "give task='caption' or task='t2i' together with both images and text "
+                    "(and pass at least one of them)"
+                )
+            task = "caption" if texts is None else "t2i"
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if task == "caption" and codes is None:
+            raise ValueError("task='caption' needs images (or image_codes)")
+        if task == "t2i" and texts is None:
+            raise ValueError("task='t2i' needs text (an empty string for the unconditional prompt)")
+        image_rows = None if codes is None else self.image_ids(codes)
+        text_rows = None if texts is None else self.encode_text(texts)
+        if image_rows is not None and text_rows is not None and len(image_rows) != len(text_rows):
+            raise ValueError(f"{len(image_rows)} images but {len(text_rows)} texts")
+        eos, boi, eoi = self.eos_id, self.boi_id, self.eoi_id
+        rows = []
+        for i in range(len(image_rows if image_rows is not None else text_rows)):
+            if task == "caption":
+                row = [eos, boi, *image_rows[i], eoi]
+                row += [] if text_rows is None else [*text_rows[i], eos]
+            else:
+                row = [eos, *text_rows[i], boi]
+                row += [] if image_rows is None else [*image_rows[i], eoi, eos]
+            rows.append(row)
+        length = max(len(r) for r in rows)
+        data["input_ids"] = [[eos] * (length - len(r)) + r for r in rows]
+        data["attention_mask"] = [[0] * (length - len(r)) + [1] * len(r) for r in rows]
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    # -- decoding -----------------------------------------------------------------------------
+
+    def decode_image_tokens(self, ids: Any) -> torch.Tensor:
+        """Token ids [T] or [B, T] -> codes [B, h, w]: each row's image tokens, in order.
+
+        Text, special and padding ids are skipped; a row must hold exactly h*w image tokens.
+        """
+        ids = torch.as_tensor(ids).long()
+        ids = ids[None] if ids.ndim == 1 else ids
+        h, w = self.grid
+        out = []
+        for i, row in enumerate(ids):
+            image = row[(row >= self.image_offset) & (row < self.vocab_size)]
+            if image.numel() != h * w:
+                raise ValueError(
+                    f"row {i} holds {image.numel()} image tokens; an image is h*w = {h * w}"
+                )
+            out.append((image - self.image_offset).reshape(h, w))
+        return torch.stack(out)  # (B, h, w)
+
+    def decode_text(self, ids: Any) -> str | list[str]:
+        """Text of ids [T] (a str) or [B, T] (a list), skipping eos, special and image tokens."""
+        ids = torch.as_tensor(ids).long()
+        if ids.ndim == 2:
+            return [self.decode_text(row) for row in ids]
+        keep = [i for i in ids.tolist() if 0 <= i < self.text_vocab_size and i != self.eos_id]
+        return self.tokenizer.decode(keep, clean_up_tokenization_spaces=False)
