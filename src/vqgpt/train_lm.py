@@ -50,7 +50,7 @@ def load_lm_recipe(path: str | Path | None, overrides: list[str] | None = None) 
     return load_config(LMRecipe, path, overrides)
 
 
-def _optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
     """AdamW, decay on matrices only, fused where this torch build supports it."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -87,7 +87,7 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
         )
 
     model = build_lm(recipe.model, layout.vocab_size, seq.max_length)
-    optimizer = _optimizer(model, tc)
+    optimizer = build_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw_model = accelerator.unwrap_model(model)
@@ -139,15 +139,16 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
                 hidden = forward_hidden(model, batch["input_ids"], batch["attention_mask"])
-                loss = lm_loss(
-                    hidden,
-                    raw_model.lm_head.weight,
-                    batch["labels"],
-                    batch["loss_weights"],
-                    recipe.model.loss,
-                    layout.image_offset,
-                    layout.codebook_size,
-                )
+                with accelerator.autocast():  # the output layer is most of the compute: bf16 too
+                    loss = lm_loss(
+                        hidden,
+                        raw_model.lm_head.weight,
+                        batch["labels"],
+                        batch["loss_weights"],
+                        recipe.model.loss,
+                        layout.image_offset,
+                        layout.codebook_size,
+                    )
                 accelerator.backward(loss.loss)
                 if accelerator.sync_gradients and tc.grad_clip:
                     accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -216,4 +217,4 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
     return final
 
 
-__all__ = ["LMRecipe", "load_lm_recipe", "train_lm"]
+__all__ = ["LMRecipe", "build_optimizer", "load_lm_recipe", "train_lm"]
