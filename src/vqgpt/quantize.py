@@ -12,6 +12,8 @@ broadcasts buffers, so every rank must run the training forward the same number 
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import NamedTuple
 
 import torch
@@ -55,12 +57,34 @@ def _broadcast_(t: Tensor) -> Tensor:
 # nearest-code search
 
 
+SEARCH_BACKENDS = ("auto", "chunked", "triton")
+SEARCH_BACKEND_ENV = "VQGPT_NEAREST_CODE"  # forces a backend of `nearest_code` (tests, benchmarks)
+
+
+def _search_backend(x: Tensor, backend: str | None) -> str:
+    """`backend`, else $VQGPT_NEAREST_CODE, else auto: triton on CUDA when importable."""
+    backend = backend or os.environ.get(SEARCH_BACKEND_ENV) or "auto"
+    if backend not in SEARCH_BACKENDS:
+        raise ValueError(
+            f"nearest-code backend {backend!r} is unknown (argument or ${SEARCH_BACKEND_ENV}); "
+            f"known: {list(SEARCH_BACKENDS)}"
+        )
+    if backend == "auto":  # find_spec, not import: CPU runs never pay for importing triton
+        return "triton" if x.is_cuda and importlib.util.find_spec("triton") else "chunked"
+    return backend
+
+
 @torch.no_grad()
-def nearest_code(x: Tensor, codebook: Tensor, chunk_size: int) -> Tensor:
+def nearest_code(
+    x: Tensor, codebook: Tensor, chunk_size: int, backend: str | None = None
+) -> Tensor:
     """Index of the nearest codebook row for each row of `x`, searched `chunk_size` rows at a time.
 
     `argmin_i ||x - e_i||^2 = argmin_i (||e_i||^2 - 2 x.e_i)`: `||x||^2` is constant per row and
-    dropped. Peak extra memory is one `[chunk_size, K]` score block.
+    dropped. Peak extra memory is one `[chunk_size, K]` score block. Ties go to the lowest index.
+    On CUDA with triton importable the fused kernel `vqgpt.kernels.nearest_code_triton` (exact
+    float32) runs instead; `backend` ("auto" | "chunked" | "triton") or $VQGPT_NEAREST_CODE forces
+    one.
     """
     if x.ndim != 2 or codebook.ndim != 2 or x.shape[1] != codebook.shape[1]:
         raise ValueError(
@@ -69,6 +93,10 @@ def nearest_code(x: Tensor, codebook: Tensor, chunk_size: int) -> Tensor:
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if _search_backend(x, backend) == "triton":
+        from vqgpt.kernels import nearest_code_triton  # imports triton
+
+        return nearest_code_triton(x, codebook)
     e_sq = codebook.pow(2).sum(dim=1)  # (K,)
     codes = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     for start in range(0, x.shape[0], chunk_size):
