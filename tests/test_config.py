@@ -71,3 +71,11 @@ def test_every_accelerate_config_is_valid_yaml(path):
     data = yaml.safe_load(path.read_text())
     assert data["distributed_type"] in {"NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED", "FSDP"}
     assert data["num_processes"] >= 1
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("lm/*.yaml")), ids=lambda p: p.name)
+def test_every_lm_recipe_loads(path):
+    from vqgpt.train_lm import load_lm_recipe
+
+    recipe = load_lm_recipe(path)
+    assert recipe.sequences.max_length >= 68  # one 8x8 image + 4 framing tokens at least
