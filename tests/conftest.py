@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -74,7 +75,14 @@ def run_cli(
     return result
 
 
-@pytest.fixture(scope="session")
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for the rendezvous of a 2-process run)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
 def accelerate_launcher() -> list[str]:
     """`accelerate launch` with two CPU processes over gloo."""
     return [
@@ -91,7 +99,7 @@ def accelerate_launcher() -> list[str]:
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        "0",
+        str(free_port()),
     ]
 
 

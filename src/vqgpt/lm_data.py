@@ -71,7 +71,7 @@ class EpochBatches:
     skipped: int
 
 
-def epoch_batches(
+def build_epoch(
     bank: ExampleBank, seq: SequenceConfig, epoch: int, batch_size: int, rank: int, world: int
 ) -> EpochBatches:
     """Shuffle, pick tasks, pack and shard one epoch; deterministic in (seq.seed, epoch).

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +10,7 @@ from accelerate.utils import set_seed
 
 from .config import ConfigError, load_config, save_config
 from .lm import LMConfig, build_lm, flops_per_token, forward_hidden, lm_loss, peak_flops
-from .lm_data import ExampleBank, epoch_batches
+from .lm_data import ExampleBank, build_epoch
 from .lm_eval import LMEvalConfig, evaluate_lm
 from .pipeline import save_pipeline
 from .pretokenize import PretokenizeConfig, pretokenize
@@ -23,13 +21,10 @@ from .training import (
     TrainerState,
     build_accelerator,
     load_checkpoint,
-    out_of_time,
-    progress_bar,
-    read_metrics,
-    replica_max_abs_diff,
     resolve_resume,
-    save_checkpoint,
+    run_loop,
     warmup_cosine,
+    write_summary,
 )
 
 
@@ -105,114 +100,76 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
     flops_token = flops_per_token(raw_model.config, seq.max_length)
     peak = peak_flops(accelerator.device)
 
-    def run_eval() -> None:
-        if eval_bank is not None:
-            result = evaluate_lm(raw_model, eval_bank, bank, seq, recipe.eval)
-            metrics.log(state.step, result.to_log(), kind="eval")
-            bar.write(f"step {state.step}: " + result.summary())
-        accelerator.wait_for_everyone()
+    def evaluate(step: int) -> str | None:
+        if eval_bank is None:
+            return None
+        result = evaluate_lm(raw_model, eval_bank, bank, seq, recipe.eval)
+        metrics.log(step, result.to_log(), kind="eval")
+        return result.summary()
 
-    bar = progress_bar(accelerator, tc.max_steps, state.step, "lm")
-    start = time.time() - state.elapsed_s
-    model.train()
-    stop = state.step >= tc.max_steps
-    running: dict[str, float] = {}
-    tokens_since, clock = 0, time.time()
-    while not stop:
-        batches = epoch_batches(
-            bank,
-            seq,
-            epoch=state.epoch,
-            batch_size=tc.batch_size,
-            rank=accelerator.process_index,
-            world=accelerator.num_processes,
+    def epoch_batches(epoch: int, skip: int) -> list[dict[str, torch.Tensor]]:
+        built = build_epoch(
+            bank, seq, epoch, tc.batch_size, accelerator.process_index, accelerator.num_processes
         )
-        if not batches.batches:
+        if not built.batches:
             raise ConfigError(
                 f"one epoch of {len(bank)} examples packs into fewer windows than one batch of "
                 f"{tc.batch_size} x {accelerator.num_processes} processes: lower train.batch_size"
             )
-        if state.epoch == 0 and state.batches_in_epoch == 0 and batches.skipped:
-            accelerator.print(f"sequences: {batches.skipped} example(s) too long, skipped")
-        for batch in batches.batches[state.batches_in_epoch :]:
-            state.batches_in_epoch += 1
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                hidden = forward_hidden(model, batch["input_ids"], batch["attention_mask"])
-                with accelerator.autocast():  # the output layer is most of the compute: bf16 too
-                    loss = lm_loss(
-                        hidden,
-                        raw_model.lm_head.weight,
-                        batch["labels"],
-                        batch["loss_weights"],
-                        recipe.model.loss,
-                        layout.image_offset,
-                        layout.codebook_size,
-                    )
-                accelerator.backward(loss.loss)
-                if accelerator.sync_gradients and tc.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            tokens_since += int(batch["attention_mask"].sum()) * accelerator.num_processes
-            for key, value in (
-                ("loss", loss.loss),
-                ("image_loss", loss.image_loss),
-                ("text_loss", loss.text_loss),
-            ):
-                running[key] = running.get(key, 0.0) + float(value.detach())
-            running["_n"] = running.get("_n", 0.0) + 1
-            if not accelerator.sync_gradients:
-                continue
+        if epoch == 0 and skip == 0 and built.skipped:
+            accelerator.print(f"sequences: {built.skipped} example(s) too long, skipped")
+        return built.batches[skip:]
 
-            state.step += 1
-            state.elapsed_s = time.time() - start
-            bar.update(1)
-            if state.step % tc.log_every == 0 or state.step == tc.max_steps:
-                n = running.pop("_n")
-                values = {k: v / n for k, v in running.items()}
-                seconds = max(time.time() - clock, 1e-9)
-                values["tokens_per_s"] = tokens_since / seconds
-                if peak:
-                    values["mfu"] = (
-                        values["tokens_per_s"] * flops_token / (peak * accelerator.num_processes)
-                    )
-                values["lr"] = scheduler.get_last_lr()[0]
-                values["elapsed_s"] = round(state.elapsed_s, 1)
-                metrics.log(state.step, values)
-                bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
-                running, tokens_since, clock = {}, 0, time.time()
-                stop = out_of_time(accelerator, tc.max_minutes, state.elapsed_s)
-            stop = stop or state.step >= tc.max_steps
-            if tc.save_every and (state.step % tc.save_every == 0 or stop):
-                save_checkpoint(accelerator, out, state, tc.keep_checkpoints)
-            if tc.eval_every and state.step % tc.eval_every == 0 and not stop:
-                run_eval()
-                clock = time.time()
-            if stop:
-                break
-        else:
-            state.epoch += 1
-            state.batches_in_epoch = 0
-    bar.close()
+    def train_step(batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        hidden = forward_hidden(model, batch["input_ids"], batch["attention_mask"])
+        with accelerator.autocast():  # the output layer is most of the compute: bf16 too
+            loss = lm_loss(
+                hidden,
+                raw_model.lm_head.weight,
+                batch["labels"],
+                batch["loss_weights"],
+                recipe.model.loss,
+                layout.image_offset,
+                layout.codebook_size,
+            )
+        accelerator.backward(loss.loss)
+        if accelerator.sync_gradients and tc.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {
+            "loss": float(loss.loss.detach()),
+            "image_loss": float(loss.image_loss),
+            "text_loss": float(loss.text_loss),
+            "items": float(batch["attention_mask"].sum()),
+        }
 
-    run_eval()
-    drift = replica_max_abs_diff(accelerator, model)
+    def add_mfu(values: dict[str, float]) -> None:
+        if peak:
+            values["mfu"] = (
+                values["tokens_per_s"] * flops_token / (peak * accelerator.num_processes)
+            )
+
+    state = run_loop(
+        accelerator,
+        tc,
+        model,
+        scheduler,
+        metrics,
+        state,
+        epoch_batches,
+        train_step,
+        evaluate,
+        desc="lm",
+        items_name="tokens",
+        on_log=add_mfu,
+    )
     final = out / "final"
     if accelerator.is_main_process:
         save_pipeline(final, raw_model, bank.tokenizer, bank.image_tokenizer_dir)
-        summary = {
-            "step": state.step,
-            "elapsed_s": round(state.elapsed_s, 1),
-            "num_processes": accelerator.num_processes,
-            "replica_max_abs_diff": drift,
-        }
-        evals = read_metrics(out, kind="eval")
-        if evals:
-            summary.update({k: v for k, v in evals[-1].items() if k not in ("kind", "time")})
-        (final / "eval.json").write_text(json.dumps(summary, indent=2))
-    accelerator.wait_for_everyone()
+    write_summary(accelerator, model, final, state)
     accelerator.end_training()
     return final
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,14 +20,11 @@ from .training import (
     TrainerState,
     build_accelerator,
     load_checkpoint,
-    out_of_time,
-    progress_bar,
-    read_metrics,
-    replica_max_abs_diff,
     resolve_resume,
-    save_checkpoint,
+    run_loop,
     save_final,
     warmup_cosine,
+    write_summary,
 )
 from .vqvae import VQVAE, ModelConfig, VQVAEConfig
 
@@ -117,101 +111,56 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
     if accelerator.is_main_process and recipe.eval.max_images > 0:
         eval_set = image_text_dataset(recipe.data, recipe.data.eval_split, train=False)
 
-    def run_eval() -> None:
-        if eval_set is not None and len(eval_set):
-            result = evaluate_tokenizer(
-                raw_model,
-                eval_set,
-                recipe.eval,
-                grid_path=out / "samples" / f"recon_{state.step:06d}.png",
-            )
-            metrics.log(state.step, result.to_log(), kind="eval")
-            bar.write(f"step {state.step}: " + result.summary())
-        accelerator.wait_for_everyone()
+    def evaluate(step: int) -> str | None:
+        if eval_set is None or not len(eval_set):
+            return None
+        grid = out / "samples" / f"recon_{step:06d}.png"
+        result = evaluate_tokenizer(raw_model, eval_set, recipe.eval, grid_path=grid)
+        metrics.log(step, result.to_log(), kind="eval")
+        return result.summary()
 
-    bar = progress_bar(accelerator, tc.max_steps, state.step, "tokenizer")
-    start = time.time() - state.elapsed_s
-    model.train()
-    stop = state.step >= tc.max_steps
-    running: dict[str, float] = {}
-    while not stop:
-        loader.set_epoch(state.epoch)
-        batches = (
-            skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
+    def epoch_batches(epoch: int, skip: int):
+        loader.set_epoch(epoch)
+        return skip_first_batches(loader, skip) if skip else loader
+
+    def train_step(batch: dict, step: int) -> dict[str, float]:
+        pixels = batch["pixel_values"]
+        output = model(pixels)
+        record = loss_fn.autoencoder_loss(
+            pixels, output.reconstruction, output.quantizer.loss, step, raw_model.last_layer
         )
-        for batch in batches:
-            state.batches_in_epoch += 1
-            pixels = batch["pixel_values"]
-            with accelerator.accumulate(model):
-                output = model(pixels)
-                record = loss_fn.autoencoder_loss(
-                    pixels,
-                    output.reconstruction,
-                    output.quantizer.loss,
-                    state.step,
-                    raw_model.last_layer,
-                )
-                accelerator.backward(record.total)
-                if accelerator.sync_gradients and tc.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if disc_optimizer is not None and loss_fn.uses_discriminator(state.step):
-                    disc_record = loss_fn.discriminator_loss(
-                        pixels, output.reconstruction.detach(), state.step
-                    )
-                    disc_optimizer.zero_grad(set_to_none=True)  # drop the generator step's grads
-                    accelerator.backward(disc_record.total)
-                    disc_optimizer.step()
-                    disc_optimizer.zero_grad(set_to_none=True)
-                    record.parts.update(disc_record.parts)
-            for key, value in record.to_log().items():
-                running[key] = running.get(key, 0.0) + value
-            running["perplexity"] = running.get("perplexity", 0.0) + float(
-                output.quantizer.perplexity
-            )
-            running["_n"] = running.get("_n", 0.0) + 1
-            if not accelerator.sync_gradients:
-                continue
+        accelerator.backward(record.total)
+        if accelerator.sync_gradients and tc.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if disc_optimizer is not None and loss_fn.uses_discriminator(step):
+            disc_record = loss_fn.discriminator_loss(pixels, output.reconstruction.detach(), step)
+            disc_optimizer.zero_grad(set_to_none=True)  # drop the generator step's grads
+            accelerator.backward(disc_record.total)
+            disc_optimizer.step()
+            disc_optimizer.zero_grad(set_to_none=True)
+            record.parts.update(disc_record.parts)
+        values = record.to_log()
+        values["perplexity"] = float(output.quantizer.perplexity)
+        values["items"] = float(len(pixels))
+        return values
 
-            state.step += 1
-            state.elapsed_s = time.time() - start
-            bar.update(1)
-            if state.step % tc.log_every == 0 or state.step == tc.max_steps:
-                n = running.pop("_n")
-                values = {k: v / n for k, v in running.items()}
-                values["lr"] = scheduler.get_last_lr()[0]
-                values["elapsed_s"] = round(state.elapsed_s, 1)
-                metrics.log(state.step, values)
-                bar.set_postfix(loss=f"{values.get('total', math.nan):.4f}")
-                running = {}
-                stop = out_of_time(accelerator, tc.max_minutes, state.elapsed_s)
-            stop = stop or state.step >= tc.max_steps
-            if tc.save_every and (state.step % tc.save_every == 0 or stop):
-                save_checkpoint(accelerator, out, state, tc.keep_checkpoints)
-            if tc.eval_every and state.step % tc.eval_every == 0 and not stop:
-                run_eval()
-            if stop:
-                break
-        else:
-            state.epoch += 1
-            state.batches_in_epoch = 0
-    bar.close()
-
-    run_eval()
-    drift = replica_max_abs_diff(accelerator, model)
+    state = run_loop(
+        accelerator,
+        tc,
+        model,
+        scheduler,
+        metrics,
+        state,
+        epoch_batches,
+        train_step,
+        evaluate,
+        desc="tokenizer",
+        items_name="images",
+    )
     final = save_final(accelerator, model, out)
-    if accelerator.is_main_process:
-        summary = {
-            "step": state.step,
-            "elapsed_s": round(state.elapsed_s, 1),
-            "num_processes": accelerator.num_processes,
-            "replica_max_abs_diff": drift,
-        }
-        evals = read_metrics(out, kind="eval")
-        if evals:
-            summary.update({k: v for k, v in evals[-1].items() if k not in ("kind", "time")})
-        (final / "eval.json").write_text(json.dumps(summary, indent=2))
+    write_summary(accelerator, model, final, state)
     accelerator.end_training()
     return final

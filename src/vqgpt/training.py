@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -248,3 +249,110 @@ def read_metrics(output_dir: str | Path, kind: str | None = None) -> list[dict[s
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if kind is None or r.get("kind") == kind]
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop both stages run
+
+
+StepFn = Callable[[Any, int], dict[str, float]]
+
+
+def run_loop(
+    accelerator: Accelerator,
+    tc: TrainConfig,
+    model: torch.nn.Module,
+    scheduler: Any,
+    metrics: MetricsLog,
+    state: TrainerState,
+    epoch_batches: Callable[[int, int], Iterable[Any]],
+    train_step: StepFn,
+    evaluate: Callable[[int], str | None],
+    desc: str,
+    items_name: str = "items",
+    on_log: Callable[[dict[str, float]], None] | None = None,
+) -> TrainerState:
+    """Steps, logging, checkpoints, evaluation and stopping, the same for both stages.
+
+    `epoch_batches(epoch, skip)` gives this rank's micro-batches of `epoch` after the first
+    `skip` (so a resumed run continues in the same data order). `train_step(batch, step)` runs
+    forward, backward and the optimizer steps of one micro-batch inside `accumulate`, and returns
+    floats to average over the log interval; its key "items" (tokens, images) is summed instead
+    and logged as `<items_name>_per_s` (all processes together). `evaluate(step)` runs on every rank (do the work on the main one)
+    and may return a line to print. Returns the state after the last step.
+    """
+    bar = progress_bar(accelerator, tc.max_steps, state.step, desc)
+    start = time.time() - state.elapsed_s
+
+    def run_eval() -> None:
+        line = evaluate(state.step)
+        if line:
+            bar.write(f"step {state.step}: {line}")
+        accelerator.wait_for_everyone()
+
+    model.train()
+    stop = state.step >= tc.max_steps
+    sums: dict[str, float] = {}
+    micro, items, clock = 0, 0.0, time.time()
+    while not stop:
+        for batch in epoch_batches(state.epoch, state.batches_in_epoch):
+            state.batches_in_epoch += 1
+            with accelerator.accumulate(model):
+                values = train_step(batch, state.step)
+            items += values.pop("items", 0.0)
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            state.step += 1
+            state.elapsed_s = time.time() - start
+            bar.update(1)
+            if state.step % tc.log_every == 0 or state.step == tc.max_steps:
+                logged = {k: v / micro for k, v in sums.items()}
+                rate = items * accelerator.num_processes / max(time.time() - clock, 1e-9)
+                logged[f"{items_name}_per_s"] = rate
+                logged["lr"] = scheduler.get_last_lr()[0]
+                logged["elapsed_s"] = round(state.elapsed_s, 1)
+                if on_log is not None:
+                    on_log(logged)
+                metrics.log(state.step, logged)
+                first = next(iter(sums), None)
+                if first is not None:
+                    bar.set_postfix({first: f"{logged[first]:.4f}"})
+                sums, micro, items, clock = {}, 0, 0.0, time.time()
+                stop = out_of_time(accelerator, tc.max_minutes, state.elapsed_s)
+            stop = stop or state.step >= tc.max_steps
+            if tc.save_every and (state.step % tc.save_every == 0 or stop):
+                save_checkpoint(accelerator, tc.output_dir, state, tc.keep_checkpoints)
+            if tc.eval_every and state.step % tc.eval_every == 0 and not stop:
+                run_eval()
+                clock = time.time()
+            if stop:
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    bar.close()
+    run_eval()
+    return state
+
+
+def write_summary(
+    accelerator: Accelerator, model: torch.nn.Module, final: Path, state: TrainerState
+) -> None:
+    """<run>/final/eval.json: steps, time, processes, replica drift and the last evaluation."""
+    drift = replica_max_abs_diff(accelerator, model)  # a collective: every rank calls it
+    if accelerator.is_main_process:
+        summary: dict[str, Any] = {
+            "step": state.step,
+            "elapsed_s": round(state.elapsed_s, 1),
+            "num_processes": accelerator.num_processes,
+            "replica_max_abs_diff": drift,
+        }
+        evals = read_metrics(final.parent, kind="eval")
+        if evals:
+            summary.update({k: v for k, v in evals[-1].items() if k not in ("kind", "time")})
+        (final / "eval.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
