@@ -220,7 +220,7 @@ class Codebook(nn.Module):
         if cfg.ema:
             self._ema_step_(counts, sums)
         if cfg.restart_after_steps > 0:
-            self._restart_dead_(x, counts)
+            self._restart_dead_(x, codes, counts)
 
     def _ema_step_(self, counts: Tensor, sums: Tensor) -> None:
         decay, eps, k = self.cfg.ema_decay, self.cfg.ema_eps, self.cfg.codebook_size
@@ -235,7 +235,13 @@ class Codebook(nn.Module):
         self.ema_embed_sum.copy_(embed_sum)
         self.embed.copy_(embed)
 
-    def _restart_dead_(self, x: Tensor, counts: Tensor) -> None:
+    def _restart_dead_(self, x: Tensor, codes: Tensor, counts: Tensor) -> None:
+        """Re-seed codes unused for `restart_after_steps` steps from this batch's vectors.
+
+        Replacements are drawn with probability proportional to each vector's squared
+        quantization error: vectors the codebook already fits (the frequent background of an
+        image) are rarely picked, the badly served rare ones (small objects) often.
+        """
         self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
         dead = (self.unused_steps >= self.cfg.restart_after_steps).to(torch.uint8)
         _broadcast_(dead)  # rank 0 decides
@@ -245,10 +251,10 @@ class Codebook(nn.Module):
             return
         fresh = torch.empty(num_dead, x.shape[1], device=x.device)
         if _is_rank0():
-            n = x.shape[0]
-            pick = torch.randperm(n, device=x.device)[:num_dead] if n >= num_dead else None
-            if pick is None:
-                pick = torch.randint(n, (num_dead,), device=x.device)
+            error = (x.float() - self.vectors[codes]).pow(2).sum(dim=1)  # (N,)
+            weights = error + 1e-12 * error.max().clamp(min=1e-12)  # every vector stays possible
+            replace = x.shape[0] < num_dead
+            pick = torch.multinomial(weights, num_dead, replacement=replace)
             fresh = x[pick].float()
         _broadcast_(fresh)
         if self.cfg.l2_normalize:

@@ -57,9 +57,9 @@ def count_restarts(counter: dict[str, int], mode: str):
     """Wrap Codebook._restart_dead_ to count the codes it re-seeds."""
     original = quantize.Codebook._restart_dead_
 
-    def spy(self, x, counts):
+    def spy(self, x, codes, counts):
         before = self.unused_steps.clone()
-        original(self, x, counts)
+        original(self, x, codes, counts)
         due = (before + 1).masked_fill(counts > 0, 0) >= self.cfg.restart_after_steps
         counter[mode] += int(due.sum())
 
