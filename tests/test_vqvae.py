@@ -68,3 +68,13 @@ def test_bad_architecture_is_a_config_error():
 
     with pytest.raises(ConfigError, match="not divisible"):
         ModelConfig(image_size=36, stem_stride=2, channel_mult=(1, 2, 2))
+
+
+def test_bypassed_quantizer_decodes_z_e_and_defers_kmeans_init():
+    model = tiny().train()
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = model(pixels, bypass_quantizer=True)
+    assert torch.allclose(out.reconstruction, model.decoder(model.encoder(pixels)))
+    assert not bool(model.quantizer.codebooks[0].initialized)  # k-means waits for real codes
+    model(pixels)
+    assert bool(model.quantizer.codebooks[0].initialized)

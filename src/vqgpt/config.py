@@ -183,6 +183,8 @@ class QuantizerConfig:
     kmeans_init: bool = True  # k-means on the first training batch
     kmeans_iters: int = 10
     restart_after_steps: int = 20  # a code unused this many steps is re-seeded (0 = never)
+    warmup_steps: int = 0  # training steps with the quantizer bypassed; k-means init right after
+    warmup_steps: int = 0  # training steps with the quantizer bypassed; k-means init right after
     chunk_size: int = 256  # rows of the search per chunk: peak memory O(chunk_size * K); see
     # scripts/bench_quantizer.py (small blocks stay in cache: faster than bigger ones on CPU)
 
@@ -204,6 +206,10 @@ class QuantizerConfig:
             raise ConfigError("quantizer.ema_decay must be in (0, 1)")
         if self.chunk_size < 1:
             raise ConfigError("quantizer.chunk_size must be positive")
+        if self.warmup_steps < 0:
+            raise ConfigError("quantizer.warmup_steps must be >= 0")
+        if self.warmup_steps < 0:
+            raise ConfigError("quantizer.warmup_steps must be >= 0")
         if self.restart_after_steps < 0:
             raise ConfigError("quantizer.restart_after_steps must be >= 0")
 

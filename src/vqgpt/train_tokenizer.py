@@ -125,7 +125,7 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
 
     def train_step(batch: dict, step: int) -> dict[str, float]:
         pixels = batch["pixel_values"]
-        output = model(pixels)
+        output = model(pixels, bypass_quantizer=step < recipe.quantizer.warmup_steps)
         record = loss_fn.autoencoder_loss(
             pixels, output.reconstruction, output.quantizer.loss, step, raw_model.last_layer
         )

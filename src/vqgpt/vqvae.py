@@ -206,6 +206,15 @@ class VQVAE(PreTrainedModel):
         """codes [B, h, w] (or [B, h, w, L]) -> pixels [B, 3, H, W], clamped to [-1, 1]."""
         return self.decoder(self.quantizer.lookup(codes)).clamp(-1.0, 1.0)
 
-    def forward(self, pixel_values: torch.Tensor) -> VQVAEOutput:
-        q = self.quantize(pixel_values)
-        return VQVAEOutput(reconstruction=self.decoder(q.quantized), codes=q.codes, quantizer=q)
+    def forward(self, pixel_values: torch.Tensor, bypass_quantizer: bool = False) -> VQVAEOutput:
+        """Reconstruct; `bypass_quantizer` decodes z_e itself (the autoencoder warm-up)."""
+        if not bypass_quantizer:
+            q = self.quantize(pixel_values)
+            return VQVAEOutput(reconstruction=self.decoder(q.quantized), codes=q.codes, quantizer=q)
+        self._check_pixels(pixel_values)
+        z_e = self.encoder(pixel_values)
+        zero = z_e.new_zeros((), dtype=torch.float32)
+        q = QuantizerOutput(
+            z_e, z_e.new_zeros((0,), dtype=torch.long), zero, zero, zero, zero, zero
+        )
+        return VQVAEOutput(reconstruction=self.decoder(z_e), codes=q.codes, quantizer=q)
