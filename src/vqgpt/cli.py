@@ -88,7 +88,12 @@ def _eval(args: argparse.Namespace) -> None:
     pipe = Pipeline.from_pretrained(args.model)
     size = pipe.image_tokenizer.config.arch.image_size
     data = from_dict(DataConfig, {"source": args.data, "image_size": size})
-    cfg = PipelineEvalConfig(num_images=args.num_images, cfg_scales=(1.0, args.cfg))
+    cfg = PipelineEvalConfig(
+        num_images=args.num_images,
+        cfg_scales=(1.0, args.cfg),
+        temperature=args.temperature,
+        top_k=args.top_k,
+    )
     folder = write_report(pipe, data, Path(args.out), cfg, runs={}, timings={})
     print((folder / "report.md").read_text())
 
@@ -196,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="shapes", help="'shapes' or an image folder with a test split")
     p.add_argument("--num-images", type=int, default=200)
     p.add_argument("--cfg", type=float, default=3.0, help="guidance scale scored beside 1.0")
+    p.add_argument("--temperature", type=float, default=1.0, help="text-to-image sampling")
+    p.add_argument("--top-k", type=int, default=0, help="text-to-image sampling (0 = off)")
     p.add_argument("--out", required=True, help="folder for metrics.json, report.md, grids")
     commands["eval"] = _eval
 
