@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,23 @@ def tiny_tokenizer_run(tmp_path_factory) -> Path:
     cfg = write_yaml(out.parent / "r.yaml", tiny_tokenizer_recipe(out, train=dict(save_every=0)))
     run_cli("train-tokenizer", "--config", str(cfg))
     return out
+
+
+def kill_after_checkpoint(cmd: list[str], out: Path, step: int = 2) -> int:
+    """Start `python -m vqgpt.cli CMD`, SIGKILL it once checkpoint `step` exists; the newest step."""
+    from vqgpt.training import list_checkpoints
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vqgpt.cli", *cmd],
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / f"step_{step}").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # a hard kill, possibly in the middle of a later save
+    proc.wait()
+    return int(list_checkpoints(out)[-1].name.split("_")[1])

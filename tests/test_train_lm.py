@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
-from conftest import cli_env, run_cli, tiny_lm_recipe, write_yaml
+from conftest import kill_after_checkpoint, run_cli, tiny_lm_recipe, write_yaml
 
 from vqgpt.pipeline import Pipeline
-from vqgpt.training import list_checkpoints, read_metrics
+from vqgpt.training import read_metrics
 
 
 def losses(run) -> dict[int, float]:
@@ -47,16 +43,7 @@ def test_killed_run_resumes_with_the_same_next_step_loss(lm_run, tiny_tokenizer_
     out = tmp_path / "run"
     recipe = tiny_lm_recipe(tiny_tokenizer_run, out, tmp_path / "codes", train=dict(save_every=1))
     cfg = write_yaml(tmp_path / "r.yaml", recipe)
-    cmd = [sys.executable, "-m", "vqgpt.cli", "train-lm", "--config", str(cfg)]
-    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while not (out / "checkpoints" / "step_2").is_dir():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed_from = int(list_checkpoints(out)[-1].name.split("_")[1])
+    resumed_from = kill_after_checkpoint(["train-lm", "--config", str(cfg)], out)
     assert 2 <= resumed_from < 6, "the kill came too late to test a resume"
     result = run_cli("train-lm", "--config", str(cfg), "--resume", "latest")
     assert "resumed from" in result.stdout + result.stderr

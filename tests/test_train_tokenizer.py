@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
-from conftest import cli_env, run_cli, tiny_tokenizer_recipe, write_yaml
+from conftest import kill_after_checkpoint, run_cli, tiny_tokenizer_recipe, write_yaml
 
 from vqgpt.training import list_checkpoints, read_metrics
 
@@ -40,16 +36,7 @@ def test_run_writes_final_model_metrics_grid_and_checkpoints(full_run):
 def test_killed_run_resumes_with_the_same_next_step_loss(full_run, tmp_path):
     out = tmp_path / "run"
     cfg = write_yaml(tmp_path / "r.yaml", tiny_tokenizer_recipe(out, train=dict(save_every=1)))
-    cmd = [sys.executable, "-m", "vqgpt.cli", "train-tokenizer", "--config", str(cfg)]
-    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while not (out / "checkpoints" / "step_2").is_dir():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # a hard kill, possibly in the middle of a later save
-    proc.wait()
-    resumed_from = int(list_checkpoints(out)[-1].name.split("_")[1])
+    resumed_from = kill_after_checkpoint(["train-tokenizer", "--config", str(cfg)], out)
     assert 2 <= resumed_from < 6, "the kill came too late to test a resume"
     result = run_cli("train-tokenizer", "--config", str(cfg), "--resume", "latest")
     assert "resumed from" in result.stdout + result.stderr

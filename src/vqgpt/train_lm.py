@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 
-from .config import ConfigError, load_config, save_config
+from .config import ConfigError, load_config
 from .lm import LMConfig, build_lm, flops_per_token, forward_hidden, lm_loss, peak_flops
 from .lm_data import ExampleBank, build_epoch
 from .lm_eval import LMEvalConfig, evaluate_lm
@@ -16,13 +15,10 @@ from .pipeline import save_pipeline
 from .pretokenize import PretokenizeConfig, pretokenize
 from .sequences import SequenceConfig
 from .training import (
-    MetricsLog,
     TrainConfig,
-    TrainerState,
-    build_accelerator,
-    load_checkpoint,
-    resolve_resume,
+    resume_run,
     run_loop,
+    start_run,
     warmup_cosine,
     write_summary,
 )
@@ -62,14 +58,8 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Opti
 def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
     """Train (or resume) the stage-two GPT-2; returns the <run>/final folder."""
     tc = recipe.train
-    set_seed(tc.seed)
-    accelerator = build_accelerator(tc)
+    accelerator = start_run(recipe, tc, "vqgpt-lm")
     out = Path(tc.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(recipe, out / "config.yaml")
-    if tc.log_with:
-        accelerator.init_trackers("vqgpt-lm")
 
     pretokenize(recipe.data)  # no work when the codes are cached already
     bank = ExampleBank.load(recipe.data, recipe.data.images.train_split, recipe.text_tokenizer)
@@ -87,15 +77,7 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw_model = accelerator.unwrap_model(model)
 
-    metrics = MetricsLog(accelerator, out)
-    state = TrainerState()
-    checkpoint = resolve_resume(out, resume)
-    if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
-        metrics.truncate_after(state.step)
-        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
-    elif resume is not None:
-        accelerator.print(f"--resume {resume}: no checkpoint in {out}, starting fresh")
+    metrics, state = resume_run(accelerator, tc, resume)
 
     flops_token = flops_per_token(raw_model.config, seq.max_length)
     peak = peak_flops(accelerator.device)

@@ -7,22 +7,18 @@ from pathlib import Path
 
 import torch
 from accelerate import skip_first_batches
-from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from .config import QuantizerConfig, load_config, save_config
+from .config import QuantizerConfig, load_config
 from .data import DataConfig, collate, image_text_dataset
 from .evaluate import EvalConfig, evaluate_tokenizer
 from .losses import LossConfig, VQLoss
 from .training import (
-    MetricsLog,
     TrainConfig,
-    TrainerState,
-    build_accelerator,
-    load_checkpoint,
-    resolve_resume,
+    resume_run,
     run_loop,
     save_final,
+    start_run,
     warmup_cosine,
     write_summary,
 )
@@ -53,14 +49,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
 def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
     """Train (or resume) a VQ-VAE; returns the <run>/final folder."""
     tc = recipe.train
-    set_seed(tc.seed)
-    accelerator = build_accelerator(tc)
+    accelerator = start_run(recipe, tc, "vqgpt-tokenizer")
     out = Path(tc.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(recipe, out / "config.yaml")
-    if tc.log_with:
-        accelerator.init_trackers("vqgpt-tokenizer")
 
     train_set = image_text_dataset(recipe.data, recipe.data.train_split, train=True)
     if train_set.stats.total:
@@ -97,15 +87,7 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
     loss_fn.to(accelerator.device)
     raw_model: VQVAE = accelerator.unwrap_model(model)
 
-    metrics = MetricsLog(accelerator, out)
-    state = TrainerState()
-    checkpoint = resolve_resume(out, resume)
-    if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
-        metrics.truncate_after(state.step)
-        accelerator.print(f"resumed from {checkpoint} at step {state.step}")
-    elif resume is not None:
-        accelerator.print(f"--resume {resume}: no checkpoint in {out}, starting fresh")
+    metrics, state = resume_run(accelerator, tc, resume)
 
     eval_set = None
     if accelerator.is_main_process and recipe.eval.max_images > 0:

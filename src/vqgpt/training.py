@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from .config import ConfigError
+from .config import ConfigError, save_config
 
 CHECKPOINT_PREFIX = "step_"
 
@@ -82,6 +82,36 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=cfg.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+
+
+def start_run(recipe: Any, tc: TrainConfig, project: str) -> Accelerator:
+    """Seed, build the Accelerator, write <run>/config.yaml, start any tracker."""
+    set_seed(tc.seed)
+    accelerator = build_accelerator(tc)
+    if accelerator.is_main_process:
+        Path(tc.output_dir).mkdir(parents=True, exist_ok=True)
+        save_config(recipe, Path(tc.output_dir) / "config.yaml")
+    if tc.log_with:
+        accelerator.init_trackers(project)
+    return accelerator
+
+
+def resume_run(
+    accelerator: Accelerator, tc: TrainConfig, resume: str | None
+) -> tuple[MetricsLog, TrainerState]:
+    """The metrics log and where to start: fresh, or from `--resume` (latest or a folder)."""
+    metrics = MetricsLog(accelerator, tc.output_dir)
+    checkpoint = resolve_resume(tc.output_dir, resume)
+    if checkpoint is None:
+        if resume is not None:
+            accelerator.print(
+                f"--resume {resume}: no checkpoint in {tc.output_dir}, starting fresh"
+            )
+        return metrics, TrainerState()
+    state = load_checkpoint(accelerator, checkpoint)
+    metrics.truncate_after(state.step)
+    accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    return metrics, state
 
 
 def warmup_cosine(cfg: TrainConfig) -> Any:
