@@ -267,4 +267,4 @@ def test_missing_output_and_missing_tokenizer_are_clear_errors(tmp_path, capsys)
     with pytest.raises(FileNotFoundError, match="pretokenize"):
         load_codes(tmp_path, "train")
     assert main(["--tokenizer", str(tmp_path / "nope"), "--output-dir", str(tmp_path)]) == 2
-    assert "no tokenizer here" in capsys.readouterr().err
+    assert "no image tokenizer here" in capsys.readouterr().err
