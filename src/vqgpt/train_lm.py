@@ -16,6 +16,7 @@ from .pretokenize import PretokenizeConfig, pretokenize
 from .sequences import SequenceConfig
 from .training import (
     TrainConfig,
+    optimizer_step,
     resume_run,
     run_loop,
     start_run,
@@ -115,12 +116,7 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
                 layout.image_offset,
                 layout.codebook_size,
             )
-        accelerator.backward(loss.loss)
-        if accelerator.sync_gradients and tc.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(accelerator, model, optimizer, scheduler, loss.loss, tc.grad_clip)
         return {
             "loss": float(loss.loss.detach()),
             "image_loss": float(loss.image_loss),

@@ -15,6 +15,7 @@ from .evaluate import EvalConfig, evaluate_tokenizer
 from .losses import LossConfig, VQLoss
 from .training import (
     TrainConfig,
+    optimizer_step,
     resume_run,
     run_loop,
     save_final,
@@ -111,12 +112,7 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
         record = loss_fn.autoencoder_loss(
             pixels, output.reconstruction, output.quantizer.loss, step, raw_model.last_layer
         )
-        accelerator.backward(record.total)
-        if accelerator.sync_gradients and tc.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(accelerator, model, optimizer, scheduler, record.total, tc.grad_clip)
         if disc_optimizer is not None and loss_fn.uses_discriminator(step):
             disc_record = loss_fn.discriminator_loss(pixels, output.reconstruction.detach(), step)
             disc_optimizer.zero_grad(set_to_none=True)  # drop the generator step's grads

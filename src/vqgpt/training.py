@@ -288,6 +288,23 @@ def read_metrics(output_dir: str | Path, kind: str | None = None) -> list[dict[s
 StepFn = Callable[[Any, int], dict[str, float]]
 
 
+def optimizer_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss: torch.Tensor,
+    grad_clip: float | None,
+) -> None:
+    """Backward, clip on the step that syncs gradients, optimizer and schedule step, zero grads."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and grad_clip:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def run_loop(
     accelerator: Accelerator,
     tc: TrainConfig,
