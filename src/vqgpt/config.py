@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -224,7 +224,6 @@ __all__ = [
     "QuantizerConfig",
     "QUANTIZER_PRESETS",
     "apply_overrides",
-    "field",
     "from_dict",
     "load_config",
     "save_config",
