@@ -25,6 +25,7 @@ from vqgpt.pipeline import Pipeline
 from vqgpt.sequences import SequenceConfig, build_caption, build_t2i
 from vqgpt.vqvae import VQVAE, VQVAEConfig
 
+PREFIX = 24  # sequences.t2i_prefix_length of the exported LM
 TEXTS = ["a small red circle", "two <|boi|> squares<|endoftext|> at the top", "é", ""]
 
 # Runs first in every child: `import vqgpt` fails, vqgpt's source is off sys.path.
@@ -191,7 +192,11 @@ def lm_run(tiny_tokenizer_run, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("export_lm")
     out = root / "run"
     recipe = tiny_lm_recipe(
-        tiny_tokenizer_run, out, root / "codes", train=dict(max_steps=2, save_every=0)
+        tiny_tokenizer_run,
+        out,
+        root / "codes",
+        train=dict(max_steps=2, save_every=0),
+        sequences=dict(t2i_prefix_length=PREFIX),  # the processor must pad t2i prompts the same
     )
     run_cli("train-lm", "--config", str(write_yaml(root / "r.yaml", recipe)))
     return out
@@ -226,7 +231,7 @@ def test_exported_pipeline_matches_vqgpt_without_vqgpt(exported, lm_run, tmp_pat
     for key in ("recon", "recon_alone", "forward"):
         torch.testing.assert_close(got[key], recon, rtol=0, atol=1e-6)
 
-    seq = SequenceConfig()
+    seq = SequenceConfig(t2i_prefix_length=PREFIX)
     text_ids = [tok.encode_text(t) for t in TEXTS]
     t2i = [build_t2i(c, ids, layout, seq).input_ids for c, ids in zip(codes, text_ids, strict=True)]
     cap = [build_caption(c, i, layout, seq).input_ids for c, i in zip(codes, text_ids, strict=True)]

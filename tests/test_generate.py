@@ -18,6 +18,7 @@ from vqgpt.generate import (
     text_token_mask,
     warp,
 )
+from vqgpt.sequences import SequenceConfig, build_t2i
 from vqgpt.vocab import VocabLayout
 
 # a small text vocabulary keeps the model tiny: eos 99, boi 100, eoi 101, images 102..117
@@ -242,6 +243,29 @@ def test_image_edge_cases(model):
         generate_image_codes(model, LAYOUT, [[1] * (room + 1)], GREEDY)
     with pytest.raises(ValueError, match="text vocabulary"):
         generate_image_codes(model, LAYOUT, [[LAYOUT.boi_id]], GREEDY)
+
+
+def test_t2i_prefix_length_prompts_match_training_format():
+    # a model trained with sequences.t2i_prefix_length decodes from the same left-padded prompt
+    model = tiny_model(seed=3)
+    model.config.t2i_prefix_length = 8
+    allowed = image_token_mask(LAYOUT, N_COLS)
+    codes = generate_image_codes(model, LAYOUT, CAPTIONS, GREEDY)
+    for caption, got in zip(CAPTIONS, codes, strict=True):
+        built = build_t2i(got, caption, LAYOUT, SequenceConfig(t2i_prefix_length=8))
+        prompt = built.input_ids[: built.input_ids.index(LAYOUT.boi_id) + 1]
+        assert len(prompt) == 9
+        ids = reference_greedy(model, prompt, allowed, LAYOUT.tokens_per_image)
+        assert LAYOUT.codes_to_ids(got).flatten().tolist() == ids
+    # CFG's unconditional rows use the padded empty prompt too; scale 0 = all rows unconditional
+    zero = generate_image_codes(
+        model, LAYOUT, CAPTIONS[:1], SamplingConfig(cfg_scale=0.0, do_sample=False)
+    )
+    uncond = reference_greedy(model, [LAYOUT.eos_id] * 8 + [LAYOUT.boi_id], allowed, 9)
+    assert LAYOUT.codes_to_ids(zero[0]).flatten().tolist() == uncond
+    generate_image_codes(model, LAYOUT, [[1] * 7], GREEDY)  # fits exactly
+    with pytest.raises(ValueError, match="t2i_prefix_length=8"):
+        generate_image_codes(model, LAYOUT, [[1] * 8], GREEDY)
 
 
 def test_training_mode_is_restored():

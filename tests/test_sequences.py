@@ -24,6 +24,7 @@ from vqgpt.sequences import (
     make_example,
     pack,
     per_group_losses,
+    t2i_prefix,
     truncate,
     weighted_lm_loss,
 )
@@ -60,6 +61,29 @@ def test_t2i_without_caption_is_unconditional():
     ex = build_t2i(CODES, [], LAYOUT, SequenceConfig())
     assert ex.input_ids == [EOS, BOI, *IMG, EOI, EOS]
     assert ex.labels == [M, BOI, *IMG, EOI, EOS]
+
+
+def test_t2i_prefix_puts_boi_at_a_fixed_position():
+    cfg = SequenceConfig(t2i_prefix_length=5)
+    for caption in ([], [10], CAP, [10, 11, 12, 13]):
+        ex = build_t2i(CODES, caption, LAYOUT, cfg)
+        pad = [EOS] * (5 - len(caption))
+        assert ex.input_ids == [*pad, *caption, BOI, *IMG, EOI, EOS]  # caption right before boi
+        assert ex.input_ids.index(BOI) == 5  # so every image code sits at a fixed position
+        assert ex.labels == [M] * 5 + [BOI, *IMG, EOI, EOS]
+        assert ex.input_ids[:5] == t2i_prefix(caption, LAYOUT, 5)
+    cut = build_t2i(CODES, [10, 11, 12, 13, 14, 15], LAYOUT, cfg)  # too long: tail cut
+    assert cut.input_ids[:6] == [EOS, 10, 11, 12, 13, BOI]
+    assert t2i_prefix(CAP, LAYOUT) == [EOS, *CAP]  # no prefix length: unpadded
+    with pytest.raises(ValueError, match="does not fit t2i_prefix_length=3"):
+        t2i_prefix(CAP, LAYOUT, 3)
+    with pytest.raises(ConfigError, match="t2i_prefix_length"):
+        SequenceConfig(t2i_prefix_length=1)
+    SequenceConfig(max_length=LAYOUT.tokens_per_image + 8, t2i_prefix_length=5).check_fits(LAYOUT)
+    with pytest.raises(ConfigError, match="cannot hold a t2i example"):
+        SequenceConfig(max_length=LAYOUT.tokens_per_image + 7, t2i_prefix_length=5).check_fits(
+            LAYOUT
+        )
 
 
 def test_caption_layout_targets_and_weights():

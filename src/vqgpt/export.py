@@ -211,6 +211,8 @@ def write_pipeline(src: Path, dst: Path, image_size: int) -> VocabLayout:
         "processor_class": "VQGPTProcessor",
         "auto_map": {"AutoProcessor": PROCESSOR},
         "layout": layout.to_dict(),
+        # the prompt format the LM was trained with (sequences.t2i_prefix_length)
+        "t2i_prefix_length": _read_json(src / "config.json").get("t2i_prefix_length"),
     }
     _write_json(dst / "processor_config.json", processor)
     return layout

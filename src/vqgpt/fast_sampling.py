@@ -43,10 +43,10 @@ from vqgpt.generate import (
     _inference,
     _vocab_width,
     image_token_mask,
-    max_positions,
     next_token_scores,
     pick,
     row_generators,
+    t2i_prompts,
 )
 from vqgpt.vocab import VocabLayout
 
@@ -175,25 +175,11 @@ class FastImageSampler:
         sampling = sampling or SamplingConfig()
         layout, model = self.layout, self.model
         h, w = layout.grid
-        if sampling.num_beams != 1:
-            raise ValueError("num_beams > 1 is for captions; sample images or decode them greedily")
-        room = max_positions(model) - layout.tokens_per_image - 2
-        for i, caption in enumerate(prompts):
-            if any(not 0 <= int(t) < layout.text_vocab_size for t in caption):
-                raise ValueError(
-                    f"prompt {i} holds ids outside the text vocabulary [0, "
-                    f"{layout.text_vocab_size}); encode captions with JointTokenizer.encode_text"
-                )
-            if len(caption) > room:
-                raise ValueError(
-                    f"prompt {i} has {len(caption)} tokens; the model's n_positions leaves room "
-                    f"for {room} caption tokens next to the image; shorten the caption"
-                )
+        t2i = t2i_prompts(model, layout, prompts, sampling)
         if not prompts:
             return torch.empty(0, h, w, dtype=torch.long, device=self.decoder.device)
         allowed = image_token_mask(layout, _vocab_width(model), self.decoder.device)
-        guided = sampling.cfg_scale != 1.0
-        full = [[layout.eos_id, *map(int, c), layout.boi_id] for c in prompts]
+        full, uncond = t2i.prompts, t2i.uncond_prompt
         codes = []
         with _inference(model):
             for part in _chunks(len(full), sampling.batch_size):
@@ -205,9 +191,7 @@ class FastImageSampler:
                     sampling,
                     layout.tokens_per_image,
                     pad_id=layout.eos_id,
-                    uncond_prompts=[[layout.eos_id, layout.boi_id]] * len(batch)
-                    if guided
-                    else None,
+                    uncond_prompts=[uncond] * len(batch) if uncond else None,
                     row_ids=range(part.start, part.stop),
                 )
                 codes.append(layout.ids_to_codes(out.tokens))

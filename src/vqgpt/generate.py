@@ -4,6 +4,9 @@ Prompts follow the training formats of `vqgpt.sequences` (`eos` = `<|endoftext|>
 
     text-to-image   eos caption boi  -> exactly h*w image tokens, then eoi (forced, not sampled)
     unconditional   eos boi          -> CFG's caption-dropped branch
+    (a model trained with `sequences.t2i_prefix_length` P records it as
+    `config.t2i_prefix_length`; its prompts are left-padded with eos to P tokens before boi,
+    exactly as in training: see `sequences.t2i_prefix`)
     captioning      eos boi codes eoi -> text tokens until eos or max_new_tokens
 
 Every step masks the disallowed ids (other modality, special tokens, the model's padded embedding
@@ -36,6 +39,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from vqgpt.config import ConfigError
+from vqgpt.sequences import t2i_prefix
 from vqgpt.vocab import VocabLayout
 
 _MASK64 = (1 << 64) - 1
@@ -435,24 +439,33 @@ def _vocab_width(model: nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def generate_image_codes(
+def t2i_prefix_length(model: nn.Module) -> int | None:
+    """The t2i prefix length the model was trained with (`sequences.t2i_prefix_length`)."""
+    return getattr(model.config, "t2i_prefix_length", None)
+
+
+class T2IPrompts(NamedTuple):
+    """Text-to-image prompts as decoding feeds them."""
+
+    prompts: list[list[int]]  # per caption: t2i_prefix(caption) + [boi]
+    uncond_prompt: list[int] | None  # CFG's caption-dropped prompt; None when cfg_scale == 1
+
+
+def t2i_prompts(
     model: nn.Module,
     layout: VocabLayout,
-    prompts: Sequence[Sequence[int]],
-    sampling: SamplingConfig | None = None,
-) -> Tensor:
-    """Codes [B, h, w] in [0, K) for caption ids (GPT-2 ids without specials; [] = none).
-
-    Each row runs `eos caption boi`, then exactly h*w image-only steps; `eoi` follows by
-    construction. cfg_scale != 1 adds the caption-dropped `eos boi` rows (see `decode_loop`).
-    Captions longer than n_positions - h*w - 2 tokens are a ValueError.
-    """
-    sampling = sampling or SamplingConfig()
-    h, w = layout.grid
+    captions: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+) -> T2IPrompts:
+    """Checked prompts for caption ids, in the model's training format; clear errors otherwise."""
     if sampling.num_beams != 1:
         raise ValueError("num_beams > 1 is for captions; sample images or decode them greedily")
+    prefix = t2i_prefix_length(model)
     room = max_positions(model) - layout.tokens_per_image - 2
-    for i, caption in enumerate(prompts):
+    if prefix is not None:
+        room = min(room, prefix - 1)
+    out = []
+    for i, caption in enumerate(captions):
         bad = [int(t) for t in caption if not 0 <= int(t) < layout.text_vocab_size]
         if bad:
             raise ValueError(
@@ -462,15 +475,37 @@ def generate_image_codes(
         if len(caption) > room:
             raise ValueError(
                 f"prompt {i} has {len(caption)} tokens, but the model's n_positions="
-                f"{max_positions(model)} leaves room for at most {room} caption tokens next to "
-                f"the {layout.tokens_per_image} image tokens and eos/boi; shorten the caption"
+                f"{max_positions(model)} ({layout.tokens_per_image} image tokens, eos, boi) and "
+                f"t2i_prefix_length={prefix} leave room for at most {room} caption tokens; "
+                "shorten the caption"
             )
+        out.append([*t2i_prefix(caption, layout, prefix), layout.boi_id])
+    guided = sampling.cfg_scale != 1.0  # scale 1 is plain conditional sampling: no extra rows
+    uncond = [*t2i_prefix([], layout, prefix), layout.boi_id] if guided else None
+    return T2IPrompts(out, uncond)
+
+
+def generate_image_codes(
+    model: nn.Module,
+    layout: VocabLayout,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig | None = None,
+) -> Tensor:
+    """Codes [B, h, w] in [0, K) for caption ids (GPT-2 ids without specials; [] = none).
+
+    Each row runs `eos caption boi` (in the model's training format, see `t2i_prompts`), then
+    exactly h*w image-only steps; `eoi` follows by construction. cfg_scale != 1 adds the
+    caption-dropped `eos boi` rows (see `decode_loop`). Captions that do not fit the model
+    (n_positions, t2i_prefix_length) are a ValueError.
+    """
+    sampling = sampling or SamplingConfig()
+    h, w = layout.grid
+    t2i = t2i_prompts(model, layout, prompts, sampling)
     device = next(model.parameters()).device
     if not prompts:
         return torch.empty(0, h, w, dtype=torch.long, device=device)
     allowed = image_token_mask(layout, _vocab_width(model), device)
-    guided = sampling.cfg_scale != 1.0  # scale 1 is plain conditional sampling: no extra rows
-    full = [[layout.eos_id, *map(int, c), layout.boi_id] for c in prompts]
+    full, uncond = t2i.prompts, t2i.uncond_prompt
     codes = []
     with _inference(model):
         for part in _chunks(len(full), sampling.batch_size):
@@ -482,7 +517,7 @@ def generate_image_codes(
                 sampling,
                 layout.tokens_per_image,
                 pad_id=layout.eos_id,
-                uncond_prompts=[[layout.eos_id, layout.boi_id]] * len(batch) if guided else None,
+                uncond_prompts=[uncond] * len(batch) if uncond else None,
                 row_ids=range(part.start, part.stop),
             )
             codes.append(layout.ids_to_codes(out.tokens))
@@ -566,6 +601,7 @@ __all__ = [
     "BeamOutput",
     "DecodeOutput",
     "SamplingConfig",
+    "T2IPrompts",
     "beam_search",
     "constrained_logprobs",
     "decode_loop",
@@ -577,6 +613,8 @@ __all__ = [
     "next_token_scores",
     "pick",
     "row_generators",
+    "t2i_prefix_length",
+    "t2i_prompts",
     "text_token_mask",
     "warp",
 ]

@@ -3,6 +3,8 @@
 Sequences (DESIGN.md "Sequences"; codes flattened row-major; `eos` = `<|endoftext|>`):
 
     t2i       eos caption boi codes eoi eos    targets: boi, codes, eoi, final eos
+              (with `t2i_prefix_length` P: eos ... eos caption boi, the caption left-padded with
+              eos to P tokens, so boi is always token P and every image code a fixed position)
     t2i, caption dropped (CFG's unconditional branch):
               eos boi codes eoi eos            targets: boi, codes, eoi, final eos
     caption   eos boi codes eoi caption eos    targets: caption, final eos
@@ -50,6 +52,10 @@ class SequenceConfig:
     caption_weight: float = 1.0  # task weight of captioning examples
     caption_dropout: float = 0.1  # fraction of t2i examples trained without caption (for CFG)
     pack: bool = True  # fill each window with several whole examples (else one per row)
+    # t2i: left-pad `eos caption` with eos to this many tokens (None: no padding). With pack off,
+    # each image code then sits at the same absolute position in every t2i example: the model
+    # need not count from boi to know which grid cell it draws. Longer captions lose their tail.
+    t2i_prefix_length: int | None = None
     seed: int = 0  # task choice and caption dropout
 
     def __post_init__(self) -> None:
@@ -58,6 +64,11 @@ class SequenceConfig:
         for name in ("t2i_ratio", "caption_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"sequences.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.t2i_prefix_length is not None and self.t2i_prefix_length < 2:
+            raise ConfigError(
+                "sequences.t2i_prefix_length must be null or at least 2 (eos + one caption token), "
+                f"got {self.t2i_prefix_length}"
+            )
         for name in ("text_loss_weight", "image_loss_weight", "t2i_weight", "caption_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"sequences.{name} must be >= 0, got {getattr(self, name)}")
@@ -70,6 +81,14 @@ class SequenceConfig:
                 f"sequences.max_length={self.max_length} cannot hold one image: a {layout.grid} "
                 f"grid needs {layout.tokens_per_image} codes + 4 framing tokens = {need}; "
                 f"raise max_length (and the model's n_positions) to at least {need}"
+            )
+        prefix = self.t2i_prefix_length
+        if prefix is not None and self.max_length < prefix + layout.tokens_per_image + 3:
+            raise ConfigError(
+                f"sequences.max_length={self.max_length} cannot hold a t2i example: "
+                f"t2i_prefix_length={prefix} + boi + {layout.tokens_per_image} codes + eoi + eos "
+                f"= {prefix + layout.tokens_per_image + 3} tokens; raise max_length or lower "
+                "t2i_prefix_length"
             )
 
 
@@ -171,15 +190,39 @@ def _text_ids(ids: Sequence[int], layout: VocabLayout) -> list[int]:
     return ids
 
 
+def t2i_prefix(
+    caption_ids: Sequence[int], layout: VocabLayout, prefix_length: int | None = None
+) -> list[int]:
+    """The conditioning part of a t2i sequence (everything before boi), shared by training and
+    decoding: `eos caption`, left-padded with eos to `prefix_length` tokens when that is set.
+
+    A caption longer than `prefix_length - 1` tokens is a ValueError (training cuts it first).
+    """
+    ids = _text_ids(caption_ids, layout)
+    if prefix_length is None:
+        return [layout.eos_id, *ids]
+    if len(ids) > prefix_length - 1:
+        raise ValueError(
+            f"a caption of {len(ids)} tokens does not fit t2i_prefix_length={prefix_length} "
+            f"(eos + at most {prefix_length - 1} caption tokens); shorten the caption"
+        )
+    return [layout.eos_id] * (prefix_length - len(ids)) + ids
+
+
 def build_t2i(
     codes: Tensor, caption_ids: Sequence[int], layout: VocabLayout, cfg: SequenceConfig
 ) -> Example:
-    """`eos caption boi codes eoi eos`; targets: boi, codes, eoi, eos (the caption conditions)."""
+    """`eos caption boi codes eoi eos`; targets: boi, codes, eoi, eos (the caption conditions).
+
+    With `cfg.t2i_prefix_length` the caption is left-padded with eos (see `t2i_prefix`), its
+    tail cut when it is longer than the prefix allows.
+    """
     text_w = cfg.text_loss_weight * cfg.t2i_weight
     image_w = cfg.image_loss_weight * cfg.t2i_weight
+    prefix = cfg.t2i_prefix_length
+    caption_ids = list(caption_ids) if prefix is None else list(caption_ids)[: prefix - 1]
     b = _Builder("t2i")
-    b.add([layout.eos_id], target=False)
-    b.add(_text_ids(caption_ids, layout), target=False)
+    b.add(t2i_prefix(caption_ids, layout, prefix), target=False)
     b.add_image(codes, layout, True, text_w, image_w)
     b.add([layout.eos_id], True, text_w)
     return b.build()
@@ -440,6 +483,7 @@ __all__ = [
     "make_example",
     "pack",
     "per_group_losses",
+    "t2i_prefix",
     "truncate",
     "weighted_lm_loss",
 ]

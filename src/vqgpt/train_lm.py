@@ -73,6 +73,7 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
         )
 
     model = build_lm(recipe.model, layout.vocab_size, seq.max_length)
+    model.config.t2i_prefix_length = seq.t2i_prefix_length  # decoding builds prompts from it
     optimizer = build_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -8,7 +8,9 @@ ids 0..text_vocab_size-1 (the last is `<|endoftext|>`, "eos"), then the special 
     text-to-image  eos caption boi [codes eoi eos]     (the bracket: with images)
 
 Image codes are flattened row-major. The layout comes from `processor_config.json` and is
-checked against the tokenizer on load.
+checked against the tokenizer on load. When the model was trained with a fixed t2i prefix
+(`t2i_prefix_length` P in `processor_config.json`), `eos caption` is left-padded with eos to P
+tokens, so `boi` is always token P, as in training.
 """
 
 from __future__ import annotations
@@ -28,11 +30,18 @@ TASKS = ("caption", "t2i")
 class VQGPTProcessor(ProcessorMixin):
     """Image processor + joint tokenizer: builds captioning / text-to-image `input_ids`."""
 
-    def __init__(self, image_processor: Any, tokenizer: Any, layout: dict | None = None) -> None:
+    def __init__(
+        self,
+        image_processor: Any,
+        tokenizer: Any,
+        layout: dict | None = None,
+        t2i_prefix_length: int | None = None,
+    ) -> None:
         super().__init__(image_processor, tokenizer)
         if layout is None:
             raise ValueError("VQGPTProcessor needs `layout` (the vqgpt_vocab.json contents)")
         self.layout = dict(layout)
+        self.t2i_prefix_length = t2i_prefix_length
         self._check_tokenizer()
 
     # -- the layout ---------------------------------------------------------------------------
@@ -173,13 +182,25 @@ class VQGPTProcessor(ProcessorMixin):
                 row = [eos, boi, *image_rows[i], eoi]
                 row += [] if text_rows is None else [*text_rows[i], eos]
             else:
-                row = [eos, *text_rows[i], boi]
+                row = [*self._t2i_prefix(text_rows[i]), boi]
                 row += [] if image_rows is None else [*image_rows[i], eoi, eos]
             rows.append(row)
         length = max(len(r) for r in rows)
         data["input_ids"] = [[eos] * (length - len(r)) + r for r in rows]
         data["attention_mask"] = [[0] * (length - len(r)) + [1] * len(r) for r in rows]
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _t2i_prefix(self, ids: list[int]) -> list[int]:
+        """`eos caption`, left-padded with eos to `t2i_prefix_length` tokens when that is set."""
+        prefix = self.t2i_prefix_length
+        if prefix is None:
+            return [self.eos_id, *ids]
+        if len(ids) > prefix - 1:
+            raise ValueError(
+                f"a caption of {len(ids)} tokens does not fit t2i_prefix_length={prefix} "
+                f"(the model was trained with at most {prefix - 1} caption tokens)"
+            )
+        return [self.eos_id] * (prefix - len(ids)) + ids
 
     # -- decoding -----------------------------------------------------------------------------
 
