@@ -5,6 +5,8 @@ import json
 import pytest
 from conftest import ROOT, run_cli
 
+from vqgpt.demo import DemoConfig, t2i_grid_name
+
 
 @pytest.mark.slow
 def test_quick_demo_runs_end_to_end_and_reuses_stages(tmp_path):
@@ -12,16 +14,18 @@ def test_quick_demo_runs_end_to_end_and_reuses_stages(tmp_path):
     run_cli("demo", "--quick", "--out", str(out), timeout=900, cwd=ROOT)
     report = out / "report"
     text = (report / "report.md").read_text()
+    guided = f"cfg={DemoConfig().cfg_scale:g}"
+    assert t2i_grid_name("cfg=1") == "t2i_cfg1.png"
     for name in (
         "captions.png",
         "t2i_cfg1.png",
-        "t2i_cfg3.png",
+        t2i_grid_name(guided),
         "loss_tokenizer.png",
         "loss_lm.png",
     ):
         assert (report / name).is_file() and f"({name})" in text
     metrics = json.loads((report / "metrics.json").read_text())
-    assert set(metrics["t2i"]) == {"cfg=1", "cfg=3"}
+    assert set(metrics["t2i"]) == {"cfg=1", guided}
     assert 0.0 <= metrics["caption"]["exact_match"] <= 1.0
     assert metrics["tokenizer"]["num_images"] > 0
 
