@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import kill_after_checkpoint, run_cli, tiny_tokenizer_recipe, write_yaml
 
-from vqgpt.training import list_checkpoints, read_metrics
+from vqgpt.training import TrainConfig, build_accelerator, list_checkpoints, read_metrics
 
 
 def losses(run) -> dict[int, float]:
@@ -44,6 +44,14 @@ def test_killed_run_resumes_with_the_same_next_step_loss(full_run, tmp_path):
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # no step logged twice
     for step in range(resumed_from + 1, 7):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-7), step
+
+
+def test_runs_in_one_process_may_change_precision(tmp_path):
+    # `vqgpt demo` trains the tokenizer, then the LM, in one process, each with its own precision
+    first = build_accelerator(TrainConfig(output_dir=str(tmp_path), mixed_precision="no"))
+    assert first.mixed_precision == "no"
+    second = build_accelerator(TrainConfig(output_dir=str(tmp_path), mixed_precision="bf16"))
+    assert second.mixed_precision == "bf16"
 
 
 def test_resume_latest_without_checkpoint_starts_fresh(tmp_path):

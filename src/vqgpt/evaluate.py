@@ -16,6 +16,7 @@ from .data import (
     collate,
     load_image_dataset,
     load_rgb,
+    to_pil,
 )
 from .generate import SamplingConfig
 from .images import save_reconstruction_grid
@@ -128,9 +129,14 @@ class PipelineEval:
     t2i: dict[str, dict]  # "cfg=<scale>" -> T2IScores as a dict
     caption_samples: list[tuple]  # (PIL image, reference, prediction)
     t2i_samples: dict[str, list[tuple]]  # "cfg=<scale>" -> (prompt, PIL image, ok)
+    # the same scores for the held-out images passed through the image tokenizer: what a perfect
+    # LM (one that writes exactly the codes of the true image) would score, its ceiling
+    t2i_ceiling: dict | None = None
 
     def to_json(self) -> dict:
         out = {"caption": self.caption, "t2i": self.t2i}
+        if self.t2i_ceiling is not None:
+            out["t2i_ceiling"] = self.t2i_ceiling
         if self.tokenizer is not None:
             out["tokenizer"] = self.tokenizer.to_log()
         return out
@@ -164,7 +170,10 @@ class PipelineEval:
             + " | images |",
             "|---|---|" + "---|" * len(keys) + "---|",
         ]
-        for name, s in self.t2i.items():
+        rows = dict(self.t2i)
+        if self.t2i_ceiling is not None:
+            rows["ceiling: the true images through the tokenizer"] = self.t2i_ceiling
+        for name, s in rows.items():
             per = s.get("per_attribute", {})
             lines.append(
                 f"| {name} | {100 * s['accuracy']:.1f}% | "
@@ -226,13 +235,27 @@ def evaluate_pipeline(
         t2i_samples[name] = [
             (p, im, _all_match(im, p)) for p, im in zip(texts[:16], drawn[:16], strict=True)
         ]
+    ceiling = t2i_scores(texts, reconstruct_images(pipe.image_tokenizer, images))
     return PipelineEval(
         tokenizer=tok,
         caption=_plain(caption),
         t2i={k: _plain(v) for k, v in t2i.items()},
         caption_samples=list(zip(images[:16], texts[:16], predictions[:16], strict=True)),
         t2i_samples=t2i_samples,
+        t2i_ceiling=_plain(_as_dict(ceiling)),
     )
+
+
+@torch.no_grad()
+def reconstruct_images(model: VQVAE, images: list, batch_size: int = 64) -> list:
+    """PIL images -> decode(encode(image)) as PIL images (centre crop at the model's size)."""
+    transform = ImageTransform(model.config.arch.image_size, random_crop=False)
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.stack([transform(im) for im in images[start : start + batch_size]])
+        out += [to_pil(p) for p in model.decode(model.encode(pixels.to(device))).cpu()]
+    return out
 
 
 def _all_match(image, prompt: str) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
@@ -74,6 +75,10 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """One Accelerator for the run: mixed precision, accumulation, seedable data order."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    # One process may train several runs (`vqgpt demo`: the tokenizer, then the LM), each with its
+    # own precision; Accelerate keeps that in a singleton, so every run starts from a fresh one
+    # (the process group lives in PartialState, which stays).
+    AcceleratorState._reset_state()
     return Accelerator(
         cpu=multi_cpu_run(),
         mixed_precision=cfg.mixed_precision,
