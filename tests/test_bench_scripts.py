@@ -94,3 +94,36 @@ def test_bench_lm_quick_runs_and_losses_agree():
         mfu = float(table[name][7].rstrip("%")) / 100
         assert tokens_per_s > 0
         assert mfu == pytest.approx(tokens_per_s * flops / 1e12, rel=0.02, abs=1e-4)
+
+
+def test_shapes_ceiling_script_tables_every_size_and_shape(tiny_tokenizer_run, tmp_path):
+    from vqgpt.shapes import ShapesConfig, shapes_dataset, write_image_folder
+
+    folder = write_image_folder(
+        shapes_dataset(ShapesConfig(num_images=1, num_test_images=40, image_size=32), "test"),
+        tmp_path / "test",
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "shapes_ceiling.py"),
+            "--tokenizer",
+            str(tiny_tokenizer_run),
+            "--data",
+            str(folder),
+            "--num-images",
+            "40",
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        check=True,
+        timeout=300,
+    ).stdout
+    assert "all objects right: originals 100.0%" in out and "(40 images)" in out
+    rows = [
+        line
+        for line in out.splitlines()
+        if line.startswith("| small") or line.startswith("| large")
+    ]
+    assert rows and sum(int(r.split("|")[3].split("/")[1].split()[0]) for r in rows) >= 40
