@@ -14,8 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from vqgpt.codec import load_tokenizer_model
-from vqgpt.evaluate import reconstruct_images
+from vqgpt.codec import load_tokenizer_model, reconstruct_images
 from vqgpt.shape_checker import read_objects, t2i_scores
 from vqgpt.shapes import parse_caption
 

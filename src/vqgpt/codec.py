@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS, ImageTransform, load_rgb, to_pil
@@ -139,3 +140,17 @@ def reconstruct_files(
         save_reconstruction_grid(torch.stack(originals), torch.stack(recons), grid)
         result.outputs.append(grid)
     return result
+
+
+@torch.no_grad()
+def reconstruct_images(
+    model: VQVAE, images: Sequence[Image.Image], batch_size: int = 64
+) -> list[Image.Image]:
+    """PIL images -> decode(encode(image)) as PIL images (centre crop at the model's size)."""
+    transform = ImageTransform(model.config.arch.image_size, random_crop=False)
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.stack([transform(im) for im in images[start : start + batch_size]])
+        out += [to_pil(p) for p in model.decode(model.encode(pixels.to(device))).cpu()]
+    return out

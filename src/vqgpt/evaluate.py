@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .codec import reconstruct_images
 from .config import ConfigError
 from .data import (
     DataConfig,
@@ -16,7 +17,6 @@ from .data import (
     collate,
     load_image_dataset,
     load_rgb,
-    to_pil,
 )
 from .generate import SamplingConfig
 from .images import save_reconstruction_grid
@@ -244,18 +244,6 @@ def evaluate_pipeline(
         t2i_samples=t2i_samples,
         t2i_ceiling=_plain(_as_dict(ceiling)),
     )
-
-
-@torch.no_grad()
-def reconstruct_images(model: VQVAE, images: list, batch_size: int = 64) -> list:
-    """PIL images -> decode(encode(image)) as PIL images (centre crop at the model's size)."""
-    transform = ImageTransform(model.config.arch.image_size, random_crop=False)
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(images), batch_size):
-        pixels = torch.stack([transform(im) for im in images[start : start + batch_size]])
-        out += [to_pil(p) for p in model.decode(model.encode(pixels.to(device))).cpu()]
-    return out
 
 
 def _all_match(image, prompt: str) -> bool:
