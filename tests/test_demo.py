@@ -15,17 +15,20 @@ def test_quick_demo_runs_end_to_end_and_reuses_stages(tmp_path):
     report = out / "report"
     text = (report / "report.md").read_text()
     guided = f"cfg={DemoConfig().cfg_scale:g}"
+    reranked = f"{guided}, best of 2"  # the quick demo reranks 2 draws
     assert t2i_grid_name("cfg=1") == "t2i_cfg1.png"
+    assert t2i_grid_name("cfg=1.5, best of 8") == "t2i_cfg1_5_best_of_8.png"
     for name in (
         "captions.png",
         "t2i_cfg1.png",
         t2i_grid_name(guided),
+        t2i_grid_name(reranked),
         "loss_tokenizer.png",
         "loss_lm.png",
     ):
         assert (report / name).is_file() and f"({name})" in text
     metrics = json.loads((report / "metrics.json").read_text())
-    assert set(metrics["t2i"]) == {"cfg=1", guided}
+    assert set(metrics["t2i"]) == {"cfg=1", guided, reranked}
     # the checker's score of the true held-out images after encode + decode: the t2i ceiling
     assert 0.0 <= metrics["t2i_ceiling"]["accuracy"] <= 1.0 and metrics["t2i_ceiling"]["n"] == 16
     assert "| ceiling: the true images through the tokenizer |" in text

@@ -47,7 +47,7 @@ def _generate(args: argparse.Namespace) -> None:
     from .infer import generate_to_folder, read_prompts
 
     prompts = read_prompts(args.prompts, args.prompts_file)
-    sampling = _sampling(args, cfg_scale=args.cfg, do_sample=not args.greedy)
+    sampling = _sampling(args, cfg_scale=args.cfg, do_sample=not args.greedy, rerank=args.rerank)
     print(generate_to_folder(args.model, prompts, args.n, sampling, args.out).summary())
 
 
@@ -61,6 +61,12 @@ def _caption(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens,
     )
     caption_files(args.model, args.inputs, sampling, args.out)
+
+
+RERANK_HELP = (
+    "draw N images per output and keep the one whose caption the model finds most likely "
+    "(self-reranking; N times the sampling time; 1 = off)"
+)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -93,6 +99,7 @@ def _eval(args: argparse.Namespace) -> None:
         cfg_scales=(1.0, args.cfg),
         temperature=args.temperature,
         top_k=args.top_k,
+        rerank=args.rerank,
     )
     folder = write_report(pipe, data, Path(args.out), cfg, runs={}, timings={})
     print((folder / "report.md").read_text())
@@ -182,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)"
     )
     p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    p.add_argument("--rerank", type=int, default=1, help=RERANK_HELP)
     p.add_argument("--out", required=True, help="output folder")
     _add_sampling_args(p)
     commands["generate"] = _generate
@@ -203,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=3.0, help="guidance scale scored beside 1.0")
     p.add_argument("--temperature", type=float, default=1.0, help="text-to-image sampling")
     p.add_argument("--top-k", type=int, default=0, help="text-to-image sampling (0 = off)")
+    p.add_argument(
+        "--rerank", type=int, default=1, help="also score --cfg with the best of N draws (1 = off)"
+    )
     p.add_argument("--out", required=True, help="folder for metrics.json, report.md, grids")
     commands["eval"] = _eval
 

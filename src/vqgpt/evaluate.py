@@ -110,12 +110,17 @@ class PipelineEvalConfig:
     temperature: float = 1.0  # text-to-image sampling
     top_k: int = 0
     caption_beams: int = 1  # 1 = greedy captions
+    # > 1: the last of cfg_scales is also scored with self-reranking (best of this many drawn
+    # images by the LM's own caption likelihood, `generate.rerank_by_caption`)
+    rerank: int = 1
     seed: int = 0
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.num_images < 1 or self.batch_size < 1 or self.caption_beams < 1:
-            raise ConfigError("eval.num_images, eval.batch_size, eval.caption_beams must be >= 1")
+        if min(self.num_images, self.batch_size, self.caption_beams, self.rerank) < 1:
+            raise ConfigError(
+                "eval.num_images, eval.batch_size, eval.caption_beams, eval.rerank must be >= 1"
+            )
         if not self.cfg_scales:
             raise ConfigError("eval.cfg_scales needs at least one scale (1.0 = no guidance)")
 
@@ -220,16 +225,20 @@ def evaluate_pipeline(
     predictions = caption_images(pipe, images, greedy)
     caption = _as_dict(caption_scores(predictions, texts))
     t2i, t2i_samples = {}, {}
-    for scale in cfg.cfg_scales:
+    runs = [(scale, 1) for scale in cfg.cfg_scales]
+    if cfg.rerank > 1:
+        runs.append((cfg.cfg_scales[-1], cfg.rerank))
+    for scale, rerank in runs:
         sampling = SamplingConfig(
             temperature=cfg.temperature,
             top_k=cfg.top_k,
             cfg_scale=scale,
             seed=cfg.seed,
             batch_size=cfg.batch_size,
+            rerank=rerank,
         )
         drawn = generate_images(pipe, texts, 1, sampling)
-        name = f"cfg={scale:g}"
+        name = f"cfg={scale:g}" + (f", best of {rerank}" if rerank > 1 else "")
         scores = t2i_scores(texts, drawn)
         t2i[name] = _as_dict(scores)
         t2i_samples[name] = [

@@ -36,6 +36,7 @@ from transformers import StaticCache
 
 from vqgpt.generate import (
     DecodeOutput,
+    NarrowHead,
     SamplingConfig,
     _base_seed,
     _cache_kwarg,
@@ -43,8 +44,11 @@ from vqgpt.generate import (
     _inference,
     _vocab_width,
     image_token_mask,
+    last_logits,
+    narrow_head,
     next_token_scores,
     pick,
+    rerank_by_caption,
     row_generators,
     t2i_prompts,
 )
@@ -69,8 +73,11 @@ def left_pad(
 class StaticDecoder:
     """A model's static KV cache and one-token step; reused while the batch shape stays the same."""
 
-    def __init__(self, model: nn.Module, compile: bool | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, compile: bool | None = None, head: NarrowHead | None = None
+    ) -> None:
         self.model = model
+        self.head = head  # logits over head.columns only (see `vqgpt.generate.narrow_head`)
         self.device = next(model.parameters()).device
         self.compiled = self.device.type == "cuda" if compile is None else compile
         self.cache_kwarg = _cache_kwarg(model)
@@ -86,15 +93,15 @@ class StaticDecoder:
             )
 
     def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
-        out = self.model(
+        return last_logits(  # (N, V), or (N, C) over self.head.columns
+            self.model,
+            self.head,
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
-            logits_to_keep=1,
             **{self.cache_kwarg: self.cache},  # updated in place
         )
-        return out.logits[:, -1]  # (N, V)
 
     def _forward_step(self, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
         return self._forward(tokens, positions, mask)
@@ -145,6 +152,9 @@ def static_decode_loop(
         raise ValueError(f"{len(row_ids)} row ids for {n} prompts")
     logits = decoder.start([*prompts, *(uncond_prompts or [])], pad_id, max_new_tokens)
     device = logits.device
+    head = decoder.head
+    if head is not None:  # logits cover head.columns: every column is allowed
+        allowed = torch.ones(len(head.columns), dtype=torch.bool)
     allowed = allowed.to(device)
     generators = None
     if sampling.do_sample:
@@ -153,6 +163,8 @@ def static_decode_loop(
     for t in range(max_new_tokens):
         scores = next_token_scores(logits, allowed, sampling, guided)  # (n, V)
         chosen = pick(scores, sampling, generators)
+        if head is not None:
+            chosen = head.columns[chosen]
         tokens[:, t] = chosen
         if t < max_new_tokens - 1:
             logits = decoder.step(torch.cat([chosen, chosen]) if guided else chosen)
@@ -166,7 +178,9 @@ class FastImageSampler:
     def __init__(self, model: nn.Module, layout: VocabLayout, compile: bool | None = None) -> None:
         self.model = model
         self.layout = layout
-        self.decoder = StaticDecoder(model, compile)
+        device = next(model.parameters()).device
+        allowed = image_token_mask(layout, _vocab_width(model), device)
+        self.decoder = StaticDecoder(model, compile, narrow_head(model, allowed))
 
     def __call__(
         self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | None = None
@@ -175,6 +189,8 @@ class FastImageSampler:
         sampling = sampling or SamplingConfig()
         layout, model = self.layout, self.model
         h, w = layout.grid
+        if sampling.rerank > 1:
+            return rerank_by_caption(model, layout, prompts, sampling, self)
         t2i = t2i_prompts(model, layout, prompts, sampling)
         if not prompts:
             return torch.empty(0, h, w, dtype=torch.long, device=self.decoder.device)

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from vqgpt.config import ConfigError
-from vqgpt.sequences import t2i_prefix
+from vqgpt.sequences import IGNORE, SequenceConfig, build_caption, collate, t2i_prefix
 from vqgpt.vocab import VocabLayout
 
 _MASK64 = (1 << 64) - 1
@@ -58,6 +59,9 @@ class SamplingConfig:
     num_beams: int = 1  # > 1: beam search for captions (needs do_sample false)
     do_sample: bool = True  # false: greedy (or beam search); temperature/top-k/top-p unused
     batch_size: int = 64  # prompts per forward pass (CFG doubles the rows, beams multiply them)
+    # text-to-image: draw this many candidates per image and keep the one whose caption the LM
+    # itself finds most likely (CogView's self-reranking, `rerank_by_caption`); 1 = off
+    rerank: int = 1
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -70,7 +74,7 @@ class SamplingConfig:
             raise ConfigError(f"sampling.cfg_scale must be >= 0 (1 = off), got {self.cfg_scale}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ConfigError(f"sampling.seed must be null or in [0, 2**63), got {self.seed}")
-        for name in ("max_new_tokens", "num_beams", "batch_size"):
+        for name in ("max_new_tokens", "num_beams", "batch_size", "rerank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"sampling.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_beams > 1 and self.do_sample:
@@ -235,10 +239,50 @@ def max_positions(model: nn.Module) -> int:
     return getattr(config, "n_positions", None) or config.max_position_embeddings
 
 
-class _Session:
-    """A batch of prompts in the KV cache: one left-padded prefill, then one token per step."""
+class NarrowHead(NamedTuple):
+    """The output layer cut to the ids a decoding step may choose (`narrow_head`)."""
 
-    def __init__(self, model: nn.Module, prompts: Sequence[Sequence[int]], pad_id: int) -> None:
+    columns: Tensor  # [C] long: the token id of each logit column
+    weight: Tensor  # [C, d]
+    bias: Tensor | None  # [C]
+
+
+def narrow_head(model: nn.Module, allowed: Tensor) -> NarrowHead | None:
+    """The output layer's rows of the `allowed` ids when they are at most half of them.
+
+    Image decoding allows ~1k of GPT-2's ~51k ids: the full head is ~80% of a decoding step's
+    FLOPs on the `mini` LM, and the masked columns never matter. None when the model has no
+    separate base model and linear head, or when too many ids are allowed to gain.
+    """
+    head, base = model.get_output_embeddings(), getattr(model, "base_model", model)
+    if base is model or not isinstance(head, nn.Linear) or int(allowed.sum()) * 2 > len(allowed):
+        return None
+    columns = allowed.nonzero().squeeze(1).to(head.weight.device)
+    bias = None if head.bias is None else head.bias[columns]
+    return NarrowHead(columns, head.weight[columns], bias)
+
+
+def last_logits(model: nn.Module, head: NarrowHead | None = None, **inputs) -> Tensor:
+    """Next-token logits at each row's last position: [N, V], or [N, C] over `head.columns`."""
+    if head is None:
+        return model(**inputs, logits_to_keep=1).logits[:, -1]
+    hidden = model.base_model(**inputs).last_hidden_state[:, -1]
+    return F.linear(hidden, head.weight, head.bias)
+
+
+class _Session:
+    """A batch of prompts in the KV cache: one left-padded prefill, then one token per step.
+
+    With a `NarrowHead` the logits cover its columns only ([N, C] instead of [N, V]).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        prompts: Sequence[Sequence[int]],
+        pad_id: int,
+        head: NarrowHead | None = None,
+    ) -> None:
         device = next(model.parameters()).device
         length = max(len(p) for p in prompts)
         if min(len(p) for p in prompts) == 0:
@@ -249,6 +293,7 @@ class _Session:
             ids[row, length - len(prompt) :] = torch.as_tensor(list(prompt), device=device)
             mask[row, length - len(prompt) :] = 1
         self.model = model
+        self.head = head
         self.cache = DynamicCache(config=model.config)
         self.cache_kwarg = _cache_kwarg(model)
         self.mask = mask  # (N, T): grows by one column per step
@@ -257,15 +302,15 @@ class _Session:
         self.logits = self._forward(ids, positions)  # (N, V) at each prompt's last token
 
     def _forward(self, ids: Tensor, positions: Tensor) -> Tensor:
-        out = self.model(
+        return last_logits(
+            self.model,
+            self.head,
             input_ids=ids,
             attention_mask=self.mask,
             position_ids=positions,
             use_cache=True,
-            logits_to_keep=1,
             **{self.cache_kwarg: self.cache},  # a DynamicCache is updated in place
         )
-        return out.logits[:, -1]
 
     def step(self, tokens: Tensor) -> Tensor:
         """Append one token [N] per row; returns next-token logits [N, V]."""
@@ -325,7 +370,10 @@ def decode_loop(
     row_ids = list(range(n)) if row_ids is None else list(row_ids)
     if len(row_ids) != n:
         raise ValueError(f"{len(row_ids)} row ids for {n} prompts")
-    session = _Session(model, [*prompts, *(uncond_prompts or [])], pad_id)
+    head = narrow_head(model, allowed.to(next(model.parameters()).device))
+    session = _Session(model, [*prompts, *(uncond_prompts or [])], pad_id, head)
+    if head is not None:  # logits cover the allowed ids only: column j is id head.columns[j]
+        allowed = torch.ones(len(head.columns), dtype=torch.bool)
     allowed = allowed.to(session.logits.device)
     generators = None
     if sampling.do_sample:
@@ -336,8 +384,11 @@ def decode_loop(
     lengths = torch.zeros(n, dtype=torch.long, device=device)
     running = torch.ones(n, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        scores = next_token_scores(session.logits, allowed, sampling, guided)  # (n, V)
-        chosen = torch.where(running, pick(scores, sampling, generators), fill)
+        scores = next_token_scores(session.logits, allowed, sampling, guided)  # (n, V or C)
+        picked = pick(scores, sampling, generators)
+        if head is not None:
+            picked = head.columns[picked]
+        chosen = torch.where(running, picked, fill)
         tokens[:, t] = chosen
         lengths += running.long()
         if stop_id is not None:
@@ -495,11 +546,15 @@ def generate_image_codes(
 
     Each row runs `eos caption boi` (in the model's training format, see `t2i_prompts`), then
     exactly h*w image-only steps; `eoi` follows by construction. cfg_scale != 1 adds the
-    caption-dropped `eos boi` rows (see `decode_loop`). Captions that do not fit the model
+    caption-dropped `eos boi` rows (see `decode_loop`). rerank > 1 draws that many candidates per
+    prompt and keeps the best by `caption_logprobs`. Captions that do not fit the model
     (n_positions, t2i_prefix_length) are a ValueError.
     """
     sampling = sampling or SamplingConfig()
     h, w = layout.grid
+    if sampling.rerank > 1:
+        draw = partial(generate_image_codes, model, layout)
+        return rerank_by_caption(model, layout, prompts, sampling, draw)
     t2i = t2i_prompts(model, layout, prompts, sampling)
     device = next(model.parameters()).device
     if not prompts:
@@ -524,6 +579,73 @@ def generate_image_codes(
     return rearrange(torch.cat(codes), "b (h w) -> b h w", h=h, w=w)
 
 
+def caption_logprobs(
+    model: nn.Module,
+    layout: VocabLayout,
+    codes: Tensor,
+    captions: Sequence[Sequence[int]],
+    batch_size: int = 64,
+) -> Tensor:
+    """log p(caption eos | image) [B] under the model's captioning format `eos boi codes eoi`.
+
+    Each token's log-prob is renormalised over the text ids, as caption decoding does, and the
+    row's are summed. Codes [B, h, w]; captions are GPT-2 ids without specials.
+    """
+    codes = torch.as_tensor(codes)
+    if codes.ndim != 3 or tuple(codes.shape[1:]) != layout.grid or len(captions) != len(codes):
+        raise ValueError(
+            f"need codes [B, {layout.grid[0]}, {layout.grid[1]}] and B captions, got codes "
+            f"{tuple(codes.shape)} and {len(captions)} captions"
+        )
+    seq = SequenceConfig()
+    examples = [
+        build_caption(c, ids, layout, seq) for c, ids in zip(codes.cpu(), captions, strict=True)
+    ]
+    device = next(model.parameters()).device
+    allowed = text_token_mask(layout, _vocab_width(model), device)
+    out = []
+    with _inference(model):
+        for part in _chunks(len(examples), batch_size):
+            batch = collate(examples[part], pad_id=layout.eos_id)
+            hidden = model.base_model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+            ).last_hidden_state[:, :-1]  # position t predicts token t + 1
+            targets = batch["labels"][:, 1:].to(device)
+            scored = targets != IGNORE  # the caption and its eos: the head runs there only
+            logits = model.get_output_embeddings()(hidden[scored])  # (targets, V)
+            logp = constrained_logprobs(logits, allowed)
+            picked = logp.gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
+            row = torch.arange(len(targets), device=device).unsqueeze(1).expand_as(targets)
+            out.append(torch.zeros(len(targets), device=device).index_add(0, row[scored], picked))
+    return torch.cat(out) if out else torch.empty(0, device=device)
+
+
+def rerank_by_caption(
+    model: nn.Module,
+    layout: VocabLayout,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    draw: Callable[[Sequence[Sequence[int]], SamplingConfig], Tensor],
+) -> Tensor:
+    """Best of `sampling.rerank` candidates per prompt by `caption_logprobs`: codes [B, h, w].
+
+    `draw(rows, sampling)` samples the candidates (`generate_image_codes` or a fast sampler);
+    candidate j of prompt i is row i*n + j, so it has its own seeded generator.
+    """
+    if not sampling.do_sample:
+        raise ValueError("rerank > 1 needs sampling (greedy decoding draws one candidate)")
+    n = sampling.rerank
+    rows = [p for p in prompts for _ in range(n)]
+    candidates = draw(rows, replace(sampling, rerank=1))
+    if not prompts:
+        return candidates
+    scores = caption_logprobs(model, layout, candidates, rows, sampling.batch_size)
+    best = rearrange(scores, "(b n) -> b n", n=n).argmax(1)
+    grouped = rearrange(candidates, "(b n) h w -> b n h w", n=n)
+    return grouped[torch.arange(len(prompts), device=grouped.device), best.to(grouped.device)]
+
+
 def generate_captions(
     model: nn.Module,
     layout: VocabLayout,
@@ -543,8 +665,10 @@ def generate_captions(
         raise ValueError(
             f"codes must be [B, h, w] with (h, w) = {layout.grid}, got {tuple(codes.shape)}"
         )
-    if sampling.cfg_scale != 1.0:
-        raise ValueError("cfg_scale applies to text-to-image only; set it to 1 for captions")
+    if sampling.cfg_scale != 1.0 or sampling.rerank != 1:
+        raise ValueError(
+            "cfg_scale and rerank apply to text-to-image only; set them to 1 for captions"
+        )
     prompt_len = layout.tokens_per_image + 3  # eos boi codes eoi
     room = max_positions(model) - prompt_len
     if room < 1:
@@ -603,15 +727,20 @@ __all__ = [
     "SamplingConfig",
     "T2IPrompts",
     "beam_search",
+    "caption_logprobs",
     "constrained_logprobs",
     "decode_loop",
     "generate_captions",
     "generate_image_codes",
     "guide",
     "image_token_mask",
+    "last_logits",
     "max_positions",
+    "narrow_head",
+    "NarrowHead",
     "next_token_scores",
     "pick",
+    "rerank_by_caption",
     "row_generators",
     "t2i_prefix_length",
     "t2i_prompts",
