@@ -23,6 +23,8 @@ CASES = {
     "sampled-cfg-filters": SamplingConfig(
         seed=7, cfg_scale=2.5, temperature=0.8, top_k=6, top_p=0.9, batch_size=3
     ),
+    # self-reranking: the same candidates, scored the same way, so the same choice
+    "sampled-rerank": SamplingConfig(seed=3, cfg_scale=2.0, rerank=3),
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -10,11 +12,14 @@ from vqgpt.config import ConfigError, from_dict
 from vqgpt.generate import (
     SamplingConfig,
     beam_search,
+    caption_logprobs,
     decode_loop,
     generate_captions,
     generate_image_codes,
     guide,
     image_token_mask,
+    last_logits,
+    narrow_head,
     text_token_mask,
     warp,
 )
@@ -111,6 +116,7 @@ def random_codes(n: int, seed: int = 1) -> torch.Tensor:
         dict(batch_size=0),
         dict(num_beams=0),
         dict(num_beams=3),  # with do_sample true
+        dict(rerank=0),
     ],
 )
 def test_sampling_config_rejects(bad):
@@ -233,6 +239,51 @@ def test_cfg_scale_one_is_plain_sampling_and_other_scales_differ(model):
         model, LAYOUT, CAPTIONS, SamplingConfig(cfg_scale=0.0, do_sample=False)
     )
     assert all(torch.equal(row, zero[0]) for row in zero)
+
+
+def test_narrow_head_gives_the_full_heads_logits_on_its_columns(model):
+    allowed = image_token_mask(LAYOUT, N_COLS)
+    head = narrow_head(model, allowed)
+    assert head is not None and torch.equal(head.columns, allowed.nonzero().squeeze(1))
+    ids = torch.tensor([[LAYOUT.eos_id, 5, 6, LAYOUT.boi_id], [LAYOUT.eos_id, 9, 9, 9]])
+    with torch.no_grad():
+        full = last_logits(model, None, input_ids=ids)
+        narrow = last_logits(model, head, input_ids=ids)
+    assert full.shape == (2, N_COLS) and narrow.shape == (2, LAYOUT.codebook_size)
+    torch.testing.assert_close(narrow, full[:, head.columns])
+    # captions allow ~all columns: the full head is used (nothing to gain)
+    assert narrow_head(model, text_token_mask(LAYOUT, N_COLS)) is None
+
+
+def test_caption_logprobs_is_the_sum_of_constrained_caption_logprobs(model):
+    codes = random_codes(3, seed=11)
+    captions = [[5, 17, 3], [], [42, 42]]
+    got = caption_logprobs(model, LAYOUT, codes, captions, batch_size=2)  # padded batches
+    allowed = text_token_mask(LAYOUT, N_COLS)
+    for i, (c, caption) in enumerate(zip(codes, captions, strict=True)):
+        target = [*caption, LAYOUT.eos_id]
+        want = constrained_score(model, image_prompt(c), target, allowed) * len(target)
+        assert got[i].item() == pytest.approx(want, abs=1e-4)
+    with pytest.raises(ValueError, match="B captions"):
+        caption_logprobs(model, LAYOUT, codes, captions[:2])
+
+
+def test_rerank_keeps_the_candidate_the_model_captions_best(model):
+    prompts, n = [[5, 17, 3], [42]], 3
+    sampling = SamplingConfig(seed=7, cfg_scale=2.0)
+    best = generate_image_codes(model, LAYOUT, prompts, replace(sampling, rerank=n))
+    rows = [p for p in prompts for _ in range(n)]
+    candidates = generate_image_codes(model, LAYOUT, rows, sampling)  # the same seeded rows
+    scores = caption_logprobs(model, LAYOUT, candidates, rows).view(len(prompts), n)
+    assert scores.std(dim=1).min() > 0  # the candidates differ, so the choice means something
+    for i in range(len(prompts)):
+        assert torch.equal(best[i], candidates[i * n + int(scores[i].argmax())])
+    assert best.shape == (len(prompts), *LAYOUT.grid)
+    assert generate_image_codes(model, LAYOUT, [], replace(sampling, rerank=n)).shape[0] == 0
+    with pytest.raises(ValueError, match="needs sampling"):
+        generate_image_codes(model, LAYOUT, prompts, SamplingConfig(do_sample=False, rerank=2))
+    with pytest.raises(ValueError, match="text-to-image only"):
+        generate_captions(model, LAYOUT, random_codes(1), SamplingConfig(rerank=2))
 
 
 def test_image_edge_cases(model):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import kill_after_checkpoint, run_cli, tiny_lm_recipe, write_yaml
+from PIL import Image
 
 from vqgpt.pipeline import Pipeline
 from vqgpt.training import read_metrics
@@ -68,3 +70,28 @@ def test_two_process_run_trains_and_saves_once(tiny_tokenizer_run, tmp_path, acc
     summary = json.loads((out / "final" / "eval.json").read_text())
     assert summary["num_processes"] == 2 and summary["replica_max_abs_diff"] == 0.0
     Pipeline.from_pretrained(out)
+
+
+def test_generate_and_caption_commands_write_their_files(lm_run, tmp_path):
+    listed = ["a small red circle at the top", "a large blue square at the left"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{listed[0]}\n\n{listed[1]}\n")  # the blank line is skipped
+    first = "a large green triangle at the center"
+    out = tmp_path / "gen"
+    args = ["--model", str(lm_run), first, "--prompts", str(prompts), "-n", "2", "--cfg", "2"]
+    result = run_cli("generate", *args, "--rerank", "2", "--seed", "3", "--out", str(out))
+    assert "6 image(s) written" in result.stdout
+    rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [first] * 2 + [listed[0]] * 2 + [listed[1]] * 2
+    size = Pipeline.from_pretrained(lm_run).image_tokenizer.config.arch.image_size
+    assert all(Image.open(out / r["file"]).size == (size, size) for r in rows)
+    assert (out / "grid.png").is_file()
+
+    (out / "broken.png").write_bytes(b"not a png")
+    captions = tmp_path / "captions.jsonl"
+    result = run_cli("caption", "--model", str(lm_run), str(out), "--out", str(captions))
+    records = [json.loads(line) for line in captions.read_text().splitlines()]
+    by_name = {Path(r["file"]).name: r for r in records}
+    assert by_name["broken.png"]["caption"] is None and "1 unreadable" in result.stderr
+    assert all(isinstance(by_name[r["file"]]["caption"], str) for r in rows)
+    assert len(result.stdout.strip().splitlines()) == len(records) == len(rows) + 2  # + grid

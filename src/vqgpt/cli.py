@@ -100,6 +100,7 @@ def _eval(args: argparse.Namespace) -> None:
         temperature=args.temperature,
         top_k=args.top_k,
         rerank=args.rerank,
+        seed=args.seed,
     )
     folder = write_report(pipe, data, Path(args.out), cfg, runs={}, timings={})
     print((folder / "report.md").read_text())
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rerank", type=int, default=1, help="also score --cfg with the best of N draws (1 = off)"
     )
+    p.add_argument("--seed", type=int, default=0, help="text-to-image sampling seed")
     p.add_argument("--out", required=True, help="folder for metrics.json, report.md, grids")
     commands["eval"] = _eval
 
