@@ -29,6 +29,8 @@ def test_quick_demo_runs_end_to_end_and_reuses_stages(tmp_path):
         assert (report / name).is_file() and f"({name})" in text
     metrics = json.loads((report / "metrics.json").read_text())
     assert set(metrics["t2i"]) == {"cfg=1", guided, reranked}
+    assert 0.0 <= metrics["caption_reranked"]["exact_match"] <= 1.0
+    assert "noisy-channel reranked" in text
     # the checker's score of the true held-out images after encode + decode: the t2i ceiling
     assert 0.0 <= metrics["t2i_ceiling"]["accuracy"] <= 1.0 and metrics["t2i_ceiling"]["n"] == 16
     assert "| ceiling: the true images through the tokenizer |" in text

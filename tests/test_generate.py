@@ -17,9 +17,11 @@ from vqgpt.generate import (
     generate_captions,
     generate_image_codes,
     guide,
+    image_logprobs,
     image_token_mask,
     last_logits,
     narrow_head,
+    rerank_captions,
     text_token_mask,
     warp,
 )
@@ -282,8 +284,35 @@ def test_rerank_keeps_the_candidate_the_model_captions_best(model):
     assert generate_image_codes(model, LAYOUT, [], replace(sampling, rerank=n)).shape[0] == 0
     with pytest.raises(ValueError, match="needs sampling"):
         generate_image_codes(model, LAYOUT, prompts, SamplingConfig(do_sample=False, rerank=2))
-    with pytest.raises(ValueError, match="text-to-image only"):
-        generate_captions(model, LAYOUT, random_codes(1), SamplingConfig(rerank=2))
+
+
+def test_image_logprobs_is_the_sum_of_constrained_code_logprobs(model):
+    codes = random_codes(2, seed=12)
+    captions = [[5, 17, 3], []]
+    got = image_logprobs(model, LAYOUT, codes, captions)
+    allowed = image_token_mask(LAYOUT, N_COLS)
+    for i, (c, caption) in enumerate(zip(codes, captions, strict=True)):
+        ids = LAYOUT.codes_to_ids(c).flatten().tolist()
+        prompt = [LAYOUT.eos_id, *caption, LAYOUT.boi_id]  # no t2i_prefix_length: eos caption boi
+        want = constrained_score(model, prompt, ids, allowed) * len(ids)
+        assert got[i].item() == pytest.approx(want, abs=1e-4)
+
+
+def test_rerank_captions_keeps_the_best_noisy_channel_candidate(model):
+    codes, n = random_codes(3, seed=13), 4
+    sampling = SamplingConfig(do_sample=False, rerank=n, max_new_tokens=6, seed=2)
+    got = generate_captions(model, LAYOUT, codes, sampling)
+    greedy = generate_captions(model, LAYOUT, codes, replace(sampling, rerank=1))
+    drawn = replace(sampling, rerank=1, do_sample=True)
+    more = generate_captions(model, LAYOUT, codes.repeat_interleave(n - 1, dim=0), drawn)
+    for i in range(len(codes)):
+        cands = [greedy[i], *more[i * (n - 1) : (i + 1) * (n - 1)]]
+        pairs = codes[[i] * len(cands)]
+        score = caption_logprobs(model, LAYOUT, pairs, cands) + image_logprobs(
+            model, LAYOUT, pairs, cands
+        )
+        assert got[i] == cands[int(score.argmax())]
+    assert rerank_captions(model, LAYOUT, codes[:0], sampling) == []
 
 
 def test_image_edge_cases(model):

@@ -89,7 +89,9 @@ def test_generate_and_caption_commands_write_their_files(lm_run, tmp_path):
 
     (out / "broken.png").write_bytes(b"not a png")
     captions = tmp_path / "captions.jsonl"
-    result = run_cli("caption", "--model", str(lm_run), str(out), "--out", str(captions))
+    result = run_cli(
+        "caption", "--model", str(lm_run), str(out), "--out", str(captions), "--rerank", "2"
+    )
     records = [json.loads(line) for line in captions.read_text().splitlines()]
     by_name = {Path(r["file"]).name: r for r in records}
     assert by_name["broken.png"]["caption"] is None and "1 unreadable" in result.stderr

@@ -59,6 +59,7 @@ def _caption(args: argparse.Namespace) -> None:
         do_sample=args.sample,
         num_beams=args.beams,
         max_new_tokens=args.max_new_tokens,
+        rerank=args.rerank,
     )
     caption_files(args.model, args.inputs, sampling, args.out)
 
@@ -66,6 +67,12 @@ def _caption(args: argparse.Namespace) -> None:
 RERANK_HELP = (
     "draw N images per output and keep the one whose caption the model finds most likely "
     "(self-reranking; N times the sampling time; 1 = off)"
+)
+
+
+CAPTION_RERANK_HELP = (
+    "decode a caption plus N-1 sampled ones (at --temperature) and keep the best by "
+    "log p(caption | image) + log p(image | caption) (1 = off)"
 )
 
 
@@ -100,6 +107,7 @@ def _eval(args: argparse.Namespace) -> None:
         temperature=args.temperature,
         top_k=args.top_k,
         rerank=args.rerank,
+        caption_rerank=args.caption_rerank,
         seed=args.seed,
     )
     folder = write_report(pipe, data, Path(args.out), cfg, runs={}, timings={})
@@ -201,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beams", type=int, default=1, help="beam search width (1 = greedy)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy/beam")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--rerank", type=int, default=1, help=CAPTION_RERANK_HELP)
     p.add_argument("--out", default=None, help="write JSON lines here too")
     _add_sampling_args(p)
     commands["caption"] = _caption
@@ -216,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rerank", type=int, default=1, help="also score --cfg with the best of N draws (1 = off)"
     )
     p.add_argument("--seed", type=int, default=0, help="text-to-image sampling seed")
+    p.add_argument(
+        "--caption-rerank",
+        type=int,
+        default=1,
+        help="also score captions reranked from N (1 = off)",
+    )
     p.add_argument("--out", required=True, help="folder for metrics.json, report.md, grids")
     commands["eval"] = _eval
 

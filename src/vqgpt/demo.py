@@ -72,6 +72,9 @@ class DemoConfig:
     # the guided scale is also scored with self-reranking: best of this many drawn images by the
     # LM's own caption likelihood (`SamplingConfig.rerank`); 1 = single draws only
     rerank: int = 16
+    # captions are also scored with noisy-channel self-reranking of the greedy caption and 7
+    # drawn ones (`SamplingConfig.rerank` for captions); 1 = greedy only
+    caption_rerank: int = 8
 
 
 def _stage(name: str) -> float:
@@ -140,6 +143,7 @@ def run_demo(cfg: DemoConfig) -> Path:
             cfg_scales=(1.0, cfg.cfg_scale),
             temperature=cfg.temperature,
             rerank=2 if cfg.quick else cfg.rerank,
+            caption_rerank=2 if cfg.quick else cfg.caption_rerank,
         ),
         runs={"tokenizer": tok_dir, "lm": lm_dir},
         timings=timings,

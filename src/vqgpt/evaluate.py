@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -113,13 +113,19 @@ class PipelineEvalConfig:
     # > 1: the last of cfg_scales is also scored with self-reranking (best of this many drawn
     # images by the LM's own caption likelihood, `generate.rerank_by_caption`)
     rerank: int = 1
+    # > 1: captions are also scored with noisy-channel self-reranking: the greedy caption plus
+    # caption_rerank - 1 drawn at caption_temperature (`generate.rerank_captions`)
+    caption_rerank: int = 1
+    caption_temperature: float = 1.0
     seed: int = 0
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        if min(self.num_images, self.batch_size, self.caption_beams, self.rerank) < 1:
+        counts = (self.num_images, self.batch_size, self.caption_beams, self.rerank)
+        if min(*counts, self.caption_rerank) < 1:
             raise ConfigError(
-                "eval.num_images, eval.batch_size, eval.caption_beams, eval.rerank must be >= 1"
+                "eval.num_images, eval.batch_size, eval.caption_beams, eval.rerank, "
+                "eval.caption_rerank must be >= 1"
             )
         if not self.cfg_scales:
             raise ConfigError("eval.cfg_scales needs at least one scale (1.0 = no guidance)")
@@ -137,9 +143,12 @@ class PipelineEval:
     # the same scores for the held-out images passed through the image tokenizer: what a perfect
     # LM (one that writes exactly the codes of the true image) would score, its ceiling
     t2i_ceiling: dict | None = None
+    caption_reranked: dict | None = None  # CaptionScores with noisy-channel reranking
 
     def to_json(self) -> dict:
         out = {"caption": self.caption, "t2i": self.t2i}
+        if self.caption_reranked is not None:
+            out["caption_reranked"] = self.caption_reranked
         if self.t2i_ceiling is not None:
             out["t2i_ceiling"] = self.t2i_ceiling
         if self.tokenizer is not None:
@@ -158,16 +167,22 @@ class PipelineEval:
                 f"| {t.num_images} |",
                 "",
             ]
-        c = self.caption
-        attrs = c.get("per_attribute", {})
+        attrs = list(self.caption.get("per_attribute", {}))
         lines += [
             "| captioning (held-out) | exact match | " + " | ".join(attrs) + " | BLEU-4 | images |",
             "|---|---|" + "---|" * len(attrs) + "---|---|",
-            f"| greedy | {100 * c['exact_match']:.1f}% | "
-            + " | ".join(f"{100 * v:.1f}%" for v in attrs.values())
-            + f" | {c['bleu4']:.3f} | {c['n']} |",
-            "",
         ]
+        captions = {"greedy": self.caption}
+        if self.caption_reranked is not None:
+            captions[self.caption_reranked["name"]] = self.caption_reranked
+        for name, c in captions.items():
+            per = c.get("per_attribute", {})
+            lines.append(
+                f"| {name} | {100 * c['exact_match']:.1f}% | "
+                + " | ".join(f"{100 * per[k]:.1f}%" for k in attrs)
+                + f" | {c['bleu4']:.3f} | {c['n']} |"
+            )
+        lines.append("")
         keys = list(next(iter(self.t2i.values())).get("per_attribute", {}))
         lines += [
             "| text-to-image (held-out captions) | all objects right | "
@@ -224,6 +239,14 @@ def evaluate_pipeline(
     )
     predictions = caption_images(pipe, images, greedy)
     caption = _as_dict(caption_scores(predictions, texts))
+    reranked = None
+    if cfg.caption_rerank > 1:
+        drawn = replace(greedy, rerank=cfg.caption_rerank, temperature=cfg.caption_temperature)
+        reranked = _plain(_as_dict(caption_scores(caption_images(pipe, images, drawn), texts)))
+        reranked["name"] = (
+            f"greedy + {cfg.caption_rerank - 1} drawn (T {cfg.caption_temperature:g}), "
+            "noisy-channel reranked"
+        )
     t2i, t2i_samples = {}, {}
     runs = [(scale, 1) for scale in cfg.cfg_scales]
     if cfg.rerank > 1:
@@ -252,6 +275,7 @@ def evaluate_pipeline(
         caption_samples=list(zip(images[:16], texts[:16], predictions[:16], strict=True)),
         t2i_samples=t2i_samples,
         t2i_ceiling=_plain(_as_dict(ceiling)),
+        caption_reranked=reranked,
     )
 
 

@@ -40,7 +40,14 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from vqgpt.config import ConfigError
-from vqgpt.sequences import IGNORE, SequenceConfig, build_caption, collate, t2i_prefix
+from vqgpt.sequences import (
+    IGNORE,
+    SequenceConfig,
+    build_caption,
+    build_t2i,
+    collate,
+    t2i_prefix,
+)
 from vqgpt.vocab import VocabLayout
 
 _MASK64 = (1 << 64) - 1
@@ -59,8 +66,10 @@ class SamplingConfig:
     num_beams: int = 1  # > 1: beam search for captions (needs do_sample false)
     do_sample: bool = True  # false: greedy (or beam search); temperature/top-k/top-p unused
     batch_size: int = 64  # prompts per forward pass (CFG doubles the rows, beams multiply them)
-    # text-to-image: draw this many candidates per image and keep the one whose caption the LM
-    # itself finds most likely (CogView's self-reranking, `rerank_by_caption`); 1 = off
+    # > 1: self-reranking, 1 = off. Text-to-image: draw this many images per prompt, keep the one
+    # whose caption the LM itself finds most likely (CogView's, `rerank_by_caption`). Captions:
+    # the decoded caption plus rerank - 1 sampled ones, kept by log p(caption | image) +
+    # log p(image | caption) (noisy channel, `rerank_captions`)
     rerank: int = 1
 
     def __post_init__(self) -> None:
@@ -579,6 +588,41 @@ def generate_image_codes(
     return rearrange(torch.cat(codes), "b (h w) -> b h w", h=h, w=w)
 
 
+def _target_logprobs(
+    model: nn.Module, examples: Sequence, allowed: Tensor, keep, pad_id: int, batch_size: int
+) -> Tensor:
+    """Summed log-probs [B] of each example's targets where `keep(targets)` holds, every token's
+    log-prob renormalised over the `allowed` ids (teacher forcing, one forward per batch)."""
+    device = next(model.parameters()).device
+    allowed = allowed.to(device)
+    out = []
+    with _inference(model):
+        for part in _chunks(len(examples), batch_size):
+            batch = collate(examples[part], pad_id=pad_id)
+            hidden = model.base_model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+            ).last_hidden_state[:, :-1]  # position t predicts token t + 1
+            targets = batch["labels"][:, 1:].to(device)
+            scored = (targets != IGNORE) & keep(targets)  # the head runs there only
+            logits = model.get_output_embeddings()(hidden[scored])  # (targets, V)
+            logp = constrained_logprobs(logits, allowed)
+            picked = logp.gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
+            row = torch.arange(len(targets), device=device).unsqueeze(1).expand_as(targets)
+            out.append(torch.zeros(len(targets), device=device).index_add(0, row[scored], picked))
+    return torch.cat(out) if out else torch.empty(0, device=device)
+
+
+def _check_pairs(layout: VocabLayout, codes: Tensor, captions: Sequence) -> Tensor:
+    codes = torch.as_tensor(codes)
+    if codes.ndim != 3 or tuple(codes.shape[1:]) != layout.grid or len(captions) != len(codes):
+        raise ValueError(
+            f"need codes [B, {layout.grid[0]}, {layout.grid[1]}] and B captions, got codes "
+            f"{tuple(codes.shape)} and {len(captions)} captions"
+        )
+    return codes.cpu()
+
+
 def caption_logprobs(
     model: nn.Module,
     layout: VocabLayout,
@@ -591,34 +635,32 @@ def caption_logprobs(
     Each token's log-prob is renormalised over the text ids, as caption decoding does, and the
     row's are summed. Codes [B, h, w]; captions are GPT-2 ids without specials.
     """
-    codes = torch.as_tensor(codes)
-    if codes.ndim != 3 or tuple(codes.shape[1:]) != layout.grid or len(captions) != len(codes):
-        raise ValueError(
-            f"need codes [B, {layout.grid[0]}, {layout.grid[1]}] and B captions, got codes "
-            f"{tuple(codes.shape)} and {len(captions)} captions"
-        )
+    codes = _check_pairs(layout, codes, captions)
     seq = SequenceConfig()
-    examples = [
-        build_caption(c, ids, layout, seq) for c, ids in zip(codes.cpu(), captions, strict=True)
-    ]
-    device = next(model.parameters()).device
-    allowed = text_token_mask(layout, _vocab_width(model), device)
-    out = []
-    with _inference(model):
-        for part in _chunks(len(examples), batch_size):
-            batch = collate(examples[part], pad_id=layout.eos_id)
-            hidden = model.base_model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-            ).last_hidden_state[:, :-1]  # position t predicts token t + 1
-            targets = batch["labels"][:, 1:].to(device)
-            scored = targets != IGNORE  # the caption and its eos: the head runs there only
-            logits = model.get_output_embeddings()(hidden[scored])  # (targets, V)
-            logp = constrained_logprobs(logits, allowed)
-            picked = logp.gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
-            row = torch.arange(len(targets), device=device).unsqueeze(1).expand_as(targets)
-            out.append(torch.zeros(len(targets), device=device).index_add(0, row[scored], picked))
-    return torch.cat(out) if out else torch.empty(0, device=device)
+    examples = [build_caption(c, ids, layout, seq) for c, ids in zip(codes, captions, strict=True)]
+    allowed = text_token_mask(layout, _vocab_width(model))
+
+    def every(targets: Tensor) -> Tensor:
+        return torch.ones_like(targets, dtype=torch.bool)
+
+    return _target_logprobs(model, examples, allowed, every, layout.eos_id, batch_size)
+
+
+def image_logprobs(
+    model: nn.Module,
+    layout: VocabLayout,
+    codes: Tensor,
+    captions: Sequence[Sequence[int]],
+    batch_size: int = 64,
+) -> Tensor:
+    """log p(codes | caption) [B] in the model's text-to-image format (`t2i_prompts`): the sum
+    over the h*w codes, each renormalised over the image ids, as image decoding does."""
+    codes = _check_pairs(layout, codes, captions)
+    prefix = t2i_prefix_length(model)
+    seq = SequenceConfig(max_length=max_positions(model), t2i_prefix_length=prefix)
+    examples = [build_t2i(c, ids, layout, seq) for c, ids in zip(codes, captions, strict=True)]
+    allowed = image_token_mask(layout, _vocab_width(model))
+    return _target_logprobs(model, examples, allowed, layout.is_image, layout.eos_id, batch_size)
 
 
 def rerank_by_caption(
@@ -646,6 +688,39 @@ def rerank_by_caption(
     return grouped[torch.arange(len(prompts), device=grouped.device), best.to(grouped.device)]
 
 
+def rerank_captions(
+    model: nn.Module, layout: VocabLayout, codes: Tensor, sampling: SamplingConfig
+) -> list[list[int]]:
+    """Noisy-channel self-reranking of captions for image codes [B, h, w].
+
+    Candidates per image: the caption `sampling` decodes (greedy, beam or sampled) plus
+    `rerank - 1` sampled ones (at `sampling.temperature` / top-k / top-p); the kept one has the
+    highest log p(caption | image) + log p(image | caption), the second term from the same model
+    read in the text-to-image direction (`image_logprobs`).
+    """
+    n, codes = sampling.rerank, torch.as_tensor(codes)
+    first = generate_captions(model, layout, codes, replace(sampling, rerank=1))
+    drawn = replace(sampling, rerank=1, do_sample=True, num_beams=1)
+    more = generate_captions(model, layout, codes.repeat_interleave(n - 1, dim=0), drawn)
+    candidates = [
+        list(dict.fromkeys(map(tuple, [first[i], *more[i * (n - 1) : (i + 1) * (n - 1)]])))
+        for i in range(len(first))
+    ]  # distinct candidates, the decoded one first (it wins ties)
+    owner = torch.tensor([i for i, cands in enumerate(candidates) for _ in cands], dtype=torch.long)
+    flat = [list(c) for cands in candidates for c in cands]
+    if not flat:
+        return []
+    pairs = codes.cpu()[owner]
+    score = caption_logprobs(model, layout, pairs, flat, sampling.batch_size)
+    score = score + image_logprobs(model, layout, pairs, flat, sampling.batch_size)
+    out, start = [], 0
+    for cands in candidates:
+        best = int(score[start : start + len(cands)].argmax())
+        out.append(flat[start + best])
+        start += len(cands)
+    return out
+
+
 def generate_captions(
     model: nn.Module,
     layout: VocabLayout,
@@ -665,10 +740,10 @@ def generate_captions(
         raise ValueError(
             f"codes must be [B, h, w] with (h, w) = {layout.grid}, got {tuple(codes.shape)}"
         )
-    if sampling.cfg_scale != 1.0 or sampling.rerank != 1:
-        raise ValueError(
-            "cfg_scale and rerank apply to text-to-image only; set them to 1 for captions"
-        )
+    if sampling.cfg_scale != 1.0:
+        raise ValueError("cfg_scale applies to text-to-image only; set it to 1 for captions")
+    if sampling.rerank > 1:
+        return rerank_captions(model, layout, codes, sampling)
     prompt_len = layout.tokens_per_image + 3  # eos boi codes eoi
     room = max_positions(model) - prompt_len
     if room < 1:
@@ -733,6 +808,7 @@ __all__ = [
     "generate_captions",
     "generate_image_codes",
     "guide",
+    "image_logprobs",
     "image_token_mask",
     "last_logits",
     "max_positions",
@@ -741,6 +817,7 @@ __all__ = [
     "next_token_scores",
     "pick",
     "rerank_by_caption",
+    "rerank_captions",
     "row_generators",
     "t2i_prefix_length",
     "t2i_prompts",
