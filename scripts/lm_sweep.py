@@ -27,6 +27,7 @@ from vqgpt.evaluate import PipelineEvalConfig, evaluate_pipeline
 from vqgpt.pipeline import Pipeline
 from vqgpt.shapes import shapes_dataset, write_image_folder
 from vqgpt.train_lm import load_lm_recipe, train_lm
+from vqgpt.training import read_metrics
 
 
 def parse_variant(text: str) -> tuple[str, int | None, list[str]]:
@@ -54,9 +55,7 @@ def shapes_folder(out: Path, shapes, num_images: int) -> Path:
 
 
 def last_eval(run: Path) -> dict:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if r.get("kind") == "eval"]
-    trains = [r for r in rows if r.get("kind") == "train"]
+    evals, trains = read_metrics(run, "eval"), read_metrics(run, "train")
     out = dict(evals[-1]) if evals else {}
     out["minutes"] = trains[-1]["elapsed_s"] / 60 if trains else float("nan")
     out["steps"] = trains[-1]["step"] if trains else 0

@@ -176,12 +176,7 @@ class PipelineEval:
         if self.caption_reranked is not None:
             captions[self.caption_reranked["name"]] = self.caption_reranked
         for name, c in captions.items():
-            per = c.get("per_attribute", {})
-            lines.append(
-                f"| {name} | {100 * c['exact_match']:.1f}% | "
-                + " | ".join(f"{100 * per[k]:.1f}%" for k in attrs)
-                + f" | {c['bleu4']:.3f} | {c['n']} |"
-            )
+            lines.append(_score_row(name, c, "exact_match", attrs, extra=(f"{c['bleu4']:.3f}",)))
         lines.append("")
         keys = list(next(iter(self.t2i.values())).get("per_attribute", {}))
         lines += [
@@ -193,14 +188,23 @@ class PipelineEval:
         rows = dict(self.t2i)
         if self.t2i_ceiling is not None:
             rows["ceiling: the true images through the tokenizer"] = self.t2i_ceiling
-        for name, s in rows.items():
-            per = s.get("per_attribute", {})
-            lines.append(
-                f"| {name} | {100 * s['accuracy']:.1f}% | "
-                + " | ".join(f"{100 * per[k]:.1f}%" for k in keys)
-                + f" | {s['n']} |"
-            )
+        lines += [_score_row(name, s, "accuracy", keys) for name, s in rows.items()]
         return "\n".join(lines) + "\n"
+
+
+def _score_row(
+    name: str, scores: dict, headline: str, attrs: list[str], extra: tuple[str, ...] = ()
+) -> str:
+    """`| name | headline % | attribute %s | extra cells | n |` for one row of a score table."""
+    per = scores.get("per_attribute", {})
+    cells = [
+        name,
+        f"{100 * scores[headline]:.1f}%",
+        *(f"{100 * per[k]:.1f}%" for k in attrs),
+        *extra,
+        str(scores["n"]),
+    ]
+    return "| " + " | ".join(cells) + " |"
 
 
 def _held_out(data: DataConfig, n: int):
