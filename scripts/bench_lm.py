@@ -130,8 +130,9 @@ def run_job(job: Job) -> Measurement:
     """Build the model and optimizer of `job.row`, run warmup + timed steps, measure them."""
     from accelerate import Accelerator
 
-    from vqgpt.lm import LMConfig, build_lm, flops_per_token, forward_hidden, lm_loss
-    from vqgpt.train_lm import build_optimizer
+    from vqgpt.lm.loss import lm_loss
+    from vqgpt.lm.model import LMConfig, build_lm, flops_per_token, forward_hidden
+    from vqgpt.lm.train import build_optimizer
     from vqgpt.training import TrainConfig
 
     row, device = job.row, torch.device(job.device)
@@ -260,7 +261,7 @@ def measured_matmul_flops(device: str, n: int) -> float:
 
 def resolve_peak(device: str, override_tflops: float | None, quick: bool) -> tuple[float, str]:
     """The peak FLOP/s MFU is taken against, and where it came from."""
-    from vqgpt.lm import peak_flops
+    from vqgpt.lm.model import peak_flops
 
     if override_tflops is not None:
         return override_tflops * 1e12, f"--peak-tflops {override_tflops:g}"
@@ -316,7 +317,7 @@ def loss_check(results: list[Measurement], rtol: float = 1e-4) -> str:
 
 def split_note(rows: list[Row], results: list[Measurement], peak: float, job: Job) -> str:
     """The split head's share of the full head's FLOPs, and split MFU on the FLOPs it does."""
-    from vqgpt.lm import LM_PRESETS, round_up
+    from vqgpt.lm.model import LM_PRESETS, round_up
 
     split = next((r for row, r in zip(rows, results, strict=True) if row.name == "shipped split"))
     if split.tokens_per_s is None:
@@ -337,7 +338,7 @@ def split_note(rows: list[Row], results: list[Measurement], peak: float, job: Jo
 
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, measure every row in its own process, print the table."""
-    from vqgpt.lm import LM_PRESETS
+    from vqgpt.lm.model import LM_PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=list(LM_PRESETS), default=None)

@@ -4,8 +4,8 @@
     python scripts/bench_nearest_code.py --quick         # CPU smoke run (Triton interpreted)
 
 Methods: `full` builds the [N, K] distance matrix (the seed's search); `chunked` is
-`vqgpt.quantize.nearest_code` forced to its chunked path; `triton` is the exact float32 kernel,
-`triton-fast` its tf32 top-2 + exact re-rank variant (`vqgpt.kernels`). Time: best of --repeats,
+`vqgpt.tokenizer.quantize.nearest_code` forced to its chunked path; `triton` is the exact float32 kernel,
+`triton-fast` its tf32 top-2 + exact re-rank variant (`vqgpt.tokenizer.kernels`). Time: best of --repeats,
 synchronised. Extra memory: CUDA max_memory_allocated minus what was allocated before the call;
 on the CPU the growth of the peak resident set (VmHWM, reset before each call), a rough figure
 since freed blocks are reused. Identical: % of indices equal to the chunked search's and the full
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from vqgpt.config import QuantizerConfig
-from vqgpt.quantize import nearest_code, nearest_code_full
+from vqgpt.tokenizer.quantize import QuantizerConfig, nearest_code, nearest_code_full
 
 MIB = 2**20
 METHODS = ("full", "chunked", "triton", "triton-fast")
@@ -35,7 +34,7 @@ def search(method: str, x: torch.Tensor, e: torch.Tensor, chunk: int) -> torch.T
         return nearest_code_full(x, e)
     if method == "chunked":
         return nearest_code(x, e, chunk, backend="chunked")
-    from vqgpt.kernels import nearest_code_triton
+    from vqgpt.tokenizer.kernels import nearest_code_triton
 
     return nearest_code_triton(x, e, fast=method == "triton-fast")
 
@@ -112,7 +111,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("the full benchmark needs CUDA; use --quick on the CPU")
         device, n, k, ds, repeats = "cuda", 65_536, 16_384, [8, 256], args.repeats or 5
     if device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before vqgpt.kernels imports triton
+        os.environ.setdefault(
+            "TRITON_INTERPRET", "1"
+        )  # before vqgpt.tokenizer.kernels imports triton
     rows = run(device, n, k, ds, repeats, chunk)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreted)"
     print(f"nearest code on {name}: chunk={chunk}, best of {repeats}, torch {torch.__version__}\n")

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-from vqgpt.config import QuantizerConfig
-from vqgpt.quantize import nearest_code, nearest_code_full
+from vqgpt.tokenizer.quantize import QuantizerConfig, nearest_code, nearest_code_full
 
 MIB = 2**20
 

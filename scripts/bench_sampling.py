@@ -9,8 +9,8 @@ prompt is `eos caption boi` with an 8-token random caption. Rows:
   HF generate   `model.generate` with its KV cache, a logits processor that keeps image ids only,
                 and HF's CFG (`guidance_scale` + `negative_prompt_ids`: a second, unbatched
                 forward per step for the unconditional branch)
-  vqgpt plain   `vqgpt.generate.generate_image_codes`: DynamicCache, CFG rows in the same batch
-  vqgpt fast    `vqgpt.fast_sampling.FastImageSampler`: StaticCache, a compiled step (CUDA graphs
+  vqgpt plain   `vqgpt.lm.generate.generate_image_codes`: DynamicCache, CFG rows in the same batch
+  vqgpt fast    `vqgpt.lm.fast_sampling.FastImageSampler`: StaticCache, a compiled step (CUDA graphs
                 on CUDA; no compile on the CPU)
 Time: best of --repeats after one warm-up call (the fast path's first call, which compiles, is
 reported separately). "= plain": % of images (and tokens) the fast path draws identically to the
@@ -26,10 +26,10 @@ from functools import partial
 import torch
 from transformers import LogitsProcessor
 
-from vqgpt.fast_sampling import FastImageSampler, left_pad
-from vqgpt.generate import SamplingConfig, generate_image_codes, image_token_mask
-from vqgpt.lm import LMConfig, build_lm
-from vqgpt.vocab import VocabLayout
+from vqgpt.lm.fast_sampling import FastImageSampler, left_pad
+from vqgpt.lm.generate import SamplingConfig, generate_image_codes, image_token_mask
+from vqgpt.lm.model import LMConfig, build_lm
+from vqgpt.lm.vocab import VocabLayout
 
 SIZES = {  # --size: model preset, codebook size K, grid side, the larger image count, device
     "quick": dict(preset="tiny", codebook_size=256, grid=4, images=4, device="cpu"),

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from vqgpt.evaluate import PipelineEvalConfig, evaluate_pipeline
-from vqgpt.pipeline import Pipeline
-from vqgpt.shapes import shapes_dataset, write_image_folder
-from vqgpt.train_lm import load_lm_recipe, train_lm
+from vqgpt.data.shapes import shapes_dataset, write_image_folder
+from vqgpt.eval.pipeline import PipelineEvalConfig, evaluate_pipeline
+from vqgpt.lm.pipeline import Pipeline
+from vqgpt.lm.train import load_lm_recipe, train_lm
 from vqgpt.training import read_metrics
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from vqgpt.codec import load_tokenizer_model, reconstruct_images
-from vqgpt.shape_checker import read_objects, t2i_scores
-from vqgpt.shapes import parse_caption
+from vqgpt.data.shapes import parse_caption
+from vqgpt.eval.shape_checker import read_objects, t2i_scores
+from vqgpt.tokenizer.codec import load_tokenizer_model, reconstruct_images
 
 
 def main() -> None:

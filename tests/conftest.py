@@ -1,4 +1,7 @@
-"""Shared test helpers: running the real CLI in subprocesses, tiny recipes."""
+"""Shared test fixtures: the real CLI in subprocesses, tiny recipes and runs, a tiny GPT-2.
+
+Helpers are fixtures (most return a function), so test files never import each other.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +14,18 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from vqgpt.lm.model import round_up
+from vqgpt.lm.vocab import VocabLayout
+from vqgpt.training import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_tokenizer_recipe(out_dir: Path, **sections) -> dict:
+def _tiny_tokenizer_recipe(out_dir: Path, **sections) -> dict:
     """A recipe that trains in seconds on 2 cores (32 px shapes, 8x8 tokens, K=32)."""
     recipe = {
         "model": dict(
@@ -44,12 +53,12 @@ def tiny_tokenizer_recipe(out_dir: Path, **sections) -> dict:
     return recipe
 
 
-def write_yaml(path: Path, data: dict) -> Path:
+def _write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
-def cli_env() -> dict[str, str]:
+def _cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1"
@@ -58,7 +67,7 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(
+def _run_cli(
     *args: str,
     launcher: list[str] | None = None,
     check: bool = True,
@@ -68,7 +77,7 @@ def run_cli(
     """Run `python -m vqgpt.cli ARGS` (or through an accelerate launcher) and return the result."""
     cmd = (launcher or [sys.executable]) + ["-m", "vqgpt.cli", *args]
     result = subprocess.run(
-        cmd, capture_output=True, text=True, env=cli_env(), timeout=timeout, cwd=cwd
+        cmd, capture_output=True, text=True, env=_cli_env(), timeout=timeout, cwd=cwd
     )
     if check and result.returncode != 0:
         raise AssertionError(
@@ -77,7 +86,7 @@ def run_cli(
     return result
 
 
-def free_port() -> int:
+def _free_port() -> int:
     """A TCP port nobody listens on right now (for the rendezvous of a 2-process run)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -101,11 +110,11 @@ def accelerate_launcher() -> list[str]:
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        str(free_port()),
+        str(_free_port()),
     ]
 
 
-def tiny_lm_recipe(tokenizer_run: Path, out_dir: Path, codes_dir: Path, **sections) -> dict:
+def _tiny_lm_recipe(tokenizer_run: Path, out_dir: Path, codes_dir: Path, **sections) -> dict:
     """A stage-two recipe over a tiny tokenizer: 2-layer GPT-2, 8x8 codes, seconds per run."""
     recipe = {
         "data": dict(
@@ -140,18 +149,16 @@ def tiny_lm_recipe(tokenizer_run: Path, out_dir: Path, codes_dir: Path, **sectio
 def tiny_tokenizer_run(tmp_path_factory) -> Path:
     """A stage-one tokenizer trained in seconds with the real CLI (shared by the stage-two tests)."""
     out = tmp_path_factory.mktemp("tokenizer") / "run"
-    cfg = write_yaml(out.parent / "r.yaml", tiny_tokenizer_recipe(out, train=dict(save_every=0)))
-    run_cli("train-tokenizer", "--config", str(cfg))
+    cfg = _write_yaml(out.parent / "r.yaml", _tiny_tokenizer_recipe(out, train=dict(save_every=0)))
+    _run_cli("train-tokenizer", "--config", str(cfg))
     return out
 
 
-def kill_after_checkpoint(cmd: list[str], out: Path, step: int = 2) -> int:
+def _kill_after_checkpoint(cmd: list[str], out: Path, step: int = 2) -> int:
     """Start `python -m vqgpt.cli CMD`, SIGKILL it once checkpoint `step` exists; the newest step."""
-    from vqgpt.training import list_checkpoints
-
     proc = subprocess.Popen(
         [sys.executable, "-m", "vqgpt.cli", *cmd],
-        env=cli_env(),
+        env=_cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -163,3 +170,70 @@ def kill_after_checkpoint(cmd: list[str], out: Path, step: int = 2) -> int:
     proc.send_signal(signal.SIGKILL)  # a hard kill, possibly in the middle of a later save
     proc.wait()
     return int(list_checkpoints(out)[-1].name.split("_")[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# the helpers as fixtures
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The checkout's root (configs/, scripts/)."""
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def cli_env():
+    """() -> the environment of a CLI subprocess: offline, one thread, no progress bars."""
+    return _cli_env
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """(*args, launcher=None, check=True, timeout=300, cwd=None) -> CompletedProcess of the CLI."""
+    return _run_cli
+
+
+@pytest.fixture(scope="session")
+def write_yaml():
+    """(path, data) -> path, the data written as YAML."""
+    return _write_yaml
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_recipe():
+    """(out_dir, **sections) -> a stage-one recipe that trains in seconds."""
+    return _tiny_tokenizer_recipe
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_recipe():
+    """(tokenizer_run, out_dir, codes_dir, **sections) -> a stage-two recipe of seconds."""
+    return _tiny_lm_recipe
+
+
+@pytest.fixture(scope="session")
+def kill_after_checkpoint():
+    """(cmd, out, step=2) -> SIGKILL a CLI run once checkpoint `step` exists; its newest step."""
+    return _kill_after_checkpoint
+
+
+def _tiny_gpt2(layout: VocabLayout, seed: int = 0, n_positions: int = 40) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        vocab_size=round_up(layout.vocab_size, 64),
+        n_positions=n_positions,
+        bos_token_id=layout.eos_id,
+        eos_token_id=layout.eos_id,
+        initializer_range=0.2,  # peaky logits: argmax margins far above float noise
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    """(layout, seed=0, n_positions=40) -> a 2-layer GPT-2 over `layout`, in eval mode."""
+    return _tiny_gpt2

@@ -7,18 +7,16 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, cli_env
 from transformers import GPT2Config
 
-from vqgpt.lm import LM_PRESETS, flops_per_token, round_up
-
-SCRIPT = ROOT / "scripts" / "bench_lm.py"
+from vqgpt.lm.model import LM_PRESETS, flops_per_token, round_up
+from vqgpt.lm.vocab import VocabLayout
 
 
 @pytest.fixture(scope="module")
-def bench():
+def bench(repo_root):
     """scripts/bench_lm.py as a module (registered so its dataclasses resolve)."""
-    spec = importlib.util.spec_from_file_location("bench_lm", SCRIPT)
+    spec = importlib.util.spec_from_file_location("bench_lm", repo_root / "scripts" / "bench_lm.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_lm"] = module
     spec.loader.exec_module(module)
@@ -63,9 +61,17 @@ def _table(stdout: str) -> dict[str, list[str]]:
     }
 
 
-def test_bench_lm_quick_runs_and_losses_agree():
+def test_bench_lm_quick_runs_and_losses_agree(cli_env, repo_root):
     seq_len, k = 48, 256
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--seq-len", str(seq_len)]
+    cmd = [
+        sys.executable,
+        str(repo_root / "scripts" / "bench_lm.py"),
+        "--quick",
+        "--device",
+        "cpu",
+        "--seq-len",
+        str(seq_len),
+    ]
     cmd += ["--peak-tflops", "1"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -96,8 +102,10 @@ def test_bench_lm_quick_runs_and_losses_agree():
         assert mfu == pytest.approx(tokens_per_s * flops / 1e12, rel=0.02, abs=1e-4)
 
 
-def test_shapes_ceiling_script_tables_every_size_and_shape(tiny_tokenizer_run, tmp_path):
-    from vqgpt.shapes import ShapesConfig, shapes_dataset, write_image_folder
+def test_shapes_ceiling_script_tables_every_size_and_shape(
+    tiny_tokenizer_run, tmp_path, cli_env, repo_root
+):
+    from vqgpt.data.shapes import ShapesConfig, shapes_dataset, write_image_folder
 
     folder = write_image_folder(
         shapes_dataset(ShapesConfig(num_images=1, num_test_images=40, image_size=32), "test"),
@@ -106,7 +114,7 @@ def test_shapes_ceiling_script_tables_every_size_and_shape(tiny_tokenizer_run, t
     out = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "scripts" / "shapes_ceiling.py"),
+            str(repo_root / "scripts" / "shapes_ceiling.py"),
             "--tokenizer",
             str(tiny_tokenizer_run),
             "--data",
@@ -127,3 +135,64 @@ def test_shapes_ceiling_script_tables_every_size_and_shape(tiny_tokenizer_run, t
         if line.startswith("| small") or line.startswith("| large")
     ]
     assert rows and sum(int(r.split("|")[3].split("/")[1].split()[0]) for r in rows) >= 40
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/bench_gpu.sh (nearest code, bench_lm.py, bench_sampling.py) in its CPU mode
+
+
+def _rows(section: str) -> list[list[str]]:
+    lines = [ln for ln in section.splitlines() if ln.startswith("| ") and "---" not in ln]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]]  # no header
+
+
+@pytest.mark.slow
+def test_bench_gpu_quick_prints_every_table(cli_env, repo_root):
+    """~40 s: the three benchmarks at toy sizes; the fast sampler and the kernel agree."""
+    script = repo_root / "scripts" / "bench_gpu.sh"
+    env = dict(cli_env(), PYTHON=sys.executable)
+    result = subprocess.run(
+        ["bash", str(script), "--quick"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    parts = result.stdout.split("## ")
+    assert [p.splitlines()[0] for p in parts[1:]] == [
+        "nearest-code search",
+        "GPT-2 training step",
+        "text-to-image sampling",
+    ]
+    nearest, lm, sampling = (_rows(p) for p in parts[1:])
+    assert [r[4] for r in nearest] == ["full", "chunked", "triton", "triton-fast"] * 2
+    assert all(r[-2] == r[-1] == "100.000%" for r in nearest)  # = chunked, = full
+    assert [r[0] for r in lm] == ["plain HF", "shipped full", "shipped split"]
+    assert [(r[0], r[1]) for r in sampling] == [
+        (n, m) for n in ("1", "4") for m in ("HF generate", "vqgpt plain", "vqgpt fast")
+    ]
+    assert all(float(r[2]) > 0 for r in sampling)
+    fast = [r for r in sampling if r[1] == "vqgpt fast"]
+    assert all(r[-1] == "100% images, 100.00% tokens" for r in fast)
+
+
+def test_bench_gpu_rejects_unknown_arguments(repo_root):
+    result = subprocess.run(
+        ["bash", str(repo_root / "scripts" / "bench_gpu.sh"), "--fast"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "usage" in result.stderr
+
+
+def test_bench_sampling_hf_baseline_draws_image_codes(tiny_gpt2, repo_root):
+    """The HF `generate` baseline (its CFG, our image-only processor): h*w codes in [0, K)."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_sampling", repo_root / "scripts" / "bench_sampling.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    layout = VocabLayout(codebook_size=16, grid=(3, 3), text_vocab_size=100)
+    model = tiny_gpt2(layout)
+    captions = [[5, 17, 3], [], [42], [7, 7, 7, 7, 7, 1]]
+    prompts = [[layout.eos_id, *c, layout.boi_id] for c in captions]
+    codes = bench.hf_generate(model, layout, prompts, seed=0)
+    assert codes.shape == (len(captions), layout.tokens_per_image)
+    assert ((codes >= 0) & (codes < layout.codebook_size)).all()

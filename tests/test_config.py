@@ -5,14 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vqgpt.config import (
-    ConfigError,
-    QuantizerConfig,
-    apply_overrides,
-    from_dict,
-    load_config,
-    to_dict,
-)
+from vqgpt.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from vqgpt.tokenizer.quantize import QuantizerConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -60,7 +54,7 @@ def test_missing_config_file(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("tokenizer/*.yaml")), ids=lambda p: p.name)
 def test_every_tokenizer_recipe_loads(path):
-    from vqgpt.train_tokenizer import load_recipe
+    from vqgpt.tokenizer.train import load_recipe
 
     recipe = load_recipe(path)
     assert recipe.model.image_size % recipe.model.downsample_factor == 0
@@ -75,7 +69,7 @@ def test_every_accelerate_config_is_valid_yaml(path):
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("lm/*.yaml")), ids=lambda p: p.name)
 def test_every_lm_recipe_loads(path):
-    from vqgpt.train_lm import load_lm_recipe
+    from vqgpt.lm.train import load_lm_recipe
 
     recipe = load_lm_recipe(path)
     assert recipe.sequences.max_length >= 68  # one 8x8 image + 4 framing tokens at least

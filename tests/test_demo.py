@@ -3,15 +3,15 @@
 import json
 
 import pytest
-from conftest import ROOT, run_cli
 
-from vqgpt.demo import DemoConfig, t2i_grid_name
+from vqgpt.demo import DemoConfig
+from vqgpt.eval.report import t2i_grid_name
 
 
 @pytest.mark.slow
-def test_quick_demo_runs_end_to_end_and_reuses_stages(tmp_path):
+def test_quick_demo_runs_end_to_end_and_reuses_stages(tmp_path, repo_root, run_cli):
     out = tmp_path / "demo"
-    run_cli("demo", "--quick", "--out", str(out), timeout=900, cwd=ROOT)
+    run_cli("demo", "--quick", "--out", str(out), timeout=900, cwd=repo_root)
     report = out / "report"
     text = (report / "report.md").read_text()
     guided = f"cfg={DemoConfig().cfg_scale:g}"
@@ -37,5 +37,5 @@ def test_quick_demo_runs_end_to_end_and_reuses_stages(tmp_path):
     assert 0.0 <= metrics["caption"]["exact_match"] <= 1.0
     assert metrics["tokenizer"]["num_images"] > 0
 
-    again = run_cli("demo", "--quick", "--out", str(out), timeout=900, cwd=ROOT)
+    again = run_cli("demo", "--quick", "--out", str(out), timeout=900, cwd=repo_root)
     assert again.stdout.count("exists: reusing it") == 2

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 
 def _train_tokenizer(args: argparse.Namespace) -> None:
-    from .train_tokenizer import load_recipe, train_tokenizer
+    from vqgpt.tokenizer.train import load_recipe, train_tokenizer
 
     recipe = load_recipe(args.config, args.overrides)
     final = train_tokenizer(recipe, resume=args.resume)
@@ -16,7 +16,7 @@ def _train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _train_lm(args: argparse.Namespace) -> None:
-    from .train_lm import load_lm_recipe, train_lm
+    from vqgpt.lm.train import load_lm_recipe, train_lm
 
     recipe = load_lm_recipe(args.config, args.overrides)
     final = train_lm(recipe, resume=args.resume)
@@ -24,15 +24,15 @@ def _train_lm(args: argparse.Namespace) -> None:
 
 
 def _pretokenize(args: argparse.Namespace) -> None:
-    from .pretokenize import pretokenize
-    from .train_lm import load_lm_recipe
+    from vqgpt.lm.pretokenize import pretokenize
+    from vqgpt.lm.train import load_lm_recipe
 
     recipe = load_lm_recipe(args.config, args.overrides)
     print(pretokenize(recipe.data).summary())
 
 
 def _sampling(args: argparse.Namespace, **fixed):
-    from .generate import SamplingConfig
+    from vqgpt.lm.generate import SamplingConfig
 
     return SamplingConfig(
         temperature=args.temperature,
@@ -44,7 +44,7 @@ def _sampling(args: argparse.Namespace, **fixed):
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from .infer import generate_to_folder, read_prompts
+    from vqgpt.lm.infer import generate_to_folder, read_prompts
 
     prompts = read_prompts(args.prompts, args.prompts_file)
     sampling = _sampling(args, cfg_scale=args.cfg, do_sample=not args.greedy, rerank=args.rerank)
@@ -52,7 +52,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _caption(args: argparse.Namespace) -> None:
-    from .infer import caption_files
+    from vqgpt.lm.infer import caption_files
 
     sampling = _sampling(
         args,
@@ -84,7 +84,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import DemoConfig, run_demo
+    from vqgpt.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(output_dir=args.out, quick=args.quick, eval_images=args.eval_images))
 
@@ -92,11 +92,11 @@ def _demo(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .config import from_dict
-    from .data import DataConfig
-    from .demo import write_report
-    from .evaluate import PipelineEvalConfig
-    from .pipeline import Pipeline
+    from vqgpt.config import from_dict
+    from vqgpt.data.sources import DataConfig
+    from vqgpt.eval.pipeline import PipelineEvalConfig
+    from vqgpt.eval.report import write_report
+    from vqgpt.lm.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(args.model)
     size = pipe.image_tokenizer.config.arch.image_size
@@ -115,21 +115,21 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _reconstruct(args: argparse.Namespace) -> None:
-    from .codec import reconstruct_files
+    from vqgpt.tokenizer.codec import reconstruct_files
 
     result = reconstruct_files(args.model, args.inputs, args.out, batch_size=args.batch_size)
     print(result.summary())
 
 
 def _encode(args: argparse.Namespace) -> None:
-    from .codec import encode_files
+    from vqgpt.tokenizer.codec import encode_files
 
     result = encode_files(args.model, args.inputs, args.out, batch_size=args.batch_size)
     print(result.summary())
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .export import ExportConfig, PushError, export_run
+    from vqgpt.export.folder import ExportConfig, PushError, export_run
 
     cfg = ExportConfig(
         run=args.run,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -145,84 +144,8 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-# ---------------------------------------------------------------------------------------------
-# quantizer
-
-QUANTIZER_PRESETS: dict[str, dict[str, Any]] = {
-    # The seed write-up's VectorQuantizer: gradient-trained codebook, uniform(-1/K, 1/K) init.
-    "seed": dict(
-        ema=False,
-        kmeans_init=False,
-        restart_after_steps=0,
-        l2_normalize=False,
-        codebook_dim=None,
-        levels=1,
-        init="uniform",
-    ),
-    # What we recommend: EMA codebook, k-means init, dead-code restarts.
-    "default": dict(ema=True, kmeans_init=True, restart_after_steps=20, init="normal"),
-}
-
-
-@dataclass
-class QuantizerConfig:
-    """Vector quantizer options (math in DESIGN.md)."""
-
-    PRESETS: typing.ClassVar[dict[str, dict[str, Any]]] = QUANTIZER_PRESETS
-
-    preset: str | None = None  # "seed" | "default": fills the fields it names, explicit keys win
-    codebook_size: int = 1024  # K
-    codebook_dim: int | None = None  # factorised codes: project to this dim and search there
-    l2_normalize: bool = False  # search / store l2-normalised codes (cosine similarity)
-    beta: float = 0.25  # commitment weight
-    levels: int = 1  # residual quantisation depth
-    init: str = "normal"  # "uniform" (seed: U(-1/K, 1/K)) | "normal"
-    ema: bool = True  # EMA codebook updates instead of the codebook loss
-    ema_decay: float = 0.99
-    ema_eps: float = 1e-5  # Laplace smoothing of the cluster sizes
-    kmeans_init: bool = True  # k-means on the first training batch
-    kmeans_iters: int = 10
-    restart_after_steps: int = 20  # a code unused this many steps is re-seeded (0 = never)
-    warmup_steps: int = 0  # training steps with the quantizer bypassed; k-means init right after
-    warmup_steps: int = 0  # training steps with the quantizer bypassed; k-means init right after
-    chunk_size: int = 256  # rows of the search per chunk: peak memory O(chunk_size * K); see
-    # scripts/bench_quantizer.py (small blocks stay in cache: faster than bigger ones on CPU)
-
-    def __post_init__(self) -> None:
-        # presets are expanded by `from_dict` / `from_preset`, before the fields are set
-        if self.preset is not None and self.preset not in QUANTIZER_PRESETS:
-            raise ConfigError(
-                f"quantizer preset {self.preset!r} is unknown; known: {sorted(QUANTIZER_PRESETS)}"
-            )
-        if self.codebook_size < 2:
-            raise ConfigError("quantizer.codebook_size must be at least 2")
-        if self.codebook_dim is not None and self.codebook_dim < 1:
-            raise ConfigError("quantizer.codebook_dim must be positive or null")
-        if self.levels < 1:
-            raise ConfigError("quantizer.levels must be at least 1")
-        if self.init not in ("uniform", "normal"):
-            raise ConfigError("quantizer.init must be 'uniform' or 'normal'")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise ConfigError("quantizer.ema_decay must be in (0, 1)")
-        if self.chunk_size < 1:
-            raise ConfigError("quantizer.chunk_size must be positive")
-        if self.warmup_steps < 0:
-            raise ConfigError("quantizer.warmup_steps must be >= 0")
-        if self.warmup_steps < 0:
-            raise ConfigError("quantizer.warmup_steps must be >= 0")
-        if self.restart_after_steps < 0:
-            raise ConfigError("quantizer.restart_after_steps must be >= 0")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> QuantizerConfig:
-        """The named preset's values with `overrides` on top."""
-        return from_dict(cls, {"preset": name, **overrides})
-
-
 __all__ = [
     "ConfigError",
-    "QuantizerConfig",
-    "QUANTIZER_PRESETS",
     "apply_overrides",
     "from_dict",
     "load_config",

@@ -18,7 +18,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from .config import ConfigError, save_config
+from vqgpt.config import ConfigError, save_config
+from vqgpt.distributed import multi_cpu_run
 
 CHECKPOINT_PREFIX = "step_"
 
@@ -61,14 +62,6 @@ class TrainConfig:
             raise ConfigError("train.learning_rate must be positive")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError("train.min_lr_ratio must be in [0, 1]")
-
-
-def multi_cpu_run() -> bool:
-    """Several processes and no GPU (`accelerate launch --multi_gpu` on a CPU machine).
-
-    Accelerate sets up gloo for such a run only when told it is on the CPU (`cpu=True`).
-    """
-    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:

@@ -1,0 +1,395 @@
+"""Datasets in: built-in shapes, scikit-image photos, a local image folder, or a Hub dataset.
+
+Every source ends as a `datasets.Dataset` with an `image` and a `text` column. Unreadable images are
+skipped and counted in a `SkipStats`, never a crash; odd modes (L, LA, P, RGBA, CMYK, I;16, I, F, 1)
+become RGB in `load_rgb`.
+
+Bad rows and distributed training: `ImageTextDataset` makes one up-front, deterministic pass that
+decodes every image and keeps the indices of the good ones. Every rank computes the same list, so
+all ranks see the same length and the same number of batches (dropping Nones in `collate` would
+give ranks different batch sizes).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image, ImageOps
+
+from vqgpt.config import ConfigError
+from vqgpt.data.images import IMAGE_EXTENSIONS, ImageTransform, load_rgb
+from vqgpt.data.shapes import ShapesConfig, shapes_dataset
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+
+# scikit-image's bundled photographs (skimage/data). Disjoint on purpose: test crops come from
+# photos never seen in training. Synthetic images (chessboard, logo, text, ...) and the near-copy
+# motorcycle_right are left out.
+TRAIN_PHOTOS: dict[str, str] = {
+    "astronaut.png": "an astronaut",
+    "coffee.png": "a cup of coffee",
+    "rocket.jpg": "a rocket on a launch pad",
+    "motorcycle_left.png": "a motorcycle",
+    "hubble_deep_field.jpg": "galaxies in deep space",
+    "camera.png": "a man with a camera",
+    "coins.png": "old coins",
+    "moon.png": "the surface of the moon",
+    "brick.png": "a brick wall",
+    "grass.png": "grass",
+    "gravel.png": "gravel",
+}
+TEST_PHOTOS: dict[str, str] = {
+    "chelsea.png": "a cat",
+    "ihc.png": "stained tissue under a microscope",
+    "retina.jpg": "a retina",
+    "clock_motion.png": "a clock",
+}
+MIN_CROP_SCALE = 0.25  # photo crops span 25%..100% of the photo's shorter side
+
+
+class DataError(RuntimeError):
+    """A dataset that cannot be found or read."""
+
+
+@dataclass
+class PhotosConfig:
+    """Random square crops of scikit-image's photographs."""
+
+    num_images: int = 2000  # crops in the train split
+    num_test_images: int = 200  # crops in the test split
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_images < 1 or self.num_test_images < 1:
+            raise ConfigError("photos.num_images and photos.num_test_images must be at least 1")
+        if self.seed < 0:
+            raise ConfigError("photos.seed must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are prepared."""
+
+    source: str = "shapes"  # "shapes" | "photos" | a local image folder | a Hub dataset name
+    image_size: int = 64  # side of the training images (shapes draw at shapes.image_size)
+    num_images: int | None = None  # cap on the rows of each split
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    photos: PhotosConfig = field(default_factory=PhotosConfig)
+    image_column: str = "image"  # Hub datasets: renamed to "image"
+    text_column: str = "text"  # Hub datasets: renamed to "text"; "" = no captions (text "")
+    train_split: str = "train"
+    eval_split: str = "test"
+    random_crop: bool = False  # train transform: random instead of centre crop
+    num_workers: int = 0  # DataLoader workers
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ConfigError("data.source must be 'shapes', 'photos', a folder or a Hub name")
+        if self.image_size < 8:
+            raise ConfigError(f"data.image_size={self.image_size} must be at least 8")
+        if self.num_images is not None and self.num_images < 1:
+            raise ConfigError("data.num_images must be at least 1 or null (no cap)")
+        if not self.image_column:
+            raise ConfigError("data.image_column must name a column")
+        if not self.train_split or not self.eval_split:
+            raise ConfigError("data.train_split and data.eval_split must be non-empty")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# skipped images
+
+
+@dataclass
+class SkipStats:
+    """Counts of skipped images by reason, with the first few offending names."""
+
+    unreadable: int = 0  # not an image, corrupt, truncated, empty
+    missing: int = 0  # named in metadata.jsonl but not on disk
+    examples: list[str] = field(default_factory=list)
+    max_examples: int = 10
+
+    @property
+    def total(self) -> int:
+        """All skipped images."""
+        return self.unreadable + self.missing
+
+    def add(self, reason: str, name: str) -> None:
+        """Count one skipped image under `reason` ("unreadable" or "missing")."""
+        if reason not in ("unreadable", "missing"):
+            raise ValueError(f"unknown skip reason {reason!r}")
+        setattr(self, reason, getattr(self, reason) + 1)
+        if len(self.examples) < self.max_examples:
+            self.examples.append(name)
+
+    def merge(self, other: SkipStats) -> None:
+        """Add another record's counts into this one."""
+        self.unreadable += other.unreadable
+        self.missing += other.missing
+        room = self.max_examples - len(self.examples)
+        self.examples.extend(other.examples[: max(room, 0)])
+
+    def __str__(self) -> str:
+        if not self.total:
+            return "no images skipped"
+        return (
+            f"skipped {self.total} image(s) (unreadable: {self.unreadable}, missing: "
+            f"{self.missing}), e.g. {', '.join(self.examples)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+def _image_text_features():
+    import datasets
+
+    return datasets.Features(image=datasets.Image(), text=datasets.Value("string"))
+
+
+def _photos_dir() -> Path:
+    try:
+        import skimage
+    except ImportError as err:
+        raise DataError(
+            "data.source='photos' needs scikit-image: pip install scikit-image "
+            "(or pip install 'vqgpt[dev]')"
+        ) from err
+    return Path(os.path.dirname(skimage.__file__)) / "data"
+
+
+def photos_dataset(cfg: PhotosConfig, split: str, image_size: int):  # -> datasets.Dataset
+    """Random square crops (random scale, resized to image_size) of scikit-image's photos."""
+    import datasets
+
+    if split not in SPLITS:
+        raise DataError(f"unknown photos split {split!r}; known: {', '.join(SPLITS)}")
+    names = TRAIN_PHOTOS if split == "train" else TEST_PHOTOS
+    folder = _photos_dir()
+    photos = {n: load_rgb(folder / n) for n in names if (folder / n).is_file()}
+    photos = {n: p for n, p in photos.items() if p is not None}
+    if not photos:
+        raise DataError(f"none of the {split} photos {sorted(names)} could be read in {folder}")
+    order = sorted(photos)
+    n = cfg.num_images if split == "train" else cfg.num_test_images
+    images, texts = [], []
+    for i in range(n):
+        rng = np.random.default_rng([cfg.seed, SPLITS.index(split), i])
+        name = order[i % len(order)]  # every photo equally often
+        photo = photos[name]
+        side = round(min(photo.size) * rng.uniform(MIN_CROP_SCALE, 1.0))
+        left = int(rng.integers(photo.width - side + 1))
+        top = int(rng.integers(photo.height - side + 1))
+        crop = photo.crop((left, top, left + side, top + side))
+        images.append(crop.resize((image_size, image_size), Image.Resampling.BICUBIC))
+        texts.append(f"a photo of {names[name]}")
+    return datasets.Dataset.from_dict(
+        {"image": images, "text": texts}, features=_image_text_features()
+    )
+
+
+def _read_metadata(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise DataError(f"{path}:{number}: each line needs a 'file_name' string")
+        rows.append(row)
+    return rows
+
+
+def folder_dataset(folder: str | Path, split: str, stats: SkipStats | None = None):
+    """Readable images of `<folder>/<split>/` (else the whole folder) with their captions."""
+    import datasets
+
+    root = Path(folder)
+    if (root / split).is_dir():
+        root = root / split
+    stats = stats if stats is not None else SkipStats()
+    if (root / "metadata.jsonl").is_file():
+        pairs = [
+            (root / row["file_name"], str(row.get("text") or ""))
+            for row in _read_metadata(root / "metadata.jsonl")
+        ]
+    else:
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        pairs = [(p, "") for p in files if p.is_file()]
+    paths, texts = [], []
+    for path, text in pairs:
+        if not path.is_file():
+            stats.add("missing", str(path))
+        elif load_rgb(path) is None:
+            stats.add("unreadable", str(path))
+        else:
+            paths.append(str(path.resolve()))
+            texts.append(text)
+    if stats.total:
+        logger.warning("image folder %s: %s", root, stats)
+    if not paths:
+        raise DataError(f"no readable images in {root} ({stats})")
+    return datasets.Dataset.from_dict(
+        {"image": paths, "text": texts}, features=_image_text_features()
+    )
+
+
+def standardize_columns(ds, image_column: str, text_column: str):  # -> datasets.Dataset
+    """Rename a dataset's columns to image / text (text "" when text_column is "")."""
+    missing = [c for c in (image_column, text_column) if c and c not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"column(s) {missing} not in the dataset; it has {ds.column_names}. "
+            "Set data.image_column / data.text_column (text_column: '' for no captions)."
+        )
+    keep = [image_column] + ([text_column] if text_column else [])
+    ds = ds.select_columns(keep)
+    if not text_column:
+        ds = ds.add_column("text", [""] * len(ds))
+    renames = {k: v for k, v in ((image_column, "image"), (text_column, "text")) if k and k != v}
+    return ds.rename_columns(renames) if renames else ds
+
+
+def _hub_dataset(cfg: DataConfig, split: str):
+    import datasets
+
+    if cfg.source.startswith(("/", "./", "../", "~")) or cfg.source.count("/") > 1:
+        raise DataError(f"data.source={cfg.source!r} looks like a folder, but it does not exist")
+    try:
+        ds = datasets.load_dataset(cfg.source, split=split)
+    except Exception as err:  # offline, unknown name, unknown split: all end here
+        raise DataError(
+            f"data.source={cfg.source!r} is not 'shapes', 'photos' or an existing folder, and "
+            f"loading it from the Hugging Face Hub failed ({type(err).__name__}: {err}). "
+            "Hub datasets need network access; offline, point data.source at a local image folder."
+        ) from err
+    return standardize_columns(ds, cfg.image_column, cfg.text_column)
+
+
+def load_image_dataset(cfg: DataConfig, split: str, stats: SkipStats | None = None):
+    """The `split` of cfg.source as a datasets.Dataset with image and text columns.
+
+    `stats`, when given, collects the images a folder source skipped (they are also logged).
+    """
+    cap = cfg.num_images
+    if cfg.source == "shapes":
+        n = "num_images" if split == "train" else "num_test_images"
+        shapes = cfg.shapes
+        if cap is not None and split in SPLITS:
+            shapes = replace(shapes, **{n: min(cap, getattr(shapes, n))})
+        return shapes_dataset(shapes, split)
+    if cfg.source == "photos":
+        photos = cfg.photos
+        if cap is not None and split in SPLITS:
+            n = "num_images" if split == "train" else "num_test_images"
+            photos = replace(photos, **{n: min(cap, getattr(photos, n))})
+        return photos_dataset(photos, split, cfg.image_size)
+    if Path(cfg.source).is_dir():
+        ds = folder_dataset(cfg.source, split, stats)
+    else:
+        ds = _hub_dataset(cfg, split)
+    return ds.select(range(min(cap, len(ds)))) if cap is not None else ds
+
+
+# ---------------------------------------------------------------------------------------------
+# training view
+
+
+class Readable(NamedTuple):
+    indices: list[int]  # rows whose image decodes
+    stats: SkipStats
+
+
+def find_readable(ds, image_column: str = "image") -> Readable:
+    """Decode every image once; the indices of the good rows and counts of the bad ones."""
+    import datasets
+
+    column = ds.select_columns([image_column])
+    if isinstance(column.features[image_column], datasets.Image):
+        column = column.cast_column(image_column, datasets.Image(decode=False))
+    indices, stats = [], SkipStats()
+    for i, row in enumerate(column):
+        value = row[image_column]
+        if load_rgb(value) is None:
+            name = value.get("path") if isinstance(value, dict) else None
+            stats.add("unreadable", str(name or f"row {i}"))
+        else:
+            indices.append(i)
+    return Readable(indices, stats)
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """Good rows of a datasets.Dataset as {'pixel_values': [3, H, W], 'text': str}."""
+
+    def __init__(self, hf_dataset, transform: ImageTransform) -> None:
+        import datasets
+
+        self.transform = transform
+        self.indices, self.stats = find_readable(hf_dataset)
+        if self.stats.total:
+            logger.warning("%s", self.stats)
+        if isinstance(hf_dataset.features["image"], datasets.Image):
+            hf_dataset = hf_dataset.cast_column("image", datasets.Image(decode=False))
+        self.ds = hf_dataset
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.ds[self.indices[i]]
+        image = load_rgb(row["image"])
+        if image is None:  # it decoded in the up-front pass: the file changed since
+            raise DataError(f"row {self.indices[i]} became unreadable after the validation pass")
+        return {"pixel_values": self.transform(image), "text": row.get("text") or ""}
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack pixel_values into [B, 3, H, W]; texts as a list."""
+    return {
+        "pixel_values": torch.stack([b["pixel_values"] for b in batch]),
+        "text": [b["text"] for b in batch],
+    }
+
+
+def image_text_dataset(cfg: DataConfig, split: str, train: bool) -> ImageTextDataset:
+    """Load `split` and wrap it for training (random crop only when `train` and cfg.random_crop)."""
+    transform = ImageTransform(cfg.image_size, random_crop=train and cfg.random_crop)
+    return ImageTextDataset(load_image_dataset(cfg, split), transform)
+
+
+__all__ = [
+    "DataConfig",
+    "DataError",
+    "ImageTextDataset",
+    "ImageTransform",
+    "PhotosConfig",
+    "Readable",
+    "SkipStats",
+    "TEST_PHOTOS",
+    "TRAIN_PHOTOS",
+    "collate",
+    "find_readable",
+    "folder_dataset",
+    "image_text_dataset",
+    "load_image_dataset",
+    "load_rgb",
+    "photos_dataset",
+    "standardize_columns",
+    "to_pil",
+]

@@ -1,0 +1,240 @@
+"""The model card (README.md) of an export: Hub metadata, a usage snippet, the layout, the scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vqgpt.lm.vocab import VocabLayout
+
+BUILT_IN_SOURCES = ("shapes", "photos")
+
+
+def grid_side(arch: dict) -> int:
+    """Tokens per image side: image_size / (stem_stride * 2^(levels - 1))."""
+    return arch["image_size"] // (arch["stem_stride"] * 2 ** (len(arch["channel_mult"]) - 1))
+
+
+def _metric_rows(metrics: dict) -> list[tuple[str, str, str, float]]:
+    """(task, metric type, name, value) for each score in a metrics record."""
+    rows = []
+    caption = metrics.get("caption") or {}
+    if "exact_match" in caption:
+        rows.append(("image-to-text", "exact_match", "caption exact match", caption["exact_match"]))
+    if "bleu4" in caption:
+        rows.append(("image-to-text", "bleu", "caption BLEU-4", caption["bleu4"]))
+    for scale, scores in (metrics.get("t2i") or {}).items():
+        if "accuracy" in scores:
+            name = f"text-to-image accuracy ({scale})"
+            rows.append(("text-to-image", "accuracy", name, scores["accuracy"]))
+    tokenizer = metrics.get("tokenizer") or {}
+    for key, name in (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("usage", "codebook usage")):
+        if key in tokenizer:
+            rows.append(("image-feature-extraction", key, f"reconstruction {name}", tokenizer[key]))
+    return [(t, k, n, round(float(v), 4)) for t, k, n, v in rows]
+
+
+def _metadata(name: str, has_lm: bool, metrics: dict, source: str | None) -> dict:
+    hub_dataset = (
+        source is not None and source not in BUILT_IN_SOURCES and not Path(source).exists()
+    )
+    tags = ["vqgpt", "vq-vae", "image-tokenizer", "custom_code"]
+    if has_lm:
+        tags += ["gpt2", "image-to-text", "text-to-image", "multimodal"]
+    meta: dict[str, Any] = {"library_name": "transformers", "tags": tags}
+    meta["pipeline_tag"] = "image-to-text" if has_lm else "image-feature-extraction"
+    if hub_dataset:
+        meta["datasets"] = [source]
+    rows = _metric_rows(metrics)
+    if rows:
+        meta["metrics"] = sorted({kind for _, kind, _, _ in rows})
+        dataset = {"name": source or "held-out split", "type": source or "custom"}
+        if source == "shapes":
+            dataset = {"name": "vqgpt shapes (built-in, test split)", "type": "shapes"}
+        results = []
+        for task in dict.fromkeys(t for t, _, _, _ in rows):
+            scores = [{"type": k, "name": n, "value": v} for t, k, n, v in rows if t == task]
+            results.append({"task": {"type": task}, "dataset": dataset, "metrics": scores})
+        meta["model-index"] = [{"name": name, "results": results}]
+    return meta
+
+
+_DRAW_IMAGE = """
+image = Image.new("RGB", (96, 80), "white")  # any PIL image: here a red disc on white
+ImageDraw.Draw(image).ellipse((24, 16, 72, 64), fill="red")
+"""
+
+_TOKENIZER_SNIPPET = """import torch
+from PIL import Image, ImageDraw
+from transformers import AutoImageProcessor, AutoModel
+
+path = {path!r}  # this folder, or its Hub repo id
+vq = AutoModel.from_pretrained(path, subfolder="image_tokenizer", trust_remote_code=True).eval()
+image_processor = AutoImageProcessor.from_pretrained(
+    path, subfolder="image_tokenizer", trust_remote_code=True
+)
+{draw}
+pixel_values = image_processor(image)["pixel_values"]  # (1, 3, S, S) in [-1, 1]
+codes = vq.encode(pixel_values)  # (1, h, w) code ids
+reconstruction = vq.decode(codes)  # (1, 3, S, S) in [-1, 1]
+print(codes.shape, reconstruction.shape)
+"""
+
+_PIPELINE_SNIPPET = """import torch
+from PIL import Image, ImageDraw
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
+
+path = {path!r}  # this folder, or its Hub repo id
+vq = AutoModel.from_pretrained(path, subfolder="image_tokenizer", trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+lm = AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+class OnlyIds(LogitsProcessor):
+    \"\"\"Allow ids [lo, hi) only, renormalised over them (as vqgpt decodes).\"\"\"
+
+    def __init__(self, lo, hi):
+        self.lo, self.hi = lo, hi
+
+    def __call__(self, input_ids, scores):
+        allowed = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+        allowed[self.lo : self.hi] = True
+        return scores.float().masked_fill(~allowed, float("-inf")).log_softmax(dim=-1)
+
+{draw}
+# encode: pixels -> codes (1, h, w) -> pixels
+pixel_values = processor.image_processor(image)["pixel_values"]  # (1, 3, S, S) in [-1, 1]
+codes = vq.encode(pixel_values)
+reconstruction = vq.decode(codes)
+
+# caption, greedy: "<|endoftext|> <|boi|> codes <|eoi|>" -> text tokens until <|endoftext|>
+inputs = processor(image_codes=codes, task="caption")
+prompt_len = inputs["input_ids"].shape[1]
+out = lm.generate(
+    **inputs,
+    do_sample=False,
+    max_new_tokens=min(48, lm.config.n_positions - prompt_len),
+    logits_processor=LogitsProcessorList([OnlyIds(0, processor.text_vocab_size)]),
+    eos_token_id=processor.eos_id,
+    pad_token_id=processor.eos_id,
+)
+caption = processor.decode_text(out[0, prompt_len:])
+print("caption:", caption)
+
+# text-to-image: "<|endoftext|> caption <|boi|>" -> exactly h*w image tokens -> pixels
+h, w = processor.grid
+inputs = processor(text=caption, task="t2i")
+prompt_len = inputs["input_ids"].shape[1]
+torch.manual_seed(0)
+out = lm.generate(
+    **inputs,
+    do_sample=True,
+    top_k=0,
+    min_new_tokens=h * w,
+    max_new_tokens=h * w,
+    logits_processor=LogitsProcessorList([OnlyIds(processor.image_offset, processor.vocab_size)]),
+    pad_token_id=processor.eos_id,
+)
+pixels = vq.decode(processor.decode_image_tokens(out[:, prompt_len:]))  # (1, 3, S, S)
+drawn = Image.fromarray(((pixels[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+print("drew", drawn.size)
+"""
+
+
+def usage_snippet(path: str, has_lm: bool) -> str:
+    """Python that loads the export with plain transformers, encodes an image (and captions it)."""
+    template = _PIPELINE_SNIPPET if has_lm else _TOKENIZER_SNIPPET
+    return template.format(path=path, draw=_DRAW_IMAGE)
+
+
+def model_card(
+    name: str,
+    path: str,
+    image_config: dict,
+    layout: VocabLayout | None,
+    metrics: dict,
+    source: str | None,
+) -> str:
+    """README.md: YAML metadata, what the folder holds, a usage snippet, layout and scores."""
+    has_lm = layout is not None
+    meta = yaml.safe_dump(_metadata(name, has_lm, metrics, source), sort_keys=False)
+    arch, quant = image_config["architecture"], image_config["quantizer"]
+    side = grid_side(arch)
+    what = (
+        "a VQ-VAE image tokenizer and a GPT-2 over one joint vocabulary of GPT-2 text tokens and "
+        "image tokens: it captions images and draws images from captions"
+        if has_lm
+        else "a VQ-VAE image tokenizer: images to a grid of discrete codes and back"
+    )
+    codes = f"{side}x{side} codes from a codebook of {quant['codebook_size']}"
+    if quant.get("levels", 1) > 1:
+        codes += f" per level, {quant['levels']} residual levels"
+    lines = [
+        f"---\n{meta}---",
+        "",
+        f"# {name}",
+        "",
+        f"A vqgpt export: {what}. Images are "
+        f"{arch['image_size']}x{arch['image_size']} pixels, tokenized to {codes}.",
+        "It loads with `transformers` and `torch` alone (`trust_remote_code=True` runs the small "
+        "modelling files in this repository); vqgpt is not needed.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        usage_snippet(path, has_lm).rstrip(),
+        "```",
+        "",
+        "## Files",
+        "",
+        "| path | loads with | what |",
+        "|---|---|---|",
+        "| `image_tokenizer/` | `AutoModel` (remote code) | the VQ-VAE: `encode(pixel_values)` "
+        "-> codes, `decode(codes)` -> pixels in [-1, 1] |",
+        "| `image_tokenizer/preprocessor_config.json` | `AutoImageProcessor` | shorter side "
+        "resized (bicubic, antialiased), centre crop, scaled to [-1, 1] |",
+    ]
+    if has_lm:
+        lines += [
+            "| `config.json`, `model.safetensors` | `AutoModelForCausalLM` | the GPT-2 |",
+            "| `tokenizer.json` | `AutoTokenizer` | GPT-2 BPE + special + image tokens |",
+            "| `processor_config.json` | `AutoProcessor` (remote code) | images / text <-> token "
+            "sequences, `decode_text`, `decode_image_tokens` |",
+            "",
+            "## Token layout",
+            "",
+            f"- ids 0..{layout.eos_id - 1}: GPT-2 text tokens; {layout.eos_id}: `<|endoftext|>` "
+            "(begin, end and padding)",
+            f"- {layout.boi_id}, {layout.eoi_id}: `<|boi|>`, `<|eoi|>` (begin / end of image)",
+            f"- {layout.image_offset}..{layout.vocab_size - 1}: image code k is id "
+            f"{layout.image_offset} + k (codes flattened row-major)",
+            "- captioning: `<|endoftext|> <|boi|> codes <|eoi|> caption <|endoftext|>`",
+            "- text-to-image: `<|endoftext|> caption <|boi|> codes <|eoi|> <|endoftext|>`",
+            "",
+            "Decoding must be constrained as in the snippet: text tokens only for captions, "
+            "exactly h*w image tokens for images (the embedding is padded past the vocabulary; "
+            "those rows are never valid).",
+        ]
+    rows = _metric_rows(metrics)
+    if rows:
+        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {n} | {v:g} |" for _, _, n, v in rows]
+    if source:
+        lines += [
+            "",
+            "## Training data",
+            "",
+            f"`{source}`" + (" (vqgpt's built-in dataset)" if source in BUILT_IN_SOURCES else ""),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["BUILT_IN_SOURCES", "grid_side", "model_card", "usage_snippet"]

@@ -1,0 +1,171 @@
+"""The stage-two loss: next-token cross-entropy from hidden states, chunked, never [B, T, V] logits."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from vqgpt.lm.model import IGNORE_INDEX, LOSS_MODES
+
+
+class LossOutput(NamedTuple):
+    """What `lm_loss` returns; every field but `loss` is detached."""
+
+    loss: Tensor  # scalar: sum(w * ce) / sum(w) over targeted positions
+    per_position: Tensor  # [B, T-1] float32 unweighted CE, 0 where the target is ignored
+    image_loss: Tensor  # scalar: mean unweighted CE over image-code targets (0 if none)
+    text_loss: Tensor  # scalar: mean unweighted CE over text / special targets (0 if none)
+    weight_sum: Tensor  # scalar: sum(w) over targeted positions (to renormalise across ranks)
+
+
+class RowGroup(NamedTuple):
+    """Positions (rows of the flat hidden states) whose softmax runs over weight rows [lo, hi)."""
+
+    positions: Tensor  # [n] long
+    lo: int
+    hi: int
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """sum_i w_i * CE(h_i @ W[lo:hi].T, y_i - lo) per row group, chunked over positions.
+
+    Why a custom Function rather than `torch.utils.checkpoint` per chunk: the gradient of CE wrt
+    the logits is known in closed form (w * (softmax - onehot)), so the forward turns each
+    chunk's logits straight into its contributions to dL/dh and dL/dW and frees them. Peak memory
+    is one chunk's float32 logits plus the two gradient buffers (the size of h and W), and the
+    head costs 3 matmuls instead of checkpoint's 4 (which recomputes every chunk's logits in the
+    backward). The price: gradients are computed even if no backward follows (skipped when grad
+    mode is off) and the loss is differentiable once.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: Tensor,  # [M, C]
+        weight: Tensor,  # [Vpad, C]
+        targets: Tensor,  # [M] absolute ids
+        weights: Tensor,  # [M] float32
+        groups: tuple[RowGroup, ...],
+        chunk_size: int,
+        need_grad: bool,
+    ) -> tuple[Tensor, Tensor]:
+        need_h = need_grad and ctx.needs_input_grad[0]
+        need_w = need_grad and ctx.needs_input_grad[1]
+        ce = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        device_type = hidden.device.type
+        for positions, lo, hi in groups:
+            w_rows = weight[lo:hi]  # (V_g, C)
+            if torch.is_autocast_enabled(device_type):  # cast the slice once, not once per chunk
+                w_rows = w_rows.to(torch.get_autocast_dtype(device_type))
+            for start in range(0, positions.numel(), chunk_size):
+                pos = positions[start : start + chunk_size]  # (n,)
+                h = hidden[pos]  # (n, C)
+                y = (targets[pos] - lo).unsqueeze(1)  # (n, 1)
+                logits = (h @ w_rows.T).float()  # (n, V_g): the only chunk-sized buffer
+                lse = logits.logsumexp(dim=1, keepdim=True)  # (n, 1)
+                ce[pos] = (lse - logits.gather(1, y)).squeeze(1)
+                if not (need_h or need_w):
+                    continue
+                probs = logits.sub_(lse).exp_()  # softmax, in the logits' memory
+                probs.scatter_add_(1, y, torch.full_like(y, -1, dtype=probs.dtype))
+                dlogits = probs.mul_(weights[pos].unsqueeze(1))  # (n, V_g) = w * (p - onehot)
+                if need_h:
+                    grad_h[pos] = (dlogits.to(w_rows.dtype) @ w_rows).to(grad_h.dtype)
+                if need_w:
+                    grad_w[lo:hi] += (dlogits.to(w_rows.dtype).T @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(ce)
+        return (ce * weights).sum(), ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor, _grad_ce: Tensor) -> tuple[Tensor | None, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_loss).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def lm_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    loss_weights: Tensor | None,
+    mode: str,
+    image_offset: int,
+    codebook_size: int,
+    chunk_size: int = 4096,
+) -> LossOutput:
+    """Next-token CE from final hidden states [B, T, C] without materialising [B, T, V] logits.
+
+    `labels` [B, T] are unshifted (hidden[:, t] predicts labels[:, t+1]), -100 = ignore;
+    `loss_weights` [B, T] align with labels (None = all ones). mode "full": softmax over the real
+    rows [0, image_offset + codebook_size). mode "split": over the image rows
+    [image_offset, image_offset + codebook_size) where the target is an image code, over the text
+    and special rows [0, image_offset) elsewhere: the distributions constrained decoding samples.
+    """
+    if mode not in LOSS_MODES:
+        raise ValueError(f"lm_loss mode must be one of {list(LOSS_MODES)}, got {mode!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    batch, seq_len, _ = hidden.shape
+    if labels.shape != (batch, seq_len):
+        raise ValueError(
+            f"labels {tuple(labels.shape)} must match hidden's [B, T] = {batch, seq_len}"
+        )
+    if loss_weights is not None and loss_weights.shape != labels.shape:
+        raise ValueError(f"loss_weights {tuple(loss_weights.shape)} must match labels")
+    real = image_offset + codebook_size
+    if lm_head_weight.shape[0] < real:
+        raise ValueError(
+            f"lm_head has {lm_head_weight.shape[0]} rows but the vocabulary needs {real} "
+            f"(image_offset {image_offset} + codebook_size {codebook_size}): resize the model"
+        )
+
+    flat = rearrange(hidden[:, :-1], "b t c -> (b t) c")  # position t predicts token t + 1
+    targets = rearrange(labels[:, 1:], "b t -> (b t)")
+    if loss_weights is None:
+        loss_weights = torch.ones_like(labels, dtype=torch.float32)
+    weights = rearrange(loss_weights[:, 1:], "b t -> (b t)").float()
+    valid = targets != IGNORE_INDEX
+    if (valid & ((targets < 0) | (targets >= real))).any():
+        raise ValueError(f"labels hold ids outside [0, {real}) other than {IGNORE_INDEX}")
+    weights = torch.where(valid, weights, torch.zeros_like(weights))
+    is_image = valid & (targets >= image_offset)
+    is_text = valid & ~is_image
+
+    if mode == "full":
+        groups = (RowGroup(valid.nonzero().squeeze(1), 0, real),)
+    else:
+        groups = (
+            RowGroup(is_text.nonzero().squeeze(1), 0, image_offset),
+            RowGroup(is_image.nonzero().squeeze(1), image_offset, real),
+        )
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
+    weighted_sum, ce = _ChunkedLinearCE.apply(
+        flat, lm_head_weight, targets, weights, groups, chunk_size, need_grad
+    )
+    weight_sum = weights.sum()
+    loss = weighted_sum / weight_sum.clamp_min(torch.finfo(torch.float32).tiny)
+
+    def mean_over(mask: Tensor) -> Tensor:
+        return (ce * mask).sum() / mask.sum().clamp_min(1)
+
+    return LossOutput(
+        loss=loss,
+        per_position=rearrange(ce, "(b t) -> b t", b=batch),
+        image_loss=mean_over(is_image),
+        text_loss=mean_over(is_text),
+        weight_sum=weight_sum.detach(),
+    )
+
+
+__all__ = ["LossOutput", "RowGroup", "lm_loss"]

@@ -1,0 +1,489 @@
+"""Training sequences over the joint vocabulary: layouts, label masks, packing, the loss.
+
+Sequences (DESIGN.md "Sequences"; codes flattened row-major; `eos` = `<|endoftext|>`):
+
+    t2i       eos caption boi codes eoi eos    targets: boi, codes, eoi, final eos
+              (with `t2i_prefix_length` P: eos ... eos caption boi, the caption left-padded with
+              eos to P tokens, so boi is always token P and every image code a fixed position)
+    t2i, caption dropped (CFG's unconditional branch):
+              eos boi codes eoi eos            targets: boi, codes, eoi, final eos
+    caption   eos boi codes eoi caption eos    targets: caption, final eos
+    document  eos seg_1 ... seg_n eos          targets: every token after the leading eos
+              (text segment: its BPE ids; image segment: boi codes eoi)
+
+The leading eos is never a target; conditioning (t2i's caption, captioning's image) is masked.
+Labels follow the Hugging Face convention: `labels[i] == input_ids[i]` where token i is a target,
+-100 elsewhere; the loss shifts (logits at i predict labels at i + 1). Loss weight of a target:
+`image_loss_weight * task_weight` for image codes, `text_loss_weight * task_weight` for text and
+special tokens (boi, eoi, eos); 0 where masked. Documents have task weight 1.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from vqgpt.config import ConfigError
+from vqgpt.lm.vocab import VocabLayout
+
+IGNORE = -100  # label of a masked position (torch / HF ignore_index)
+TASKS = ("t2i", "caption", "document")
+TASK_IDS = {name: i for i, name in enumerate(TASKS)}  # per-position task ids; padding is -1
+PAD_TASK = -1
+KINDS = ("text", "image")
+
+
+@dataclass
+class SequenceConfig:
+    """How examples are built, weighted and packed."""
+
+    max_length: int = 128  # context window (tokens)
+    t2i_ratio: float = 0.5  # fraction of examples that are text-to-image; the rest captioning
+    text_loss_weight: float = 1.0  # weight of text / special targets
+    image_loss_weight: float = 1.0  # weight of image-code targets
+    t2i_weight: float = 1.0  # task weight of text-to-image examples
+    caption_weight: float = 1.0  # task weight of captioning examples
+    caption_dropout: float = 0.1  # fraction of t2i examples trained without caption (for CFG)
+    pack: bool = True  # fill each window with several whole examples (else one per row)
+    # t2i: left-pad `eos caption` with eos to this many tokens (None: no padding). With pack off,
+    # each image code then sits at the same absolute position in every t2i example: the model
+    # need not count from boi to know which grid cell it draws. Longer captions lose their tail.
+    t2i_prefix_length: int | None = None
+    seed: int = 0  # task choice and caption dropout
+
+    def __post_init__(self) -> None:
+        if self.max_length < 4:
+            raise ConfigError(f"sequences.max_length must be at least 4, got {self.max_length}")
+        for name in ("t2i_ratio", "caption_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"sequences.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.t2i_prefix_length is not None and self.t2i_prefix_length < 2:
+            raise ConfigError(
+                "sequences.t2i_prefix_length must be null or at least 2 (eos + one caption token), "
+                f"got {self.t2i_prefix_length}"
+            )
+        for name in ("text_loss_weight", "image_loss_weight", "t2i_weight", "caption_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"sequences.{name} must be >= 0, got {getattr(self, name)}")
+
+    def check_fits(self, layout: VocabLayout) -> None:
+        """Raise unless one image example (eos boi codes eoi eos) fits in `max_length`."""
+        need = layout.tokens_per_image + 4
+        if self.max_length < need:
+            raise ConfigError(
+                f"sequences.max_length={self.max_length} cannot hold one image: a {layout.grid} "
+                f"grid needs {layout.tokens_per_image} codes + 4 framing tokens = {need}; "
+                f"raise max_length (and the model's n_positions) to at least {need}"
+            )
+        prefix = self.t2i_prefix_length
+        if prefix is not None and self.max_length < prefix + layout.tokens_per_image + 3:
+            raise ConfigError(
+                f"sequences.max_length={self.max_length} cannot hold a t2i example: "
+                f"t2i_prefix_length={prefix} + boi + {layout.tokens_per_image} codes + eoi + eos "
+                f"= {prefix + layout.tokens_per_image + 3} tokens; raise max_length or lower "
+                "t2i_prefix_length"
+            )
+
+
+@dataclass
+class Example:
+    """One training sequence: ids, HF-style labels, per-position loss weights and task."""
+
+    input_ids: list[int]
+    labels: list[int]  # input_ids at targets, -100 where masked
+    loss_weights: list[float]  # 0 where masked
+    task: str  # "t2i" | "caption" | "document" | "mixed" (a packed window of several tasks)
+    task_ids: list[int] = field(default_factory=list)  # per position; filled from `task`
+
+    def __post_init__(self) -> None:
+        n = len(self.input_ids)
+        if self.task not in (*TASKS, "mixed"):
+            raise ValueError(f"Example.task must be one of {TASKS} or 'mixed', got {self.task!r}")
+        if not self.task_ids and self.task in TASK_IDS:
+            self.task_ids = [TASK_IDS[self.task]] * n
+        if not len(self.labels) == len(self.loss_weights) == len(self.task_ids) == n:
+            raise ValueError(
+                f"Example fields differ in length: input_ids {n}, labels {len(self.labels)}, "
+                f"loss_weights {len(self.loss_weights)}, task_ids {len(self.task_ids)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, span: slice) -> Example:
+        return Example(
+            self.input_ids[span],
+            self.labels[span],
+            self.loss_weights[span],
+            self.task,
+            self.task_ids[span],
+        )
+
+    @property
+    def num_targets(self) -> int:
+        """Positions that carry a label."""
+        return sum(label != IGNORE for label in self.labels)
+
+
+class TextEncoder(Protocol):
+    """Anything with `encode_text` (a `JointTokenizer`)."""
+
+    def encode_text(self, text: str) -> list[int]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+
+
+class _Builder:
+    """Appends runs of tokens, each a target (with a weight) or masked."""
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+        self.ids: list[int] = []
+        self.labels: list[int] = []
+        self.weights: list[float] = []
+
+    def add(self, ids: Sequence[int], target: bool, weight: float = 0.0) -> None:
+        self.ids += ids
+        self.labels += ids if target else [IGNORE] * len(ids)
+        self.weights += [weight if target else 0.0] * len(ids)
+
+    def add_image(
+        self, codes: Tensor, layout: VocabLayout, target: bool, text_w: float, image_w: float
+    ) -> None:
+        self.add([layout.boi_id], target, text_w)
+        self.add(_image_ids(codes, layout), target, image_w)
+        self.add([layout.eoi_id], target, text_w)
+
+    def build(self) -> Example:
+        return Example(self.ids, self.labels, self.weights, self.task)
+
+
+def _image_ids(codes: Tensor, layout: VocabLayout) -> list[int]:
+    """Codes [h, w] -> row-major joint ids."""
+    codes = torch.as_tensor(codes)
+    if tuple(codes.shape) != layout.grid:
+        raise ValueError(
+            f"image codes have shape {tuple(codes.shape)} but the vocabulary's grid is "
+            f"{layout.grid}: pass one image's codes [h, w] from the matching image tokenizer"
+        )
+    return layout.codes_to_ids(rearrange(codes, "h w -> (h w)")).tolist()
+
+
+def _text_ids(ids: Sequence[int], layout: VocabLayout) -> list[int]:
+    """Validate caption ids: base-vocabulary tokens only."""
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < layout.text_vocab_size]
+    if bad:
+        raise ValueError(
+            f"caption ids must be text tokens in [0, {layout.text_vocab_size}), got {bad[:5]}: "
+            f"encode captions with JointTokenizer.encode_text"
+        )
+    return ids
+
+
+def t2i_prefix(
+    caption_ids: Sequence[int], layout: VocabLayout, prefix_length: int | None = None
+) -> list[int]:
+    """The conditioning part of a t2i sequence (everything before boi), shared by training and
+    decoding: `eos caption`, left-padded with eos to `prefix_length` tokens when that is set.
+
+    A caption longer than `prefix_length - 1` tokens is a ValueError (training cuts it first).
+    """
+    ids = _text_ids(caption_ids, layout)
+    if prefix_length is None:
+        return [layout.eos_id, *ids]
+    if len(ids) > prefix_length - 1:
+        raise ValueError(
+            f"a caption of {len(ids)} tokens does not fit t2i_prefix_length={prefix_length} "
+            f"(eos + at most {prefix_length - 1} caption tokens); shorten the caption"
+        )
+    return [layout.eos_id] * (prefix_length - len(ids)) + ids
+
+
+def build_t2i(
+    codes: Tensor, caption_ids: Sequence[int], layout: VocabLayout, cfg: SequenceConfig
+) -> Example:
+    """`eos caption boi codes eoi eos`; targets: boi, codes, eoi, eos (the caption conditions).
+
+    With `cfg.t2i_prefix_length` the caption is left-padded with eos (see `t2i_prefix`), its
+    tail cut when it is longer than the prefix allows.
+    """
+    text_w = cfg.text_loss_weight * cfg.t2i_weight
+    image_w = cfg.image_loss_weight * cfg.t2i_weight
+    prefix = cfg.t2i_prefix_length
+    caption_ids = list(caption_ids) if prefix is None else list(caption_ids)[: prefix - 1]
+    b = _Builder("t2i")
+    b.add(t2i_prefix(caption_ids, layout, prefix), target=False)
+    b.add_image(codes, layout, True, text_w, image_w)
+    b.add([layout.eos_id], True, text_w)
+    return b.build()
+
+
+def build_caption(
+    codes: Tensor, caption_ids: Sequence[int], layout: VocabLayout, cfg: SequenceConfig
+) -> Example:
+    """`eos boi codes eoi caption eos`; targets: caption, eos (the image conditions)."""
+    text_w = cfg.text_loss_weight * cfg.caption_weight
+    b = _Builder("caption")
+    b.add([layout.eos_id], target=False)
+    b.add_image(codes, layout, False, 0.0, 0.0)
+    b.add(_text_ids(caption_ids, layout), True, text_w)
+    b.add([layout.eos_id], True, text_w)
+    return b.build()
+
+
+def build_document(
+    segments: Sequence[str | Tensor],
+    layout: VocabLayout,
+    tokenizer: TextEncoder,
+    cfg: SequenceConfig | None = None,
+) -> Example:
+    """`eos seg_1 .. seg_n eos` from text (str) and image (codes [h, w]) segments; all targets."""
+    text_w = cfg.text_loss_weight if cfg else 1.0
+    image_w = cfg.image_loss_weight if cfg else 1.0
+    b = _Builder("document")
+    b.add([layout.eos_id], target=False)
+    for i, seg in enumerate(segments):
+        if isinstance(seg, str):
+            b.add(tokenizer.encode_text(seg), True, text_w)
+        elif isinstance(seg, Tensor):
+            b.add_image(seg, layout, True, text_w, image_w)
+        else:
+            raise TypeError(f"document segment {i} must be str or a codes tensor, got {type(seg)}")
+    b.add([layout.eos_id], True, text_w)
+    return b.build()
+
+
+def make_example(
+    codes: Tensor,
+    text_ids: Sequence[int],
+    layout: VocabLayout,
+    cfg: SequenceConfig,
+    rng: random.Random,
+) -> Example:
+    """t2i with probability `t2i_ratio` (caption dropped w.p. `caption_dropout`), else captioning."""
+    if rng.random() < cfg.t2i_ratio:
+        drop = rng.random() < cfg.caption_dropout
+        return build_t2i(codes, [] if drop else text_ids, layout, cfg)
+    return build_caption(codes, text_ids, layout, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# truncation and packing
+
+
+def _image_spans(ids: Sequence[int], layout: VocabLayout) -> list[tuple[int, int]]:
+    """[start, end) of every `boi .. eoi` run (an unclosed one runs to the end)."""
+    spans, start = [], None
+    for i, tok in enumerate(ids):
+        if tok == layout.boi_id:
+            start = i
+        elif tok == layout.eoi_id and start is not None:
+            spans.append((start, i + 1))
+            start = None
+    if start is not None:
+        spans.append((start, len(ids)))
+    return spans
+
+
+def truncate(example: Example, max_length: int, layout: VocabLayout) -> Example | None:
+    """Shorten to `max_length` without splitting an image; None when no target would remain.
+
+    t2i: the caption's tail is cut so the whole image still fits (None if the image does not fit,
+    or no caption token would be left, which would silently mimic caption dropout).
+    Other tasks: the sequence's tail is cut; a cut that would split an image moves to before it,
+    dropping the image and everything after.
+    """
+    n = len(example)
+    if n <= max_length:
+        return example
+    spans = _image_spans(example.input_ids, layout)
+    if example.task == "t2i" and spans:
+        boi = spans[0][0]
+        keep = boi - (n - max_length)  # positions [0, keep) then [boi, n)
+        if keep < 2:  # leading eos plus at least one caption token
+            return None
+        ex = example[:keep]
+        tail = example[boi:]
+        return Example(
+            ex.input_ids + tail.input_ids,
+            ex.labels + tail.labels,
+            ex.loss_weights + tail.loss_weights,
+            example.task,
+            ex.task_ids + tail.task_ids,
+        )
+    cut = max_length
+    for start, end in spans:
+        if start < cut < end:
+            cut = start
+            break
+    ex = example[:cut]
+    return ex if ex.num_targets else None
+
+
+def pack(examples: Sequence[Example], max_length: int, pad_id: int) -> list[Example]:
+    """Greedily fill windows of exactly `max_length` with whole examples; pad tails with `pad_id`.
+
+    Examples follow one another directly (each starts with the eos that separates it from the
+    one before); padding has label -100, weight 0 and task id -1. Truncate long examples first.
+    """
+    windows: list[Example] = []
+    current: list[Example] = []
+    used = 0
+
+    def flush() -> None:
+        pad = max_length - used
+        tasks = {ex.task for ex in current}
+        windows.append(
+            Example(
+                [i for ex in current for i in ex.input_ids] + [pad_id] * pad,
+                [i for ex in current for i in ex.labels] + [IGNORE] * pad,
+                [w for ex in current for w in ex.loss_weights] + [0.0] * pad,
+                tasks.pop() if len(tasks) == 1 else "mixed",
+                [t for ex in current for t in ex.task_ids] + [PAD_TASK] * pad,
+            )
+        )
+
+    for ex in examples:
+        if len(ex) > max_length:
+            raise ValueError(
+                f"an example of {len(ex)} tokens does not fit max_length={max_length}: "
+                f"truncate() it first (or use fit())"
+            )
+        if used + len(ex) > max_length:
+            flush()
+            current, used = [], 0
+        current.append(ex)
+        used += len(ex)
+    if current:
+        flush()
+    return windows
+
+
+class Fitted(NamedTuple):
+    """Examples ready for `collate`, and how many were skipped as too long to keep."""
+
+    examples: list[Example]
+    skipped: int
+
+
+def fit(examples: Sequence[Example], layout: VocabLayout, cfg: SequenceConfig) -> Fitted:
+    """Truncate each example to `cfg.max_length` (counting skips), then pack if `cfg.pack`."""
+    kept = [truncate(ex, cfg.max_length, layout) for ex in examples]
+    fitted = [ex for ex in kept if ex is not None]
+    if cfg.pack:
+        fitted = pack(fitted, cfg.max_length, layout.eos_id)
+    return Fitted(fitted, sum(ex is None for ex in kept))
+
+
+# ---------------------------------------------------------------------------------------------
+# batching and loss
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad to the longest example: input_ids, labels, loss_weights, attention_mask, task_ids."""
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    width = max(len(ex) for ex in examples)
+
+    def padded(rows: list[list], fill: float, dtype: torch.dtype) -> Tensor:
+        return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=dtype)
+
+    task_ids = padded([ex.task_ids for ex in examples], PAD_TASK, torch.long)
+    return {
+        "input_ids": padded([ex.input_ids for ex in examples], pad_id, torch.long),
+        "labels": padded([ex.labels for ex in examples], IGNORE, torch.long),
+        "loss_weights": padded([ex.loss_weights for ex in examples], 0.0, torch.float32),
+        # packing pads carry task id -1: they, like collate's padding, are not attended
+        "attention_mask": (task_ids != PAD_TASK).long(),
+        "task_ids": task_ids,
+    }
+
+
+def _shifted_ce(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Float32 CE of logits[:, t] against labels[:, t + 1]: ce [B, T-1], target mask [B, T-1]."""
+    targets = labels[:, 1:]
+    flat = rearrange(logits[:, :-1].float(), "b t v -> (b t) v")
+    ce = F.cross_entropy(
+        flat, rearrange(targets, "b t -> (b t)"), ignore_index=IGNORE, reduction="none"
+    )
+    return rearrange(ce, "(b t) -> b t", b=logits.shape[0]), targets != IGNORE
+
+
+def weighted_lm_loss(logits: Tensor, labels: Tensor, loss_weights: Tensor) -> Tensor:
+    """Weighted mean of the shifted CE: sum(ce * w) / sum(w); logits [B, T, V], the rest [B, T]."""
+    ce, mask = _shifted_ce(logits, labels)
+    weights = loss_weights[:, 1:].float() * mask
+    # an all-masked batch gives 0 (with a graph), not NaN
+    return (ce * weights).sum() / weights.sum().clamp_min(1e-8)
+
+
+@dataclass
+class GroupLosses:
+    """Summed CE and target counts per group ("t2i", "image", "t2i/image", ...); add batches up."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def update(self, other: GroupLosses) -> None:
+        """Accumulate another batch's sums and counts."""
+        for key, value in other.sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + other.counts[key]
+
+    def means(self) -> dict[str, float]:
+        """Mean CE per group that had targets."""
+        return {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
+
+
+@torch.no_grad()
+def per_group_losses(
+    logits: Tensor, labels: Tensor, task_ids: Tensor, layout: VocabLayout
+) -> GroupLosses:
+    """Unweighted CE per task, per kind (image code vs text/special target) and per task/kind."""
+    ce, mask = _shifted_ce(logits, labels)
+    tasks = task_ids[:, 1:]
+    image = layout.is_image(labels[:, 1:])
+    kinds = {"text": mask & ~image, "image": mask & image}
+    groups = dict(kinds)
+    for task_name, task_id in TASK_IDS.items():
+        groups[task_name] = mask & (tasks == task_id)
+        for kind_name, kind_mask in kinds.items():
+            groups[f"{task_name}/{kind_name}"] = kind_mask & (tasks == task_id)
+    return GroupLosses(
+        sums={key: float(ce[sel].sum()) for key, sel in groups.items()},
+        counts={key: int(sel.sum()) for key, sel in groups.items()},
+    )
+
+
+__all__ = [
+    "IGNORE",
+    "KINDS",
+    "PAD_TASK",
+    "TASKS",
+    "TASK_IDS",
+    "Example",
+    "Fitted",
+    "GroupLosses",
+    "SequenceConfig",
+    "build_caption",
+    "build_document",
+    "build_t2i",
+    "collate",
+    "fit",
+    "make_example",
+    "pack",
+    "per_group_losses",
+    "t2i_prefix",
+    "truncate",
+    "weighted_lm_loss",
+]

@@ -1,0 +1,472 @@
+"""Vector quantizer: nearest-code search, EMA codebooks, k-means init, dead-code restarts, RVQ.
+
+Math (DESIGN.md): `z_q = e[k]`, `k = argmin_i ||z_e - e_i||^2`; codebook loss `||sg[z_e] - z_q||^2`
+(replaced by EMA updates when `ema` is on); commitment `||z_e - sg[z_q]||^2` weighted by `beta`;
+straight-through `z_q = z_e + (z_q - z_e).detach()`. All arithmetic runs in float32.
+
+Multi-process: when `torch.distributed` is initialised, every codebook change made in a training
+forward is identical on all ranks: EMA statistics and code counts are all-reduced, the k-means
+init and the restart choices are made on rank 0 and broadcast. This holds whether or not DDP also
+broadcasts buffers, so every rank must run the training forward the same number of times.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import typing
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from vqgpt.config import ConfigError, from_dict
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+QUANTIZER_PRESETS: dict[str, dict[str, Any]] = {
+    # The seed write-up's VectorQuantizer: gradient-trained codebook, uniform(-1/K, 1/K) init.
+    "seed": dict(
+        ema=False,
+        kmeans_init=False,
+        restart_after_steps=0,
+        l2_normalize=False,
+        codebook_dim=None,
+        levels=1,
+        init="uniform",
+    ),
+    # What we recommend: EMA codebook, k-means init, dead-code restarts.
+    "default": dict(ema=True, kmeans_init=True, restart_after_steps=20, init="normal"),
+}
+
+
+@dataclass
+class QuantizerConfig:
+    """Vector quantizer options (math in DESIGN.md)."""
+
+    PRESETS: typing.ClassVar[dict[str, dict[str, Any]]] = QUANTIZER_PRESETS
+
+    preset: str | None = None  # "seed" | "default": fills the fields it names, explicit keys win
+    codebook_size: int = 1024  # K
+    codebook_dim: int | None = None  # factorised codes: project to this dim and search there
+    l2_normalize: bool = False  # search / store l2-normalised codes (cosine similarity)
+    beta: float = 0.25  # commitment weight
+    levels: int = 1  # residual quantisation depth
+    init: str = "normal"  # "uniform" (seed: U(-1/K, 1/K)) | "normal"
+    ema: bool = True  # EMA codebook updates instead of the codebook loss
+    ema_decay: float = 0.99
+    ema_eps: float = 1e-5  # Laplace smoothing of the cluster sizes
+    kmeans_init: bool = True  # k-means on the first training batch
+    kmeans_iters: int = 10
+    restart_after_steps: int = 20  # a code unused this many steps is re-seeded (0 = never)
+    warmup_steps: int = 0  # training steps with the quantizer bypassed; k-means init right after
+    warmup_steps: int = 0  # training steps with the quantizer bypassed; k-means init right after
+    chunk_size: int = 256  # rows of the search per chunk: peak memory O(chunk_size * K); see
+    # scripts/bench_quantizer.py (small blocks stay in cache: faster than bigger ones on CPU)
+
+    def __post_init__(self) -> None:
+        # presets are expanded by `from_dict` / `from_preset`, before the fields are set
+        if self.preset is not None and self.preset not in QUANTIZER_PRESETS:
+            raise ConfigError(
+                f"quantizer preset {self.preset!r} is unknown; known: {sorted(QUANTIZER_PRESETS)}"
+            )
+        if self.codebook_size < 2:
+            raise ConfigError("quantizer.codebook_size must be at least 2")
+        if self.codebook_dim is not None and self.codebook_dim < 1:
+            raise ConfigError("quantizer.codebook_dim must be positive or null")
+        if self.levels < 1:
+            raise ConfigError("quantizer.levels must be at least 1")
+        if self.init not in ("uniform", "normal"):
+            raise ConfigError("quantizer.init must be 'uniform' or 'normal'")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError("quantizer.ema_decay must be in (0, 1)")
+        if self.chunk_size < 1:
+            raise ConfigError("quantizer.chunk_size must be positive")
+        if self.warmup_steps < 0:
+            raise ConfigError("quantizer.warmup_steps must be >= 0")
+        if self.warmup_steps < 0:
+            raise ConfigError("quantizer.warmup_steps must be >= 0")
+        if self.restart_after_steps < 0:
+            raise ConfigError("quantizer.restart_after_steps must be >= 0")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> QuantizerConfig:
+        """The named preset's values with `overrides` on top."""
+        return from_dict(cls, {"preset": name, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def l2norm(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    return F.normalize(x, dim=-1, eps=eps)
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _is_rank0() -> bool:
+    return not _dist_ready() or dist.get_rank() == 0
+
+
+def _all_reduce_sum_(t: Tensor) -> Tensor:
+    if _dist_ready():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _broadcast_(t: Tensor) -> Tensor:
+    if _dist_ready():
+        dist.broadcast(t, src=0)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# nearest-code search
+
+
+SEARCH_BACKENDS = ("auto", "chunked", "triton")
+SEARCH_BACKEND_ENV = "VQGPT_NEAREST_CODE"  # forces a backend of `nearest_code` (tests, benchmarks)
+
+
+def _search_backend(x: Tensor, backend: str | None) -> str:
+    """`backend`, else $VQGPT_NEAREST_CODE, else auto: triton on CUDA when importable."""
+    backend = backend or os.environ.get(SEARCH_BACKEND_ENV) or "auto"
+    if backend not in SEARCH_BACKENDS:
+        raise ValueError(
+            f"nearest-code backend {backend!r} is unknown (argument or ${SEARCH_BACKEND_ENV}); "
+            f"known: {list(SEARCH_BACKENDS)}"
+        )
+    if backend == "auto":  # find_spec, not import: CPU runs never pay for importing triton
+        return "triton" if x.is_cuda and importlib.util.find_spec("triton") else "chunked"
+    return backend
+
+
+@torch.no_grad()
+def nearest_code(
+    x: Tensor, codebook: Tensor, chunk_size: int, backend: str | None = None
+) -> Tensor:
+    """Index of the nearest codebook row for each row of `x`, searched `chunk_size` rows at a time.
+
+    `argmin_i ||x - e_i||^2 = argmin_i (||e_i||^2 - 2 x.e_i)`: `||x||^2` is constant per row and
+    dropped. Peak extra memory is one `[chunk_size, K]` score block. Ties go to the lowest index.
+    On CUDA with triton importable the fused kernel `vqgpt.tokenizer.kernels.nearest_code_triton` (exact
+    float32) runs instead; `backend` ("auto" | "chunked" | "triton") or $VQGPT_NEAREST_CODE forces
+    one.
+    """
+    if x.ndim != 2 or codebook.ndim != 2 or x.shape[1] != codebook.shape[1]:
+        raise ValueError(
+            f"nearest_code needs x [N, D] and codebook [K, D]; got {tuple(x.shape)} and "
+            f"{tuple(codebook.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if _search_backend(x, backend) == "triton":
+        from vqgpt.tokenizer.kernels import nearest_code_triton
+
+        return nearest_code_triton(x, codebook)
+    e_sq = codebook.pow(2).sum(dim=1)  # (K,)
+    codes = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for start in range(0, x.shape[0], chunk_size):
+        rows = x[start : start + chunk_size]
+        scores = torch.addmm(e_sq, rows, codebook.t(), beta=1.0, alpha=-2.0)  # (chunk, K)
+        codes[start : start + chunk_size] = scores.argmin(dim=1)
+    return codes
+
+
+@torch.no_grad()
+def nearest_code_full(x: Tensor, codebook: Tensor) -> Tensor:
+    """The seed's naive search: the full `[N, K]` matrix `x^2 + e^2 - 2 x e^T`, then argmin."""
+    distances = (
+        torch.sum(x**2, dim=1, keepdim=True)
+        + torch.sum(codebook**2, dim=1)
+        - 2 * torch.matmul(x, codebook.t())
+    )  # (N, K)
+    return torch.argmin(distances, dim=1)
+
+
+@torch.no_grad()
+def kmeans(
+    x: Tensor, k: int, iters: int, cosine: bool = False, chunk_size: int = 256
+) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means on rows of `x`: returns (centroids [k, D], counts [k]).
+
+    Starts from `k` random rows (with replacement when there are fewer than `k`); an empty
+    cluster keeps its centroid. `cosine` renormalises centroids each step (spherical k-means).
+    """
+    n = x.shape[0]
+    if n >= k:
+        start = torch.randperm(n, device=x.device)[:k]
+    else:
+        start = torch.randint(n, (k,), device=x.device)
+    centroids = x[start].clone()
+    for _ in range(iters):
+        codes = nearest_code(x, centroids, chunk_size)
+        counts = torch.bincount(codes, minlength=k).to(x.dtype)
+        sums = torch.zeros_like(centroids).index_add_(0, codes, x)
+        means = sums / counts.clamp(min=1.0)[:, None]
+        if cosine:
+            means = l2norm(means)
+        centroids = torch.where(counts[:, None] > 0, means, centroids)
+    counts = torch.bincount(nearest_code(x, centroids, chunk_size), minlength=k).to(x.dtype)
+    return centroids, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# one codebook
+
+
+class Codebook(nn.Module):
+    """One level's K codes in search space, with its EMA / k-means / restart state."""
+
+    def __init__(self, dim: int, cfg: QuantizerConfig):
+        super().__init__()
+        self.cfg = cfg
+        k = cfg.codebook_size
+        embed = torch.empty(k, dim)
+        if cfg.init == "uniform":
+            embed.uniform_(-1.0 / k, 1.0 / k)  # the seed's init
+        else:
+            embed.normal_()
+        if cfg.l2_normalize:
+            embed = l2norm(embed)
+        if cfg.ema:
+            self.register_buffer("embed", embed)
+            # state as if each code had been seen once at its current value
+            self.register_buffer("ema_cluster_size", torch.ones(k))
+            self.register_buffer("ema_embed_sum", embed.clone())
+        else:
+            self.embed = nn.Parameter(embed)
+        if cfg.restart_after_steps > 0:
+            self.register_buffer("unused_steps", torch.zeros(k, dtype=torch.long))
+        self.register_buffer("initialized", torch.tensor(not cfg.kmeans_init))
+
+    @property
+    def vectors(self) -> Tensor:
+        """The [K, dim] codes in float32, unit-norm when `l2_normalize`."""
+        embed = self.embed.float()
+        return l2norm(embed) if self.cfg.l2_normalize else embed
+
+    def search(self, x: Tensor) -> Tensor:
+        """Nearest code for each row of `x` [N, dim]."""
+        return nearest_code(x.detach(), self.vectors.detach(), self.cfg.chunk_size)
+
+    @torch.no_grad()
+    def kmeans_init_(self, x: Tensor) -> None:
+        """Set the codes by k-means on `x` (rank 0's batch; broadcast to every rank)."""
+        k = self.cfg.codebook_size
+        centroids = torch.empty(k, x.shape[1], device=x.device)
+        counts = torch.empty(k, device=x.device)
+        if _is_rank0():
+            centroids, counts = kmeans(
+                x, k, self.cfg.kmeans_iters, self.cfg.l2_normalize, self.cfg.chunk_size
+            )
+        _broadcast_(centroids)
+        _broadcast_(counts)
+        self.embed.data.copy_(centroids)
+        if self.cfg.ema:
+            # an empty cluster counts as seen once, so its code survives the Laplace smoothing
+            size = counts.clamp(min=1.0)
+            self.ema_cluster_size.copy_(size)
+            self.ema_embed_sum.copy_(centroids * size[:, None])
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def update_(self, x: Tensor, codes: Tensor) -> None:
+        """Training-step update from rows `x` [N, dim] assigned to `codes`: EMA, then restarts."""
+        cfg = self.cfg
+        if not (cfg.ema or cfg.restart_after_steps > 0):
+            return
+        k = cfg.codebook_size
+        # one all-reduce for counts (and, for EMA, sums): [K, 1 (+ dim)]
+        stats = torch.zeros(k, 1 + (x.shape[1] if cfg.ema else 0), device=x.device)
+        stats[:, 0].index_add_(0, codes, torch.ones_like(codes, dtype=stats.dtype))
+        if cfg.ema:
+            stats[:, 1:].index_add_(0, codes, x)
+        _all_reduce_sum_(stats)
+        counts, sums = stats[:, 0], stats[:, 1:]
+        if cfg.ema:
+            self._ema_step_(counts, sums)
+        if cfg.restart_after_steps > 0:
+            self._restart_dead_(x, codes, counts)
+
+    def _ema_step_(self, counts: Tensor, sums: Tensor) -> None:
+        decay, eps, k = self.cfg.ema_decay, self.cfg.ema_eps, self.cfg.codebook_size
+        size = self.ema_cluster_size.float() * decay + counts * (1 - decay)
+        embed_sum = self.ema_embed_sum.float() * decay + sums * (1 - decay)
+        total = size.sum()
+        smoothed = (size + eps) / (total + k * eps) * total  # Laplace smoothing
+        embed = embed_sum / smoothed[:, None]
+        if self.cfg.l2_normalize:
+            embed = l2norm(embed)
+        self.ema_cluster_size.copy_(size)
+        self.ema_embed_sum.copy_(embed_sum)
+        self.embed.copy_(embed)
+
+    def _restart_dead_(self, x: Tensor, codes: Tensor, counts: Tensor) -> None:
+        """Re-seed codes unused for `restart_after_steps` steps from this batch's vectors.
+
+        Replacements are drawn with probability proportional to each vector's squared
+        quantization error: vectors the codebook already fits (the frequent background of an
+        image) are rarely picked, the badly served rare ones (small objects) often.
+        """
+        self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
+        dead = (self.unused_steps >= self.cfg.restart_after_steps).to(torch.uint8)
+        _broadcast_(dead)  # rank 0 decides
+        dead = dead.bool()
+        num_dead = int(dead.sum())
+        if num_dead == 0:
+            return
+        fresh = torch.empty(num_dead, x.shape[1], device=x.device)
+        if _is_rank0():
+            error = (x.float() - self.vectors[codes]).pow(2).sum(dim=1)  # (N,)
+            weights = error + 1e-12 * error.max().clamp(min=1e-12)  # every vector stays possible
+            replace = x.shape[0] < num_dead
+            pick = torch.multinomial(weights, num_dead, replacement=replace)
+            fresh = x[pick].float()
+        _broadcast_(fresh)
+        if self.cfg.l2_normalize:
+            fresh = l2norm(fresh)
+        self.embed.data[dead] = fresh.to(self.embed.dtype)
+        if self.cfg.ema:
+            self.ema_cluster_size[dead] = 1.0  # seen once, at the new value
+            self.ema_embed_sum[dead] = fresh.to(self.ema_embed_sum.dtype)
+        self.unused_steps[dead] = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the quantizer
+
+
+class QuantizerOutput(NamedTuple):
+    """What `VectorQuantizer.forward` returns."""
+
+    quantized: Tensor  # [B, D, H, W], straight-through, in the input dtype
+    codes: Tensor  # long [B, H, W], or [B, H, W, L] when levels > 1
+    loss: Tensor  # codebook_loss + beta * commitment_loss (float32 scalar)
+    commitment_loss: Tensor  # ||z - sg[z_q]||^2, mean per level, summed over levels (unweighted)
+    codebook_loss: Tensor  # ||sg[z] - z_q||^2 likewise; 0 when the codebook is EMA-updated
+    perplexity: Tensor  # exp(entropy) of this batch's level-0 code histogram
+    usage: Tensor  # fraction of the K level-0 codes used in this batch
+
+
+def code_stats(codes: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
+    """(perplexity, usage) of a batch of codes: exp(entropy) of the histogram, fraction used."""
+    counts = torch.bincount(codes.flatten(), minlength=codebook_size).float()
+    probs = counts / counts.sum().clamp(min=1.0)
+    entropy = -(probs * torch.log(probs.clamp(min=1e-12))).sum()
+    return entropy.exp(), (counts > 0).float().mean()
+
+
+class VectorQuantizer(nn.Module):
+    """Snaps each channel vector of `z_e` [B, D, H, W] to its nearest code (options in the config)."""
+
+    def __init__(self, dim: int, cfg: QuantizerConfig):
+        super().__init__()
+        if cfg.l2_normalize and cfg.levels > 1:
+            raise ValueError(
+                "quantizer: l2_normalize with levels > 1 is not supported (residuals of unit "
+                "vectors are not unit vectors); set quantizer.levels=1 or l2_normalize=false"
+            )
+        self.dim = dim
+        self.cfg = cfg
+        search_dim = cfg.codebook_dim if cfg.codebook_dim is not None else dim
+        self.search_dim = search_dim
+        if cfg.codebook_dim is not None:
+            self.proj_in = nn.Linear(dim, search_dim)
+            self.proj_out = nn.Linear(search_dim, dim)
+        else:
+            self.proj_in = self.proj_out = None
+        self.codebooks = nn.ModuleList(Codebook(search_dim, cfg) for _ in range(cfg.levels))
+
+    @property
+    def codebook(self) -> Tensor:
+        """Codes in search space: [K, search_dim], or [L, K, search_dim] when levels > 1."""
+        codes = [cb.vectors for cb in self.codebooks]
+        return codes[0] if len(codes) == 1 else torch.stack(codes)
+
+    def _project(self, x: Tensor, proj: nn.Linear | None) -> Tensor:
+        if proj is None:
+            return x
+        bias = None if proj.bias is None else proj.bias.float()
+        return F.linear(x, proj.weight.float(), bias)  # float32 even if the module is not
+
+    def forward(self, z_e: Tensor) -> QuantizerOutput:
+        """Quantize `z_e` [B, D, H, W]; in training also update the codebooks (EMA/init/restarts)."""
+        if z_e.ndim != 4 or z_e.shape[1] != self.dim:
+            raise ValueError(
+                f"VectorQuantizer expects z_e of shape [B, {self.dim}, H, W]; got {tuple(z_e.shape)}"
+            )
+        b, _, h, w = z_e.shape
+        with torch.autocast(device_type=z_e.device.type, enabled=False):
+            x = rearrange(z_e.float(), "b d h w -> (b h w) d")
+            z = self._project(x, self.proj_in)  # (N, search_dim)
+            if self.cfg.l2_normalize:
+                z = l2norm(z)
+            residual = z
+            z_q = torch.zeros_like(z)
+            commitment = z.new_zeros(())
+            codebook_loss = z.new_zeros(())
+            all_codes = []
+            for cb in self.codebooks:
+                if self.training and not bool(cb.initialized):
+                    cb.kmeans_init_(residual.detach())
+                codes = cb.search(residual)  # (N,)
+                q = F.embedding(codes, cb.vectors)  # (N, search_dim)
+                commitment = commitment + F.mse_loss(residual, q.detach())
+                if not self.cfg.ema:
+                    codebook_loss = codebook_loss + F.mse_loss(q, residual.detach())
+                if self.training:
+                    cb.update_(residual.detach(), codes)
+                z_q = z_q + q
+                residual = residual - q.detach()
+                all_codes.append(codes)
+            z_q = z + (z_q - z).detach()  # straight-through
+            out = self._project(z_q, self.proj_out)
+            quantized = rearrange(out, "(b h w) d -> b d h w", b=b, h=h, w=w).to(z_e.dtype)
+            codes = torch.stack(all_codes, dim=-1)  # (N, L)
+            codes = rearrange(codes, "(b h w) l -> b h w l", b=b, h=h, w=w)
+            if self.cfg.levels == 1:
+                codes = codes[..., 0]
+            perplexity, usage = code_stats(all_codes[0], self.cfg.codebook_size)
+            loss = codebook_loss + self.cfg.beta * commitment
+        return QuantizerOutput(quantized, codes, loss, commitment, codebook_loss, perplexity, usage)
+
+    def lookup(self, codes: Tensor) -> Tensor:
+        """Codes [B, H, W] (or [B, H, W, L]) -> quantized vectors [B, D, H, W] in the module dtype."""
+        levels = self.cfg.levels
+        if levels == 1 and codes.ndim == 3:
+            codes = codes[..., None]
+        if codes.ndim != 4 or codes.shape[-1] != levels:
+            want = "[B, H, W]" if levels == 1 else f"[B, H, W, {levels}]"
+            raise ValueError(f"lookup expects codes of shape {want}; got {tuple(codes.shape)}")
+        k = self.cfg.codebook_size
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
+            raise ValueError(
+                f"lookup: codes must lie in [0, {k}); got {codes.min()}..{codes.max()}"
+            )
+        vectors = sum(F.embedding(codes[..., i], cb.vectors) for i, cb in enumerate(self.codebooks))
+        out = self._project(vectors, self.proj_out)  # (B, H, W, D)
+        return rearrange(out, "b h w d -> b d h w").to(self.codebooks[0].embed.dtype)
+
+
+__all__ = [
+    "QUANTIZER_PRESETS",
+    "Codebook",
+    "QuantizerConfig",
+    "QuantizerOutput",
+    "VectorQuantizer",
+    "code_stats",
+    "kmeans",
+    "l2norm",
+    "nearest_code",
+    "nearest_code_full",
+]

@@ -1,0 +1,145 @@
+"""Stage one: the Accelerate training loop of the VQ-VAE image tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import skip_first_batches
+from torch.utils.data import DataLoader
+
+from vqgpt.config import load_config
+from vqgpt.data.sources import DataConfig, collate, image_text_dataset
+from vqgpt.tokenizer.evaluate import EvalConfig, evaluate_tokenizer
+from vqgpt.tokenizer.losses import LossConfig, VQLoss
+from vqgpt.tokenizer.quantize import QuantizerConfig
+from vqgpt.tokenizer.vqvae import VQVAE, ModelConfig, VQVAEConfig
+from vqgpt.training import (
+    TrainConfig,
+    optimizer_step,
+    resume_run,
+    run_loop,
+    save_final,
+    start_run,
+    warmup_cosine,
+    write_summary,
+)
+
+
+@dataclass
+class TokenizerRecipe:
+    """Everything `vqgpt train-tokenizer` reads from configs/tokenizer/*.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.image_size != self.model.image_size:
+            self.data.image_size = self.model.image_size  # one source of truth: the model
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> TokenizerRecipe:
+    """Read a tokenizer recipe YAML with dotted overrides."""
+    return load_config(TokenizerRecipe, path, overrides)
+
+
+def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
+    """Train (or resume) a VQ-VAE; returns the <run>/final folder."""
+    tc = recipe.train
+    accelerator = start_run(recipe, tc, "vqgpt-tokenizer")
+    out = Path(tc.output_dir)
+
+    train_set = image_text_dataset(recipe.data, recipe.data.train_split, train=True)
+    if train_set.stats.total:
+        accelerator.print(f"train data: {train_set.stats}")
+    if len(train_set) < tc.batch_size * accelerator.num_processes:
+        raise ValueError(
+            f"train split has {len(train_set)} usable images, fewer than one batch "
+            f"({tc.batch_size} x {accelerator.num_processes} processes)"
+        )
+    loader = DataLoader(
+        train_set,
+        batch_size=tc.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate,
+        num_workers=recipe.data.num_workers,
+    )
+
+    model = VQVAE(VQVAEConfig.build(recipe.model, recipe.quantizer))
+    loss_fn = VQLoss(recipe.loss)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=tc.learning_rate, betas=tc.betas, weight_decay=tc.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    disc_optimizer = None
+    if loss_fn.discriminator is not None:
+        disc_optimizer = torch.optim.AdamW(
+            loss_fn.discriminator.parameters(), lr=tc.learning_rate, betas=(0.5, 0.9)
+        )
+        loss_fn.discriminator, disc_optimizer = accelerator.prepare(
+            loss_fn.discriminator, disc_optimizer
+        )
+    loss_fn.to(accelerator.device)
+    raw_model: VQVAE = accelerator.unwrap_model(model)
+
+    metrics, state = resume_run(accelerator, tc, resume)
+
+    eval_set = None
+    if accelerator.is_main_process and recipe.eval.max_images > 0:
+        eval_set = image_text_dataset(recipe.data, recipe.data.eval_split, train=False)
+
+    def evaluate(step: int) -> str | None:
+        if eval_set is None or not len(eval_set):
+            return None
+        grid = out / "samples" / f"recon_{step:06d}.png"
+        result = evaluate_tokenizer(raw_model, eval_set, recipe.eval, grid_path=grid)
+        metrics.log(step, result.to_log(), kind="eval")
+        return result.summary()
+
+    def epoch_batches(epoch: int, skip: int):
+        loader.set_epoch(epoch)
+        return skip_first_batches(loader, skip) if skip else loader
+
+    def train_step(batch: dict, step: int) -> dict[str, float]:
+        pixels = batch["pixel_values"]
+        output = model(pixels, bypass_quantizer=step < recipe.quantizer.warmup_steps)
+        record = loss_fn.autoencoder_loss(
+            pixels, output.reconstruction, output.quantizer.loss, step, raw_model.last_layer
+        )
+        optimizer_step(accelerator, model, optimizer, scheduler, record.total, tc.grad_clip)
+        if disc_optimizer is not None and loss_fn.uses_discriminator(step):
+            disc_record = loss_fn.discriminator_loss(pixels, output.reconstruction.detach(), step)
+            disc_optimizer.zero_grad(set_to_none=True)  # drop the generator step's grads
+            accelerator.backward(disc_record.total)
+            disc_optimizer.step()
+            disc_optimizer.zero_grad(set_to_none=True)
+            record.parts.update(disc_record.parts)
+        values = record.to_log()
+        values["perplexity"] = float(output.quantizer.perplexity)
+        values["items"] = float(len(pixels))
+        return values
+
+    state = run_loop(
+        accelerator,
+        tc,
+        model,
+        scheduler,
+        metrics,
+        state,
+        epoch_batches,
+        train_step,
+        evaluate,
+        desc="tokenizer",
+        items_name="images",
+    )
+    final = save_final(accelerator, model, out)
+    write_summary(accelerator, model, final, state)
+    accelerator.end_training()
+    return final

@@ -1,0 +1,271 @@
+"""Pretokenisation: codes equal direct encoding, re-runs do nothing, changes redo, 2 ranks = 1."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqgpt.config import ConfigError, from_dict
+from vqgpt.data.images import ImageTransform, load_rgb
+from vqgpt.data.shapes import ShapesConfig, shapes_dataset, write_image_folder
+from vqgpt.data.sources import DataConfig, load_image_dataset
+from vqgpt.lm.pretokenize import (
+    MARKER,
+    PretokenizeConfig,
+    codes_dtype,
+    codes_tensor,
+    encode_rows,
+    load_codes,
+    main,
+    pretokenize,
+    read_split_info,
+    tokenizer_fingerprint,
+)
+from vqgpt.tokenizer.codec import load_tokenizer_model
+from vqgpt.tokenizer.quantize import QuantizerConfig
+from vqgpt.tokenizer.vqvae import VQVAE, ModelConfig, VQVAEConfig
+
+BATCH = 4  # divides every shard below, so 1 and 2 processes run the same batch shapes
+SHAPES = dict(num_images=40, num_test_images=16, image_size=32)
+
+
+def shapes_config(tokenizer: Path, out: Path, **shapes) -> PretokenizeConfig:
+    images = DataConfig(source="shapes", image_size=32, shapes=ShapesConfig(**{**SHAPES, **shapes}))
+    return PretokenizeConfig(
+        tokenizer=str(tokenizer), images=images, output_dir=str(out), batch_size=BATCH
+    )
+
+
+def direct_codes(model, images: list[Image.Image]) -> torch.Tensor:
+    """model.encode over the images in chunks of BATCH: the reference for the stored codes."""
+    transform = ImageTransform(model.config.arch.image_size)
+    pixels = torch.stack([transform(load_rgb(im)) for im in images])
+    return torch.cat([model.encode(chunk) for chunk in pixels.split(BATCH)])
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory, run_cli, tiny_tokenizer_recipe, write_yaml) -> Path:
+    """A tiny tokenizer trained with the real CLI (2 steps, no eval)."""
+    run = tmp_path_factory.mktemp("tok") / "run"
+    recipe = tiny_tokenizer_recipe(
+        run, train=dict(max_steps=2, save_every=0), eval=dict(max_images=0)
+    )
+    run_cli("train-tokenizer", "--config", str(write_yaml(run.parent / "r.yaml", recipe)))
+    return run  # a run folder: resolved to run/final
+
+
+@pytest.fixture(scope="module")
+def reference(tokenizer, tmp_path_factory):
+    """One in-process pretokenisation of shapes train + test."""
+    cfg = shapes_config(tokenizer, tmp_path_factory.mktemp("codes") / "out")
+    return cfg, pretokenize(cfg)
+
+
+def test_codes_equal_direct_encoding_in_source_order(tokenizer, reference):
+    cfg, result = reference
+    model = load_tokenizer_model(tokenizer)
+    assert list(result.splits) == ["train", "test"] and result.did_work
+    for split, n in (("train", 40), ("test", 16)):
+        assert not result.splits[split].already_done and result.splits[split].rows == n
+        ds = load_codes(cfg.output_dir, split)
+        source = load_image_dataset(cfg.images, split)
+        assert ds.column_names == ["codes", "text", "objects"]
+        assert ds.features["codes"] == datasets.Array2D((8, 8), "int16")
+        assert ds["text"] == source["text"] and ds["objects"] == source["objects"]
+        stored = codes_tensor(ds[:])  # (n, 8, 8)
+        assert stored.shape == (n, 8, 8) and stored.dtype == torch.long
+        assert torch.equal(stored, direct_codes(model, source["image"]))
+        assert len(stored.unique()) > 1  # a constant grid would match anything
+        info = read_split_info(cfg.output_dir, split)
+        assert info.rows == n and info.grid == [8, 8] and info.codebook_size == 32
+        assert info.tokenizer_fingerprint == tokenizer_fingerprint(tokenizer)
+
+
+def test_second_run_does_no_work(reference):
+    cfg, _ = reference
+    before = mtimes(Path(cfg.output_dir))
+    again = pretokenize(cfg)
+    assert not again.did_work
+    assert all(r.already_done for r in again.splits.values())
+    assert [r.rows for r in again.splits.values()] == [40, 16]
+    assert "already done" in again.summary()
+    assert mtimes(Path(cfg.output_dir)) == before  # nothing rewritten, nothing added
+
+
+def test_unfinished_changed_tokenizer_or_source_is_redone(tokenizer, tmp_path):
+    cfg = replace(shapes_config(tokenizer, tmp_path / "out"), splits=["test"])
+    assert pretokenize(cfg).did_work
+    first = codes_tensor(load_codes(cfg.output_dir, "test")[:])
+
+    (tmp_path / "out" / "test" / MARKER).unlink()  # as if killed before the marker was written
+    assert pretokenize(cfg).did_work
+
+    # a different tokenizer: the same weights with the codebook rows reversed
+    model = load_tokenizer_model(tokenizer)
+    model.quantizer.codebooks[0].embed.data = model.quantizer.codebooks[0].embed.data.flip(0)
+    model.save_pretrained(tmp_path / "tok2")
+    redone = pretokenize(replace(cfg, tokenizer=str(tmp_path / "tok2")))
+    assert redone.did_work
+    second = codes_tensor(load_codes(cfg.output_dir, "test")[:])
+    source = load_image_dataset(cfg.images, "test")
+    assert torch.equal(second, direct_codes(model, source["image"]))
+    assert not torch.equal(second, first)
+    info = read_split_info(cfg.output_dir, "test")
+    assert info.tokenizer_fingerprint == tokenizer_fingerprint(tmp_path / "tok2")
+
+    # a different source: other shapes (seed 1), with the second tokenizer
+    other = replace(shapes_config(tmp_path / "tok2", tmp_path / "out", seed=1), splits=["test"])
+    assert pretokenize(other).did_work
+    assert load_codes(cfg.output_dir, "test")["text"] != source["text"]
+    assert not pretokenize(other).did_work
+
+
+def test_bad_images_in_a_folder_are_skipped_and_counted(tokenizer, tmp_path):
+    folder = write_image_folder(
+        shapes_dataset(ShapesConfig(num_images=6, image_size=32)), tmp_path / "imgs"
+    )
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with (folder / "metadata.jsonl").open("a") as fh:
+        fh.write(json.dumps({"file_name": "broken.png", "text": "broken", "objects": "[]"}) + "\n")
+        fh.write(json.dumps({"file_name": "gone.png", "text": "gone", "objects": "[]"}) + "\n")
+    cfg = PretokenizeConfig(
+        tokenizer=str(tokenizer),
+        images=DataConfig(source=str(folder), image_size=32),
+        output_dir=str(tmp_path / "out"),
+        splits=["train"],
+        batch_size=BATCH,
+    )
+    result = pretokenize(cfg).splits["train"]
+    assert result.rows == 6 and not result.already_done
+    assert (result.skipped.unreadable, result.skipped.missing) == (1, 1)
+    ds = load_codes(cfg.output_dir, "train")
+    meta = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert ds.column_names == ["codes", "text"]  # folder sources carry no other columns
+    assert ds["text"] == [m["text"] for m in meta[:6]]
+    images = [Image.open(folder / m["file_name"]) for m in meta[:6]]
+    expected = direct_codes(load_tokenizer_model(tokenizer), images)
+    assert torch.equal(codes_tensor(ds[:]), expected)
+    assert read_split_info(cfg.output_dir, "train").skipped.total == 2
+
+
+def test_encode_rows_skips_rows_that_do_not_decode(tokenizer):
+    model = load_tokenizer_model(tokenizer)
+    good = shapes_dataset(ShapesConfig(num_images=5, image_size=32))["image"]
+    png = []
+    for im in good:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        png.append(buf.getvalue())
+    raw = [png[0], b"garbage", png[1], png[2], b"", png[3], png[4]]
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": b, "path": None} for b in raw], "text": [""] * len(raw)},
+        features=datasets.Features(image=datasets.Image(), text=datasets.Value("string")),
+    )
+    encoded = encode_rows(model, ds, range(1, 7), batch_size=2)  # rows 1..6
+    assert encoded.rows == [2, 3, 5, 6]
+    assert encoded.stats.unreadable == 2 and encoded.stats.examples == ["row 1", "row 4"]
+    assert encoded.codes.dtype == np.int16 and encoded.codes.shape == (4, 8, 8)
+    transform = ImageTransform(32)
+    pixels = torch.stack([transform(im) for im in good[1:5]])
+    expected = torch.cat([model.encode(pixels[:2]), model.encode(pixels[2:])])
+    assert torch.equal(torch.from_numpy(encoded.codes).long(), expected)
+
+
+def test_residual_codes_are_stored_as_h_w_levels(tmp_path):
+    arch = ModelConfig(
+        image_size=32, base_channels=8, channel_mult=(1, 2), latent_dim=8, norm_groups=4
+    )
+    model = VQVAE(VQVAEConfig.build(arch, QuantizerConfig(codebook_size=64, levels=2))).eval()
+    model.save_pretrained(tmp_path / "rvq")
+    cfg = replace(shapes_config(tmp_path / "rvq", tmp_path / "out"), splits=["test"])
+    pretokenize(cfg)
+    ds = load_codes(cfg.output_dir, "test")
+    assert ds.features["codes"] == datasets.Array3D((8, 8, 2), "int16")
+    source = load_image_dataset(cfg.images, "test")
+    assert torch.equal(codes_tensor(ds[:]), direct_codes(model, source["image"]))
+    assert (codes_dtype(2**15), codes_dtype(2**15 + 1)) == (np.int16, np.int32)
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_dataset(reference, accelerate_launcher, tmp_path, cli_env):
+    cfg, _ = reference
+    out = tmp_path / "out2"
+    cmd = [*accelerate_launcher, "-m", "vqgpt.lm.pretokenize", "--tokenizer", cfg.tokenizer]
+    cmd += ["--output-dir", str(out), "--batch-size", str(BATCH)]
+    cmd += [f"images.shapes.{k}={v}" for k, v in SHAPES.items()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.count("(written)") == 2  # the summary comes from rank 0 only
+    for split in ("train", "test"):
+        one, two = load_codes(cfg.output_dir, split), load_codes(out, split)
+        assert two.features == one.features
+        assert two[:] == one[:]
+        a, b = read_split_info(cfg.output_dir, split), read_split_info(out, split)
+        assert (b.rows, b.source, b.tokenizer_fingerprint) == (
+            a.rows,
+            a.source,
+            a.tokenizer_fingerprint,
+        )
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train"]  # no shard or tmp left
+
+
+# ---------------------------------------------------------------------------------------------
+# config, reading helpers, command line
+
+
+def test_config_defaults_to_the_dataset_split_names_and_loads_as_a_section():
+    cfg = from_dict(
+        PretokenizeConfig,
+        {"tokenizer": "t", "images": {"train_split": "fit", "eval_split": "val"}},
+        "data",
+    )
+    assert cfg.splits == ["fit", "val"] and cfg.batch_size == 64
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(batch_size=0),
+        dict(tokenizer=""),
+        dict(output_dir=""),
+        dict(splits=[]),
+        dict(splits=["train", "train"]),
+        dict(splits=["a/b"]),
+        dict(splits=["train.tmp"]),
+    ],
+)
+def test_config_rejects(bad):
+    with pytest.raises(ConfigError):
+        PretokenizeConfig(**bad)
+
+
+def test_codes_tensor_reads_rows_batches_and_torch_format(reference):
+    cfg, _ = reference
+    ds = load_codes(cfg.output_dir, "test")
+    batch = codes_tensor(ds[2:5])
+    assert batch.shape == (3, 8, 8) and batch.dtype == torch.long
+    assert torch.equal(codes_tensor(ds[3]), batch[1])
+    assert torch.equal(codes_tensor(ds.with_format("torch")[2:5]), batch)
+    assert torch.equal(codes_tensor([t for t in batch]), batch)
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        codes_tensor([1, 2, 3])
+
+
+def test_missing_output_and_missing_tokenizer_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="pretokenize"):
+        load_codes(tmp_path, "train")
+    assert main(["--tokenizer", str(tmp_path / "nope"), "--output-dir", str(tmp_path)]) == 2
+    assert "no image tokenizer here" in capsys.readouterr().err

@@ -1,0 +1,102 @@
+"""Stage-two training: a real run, a killed run that resumes, a 2-process run that saves once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vqgpt.lm.pipeline import Pipeline
+from vqgpt.training import read_metrics
+
+
+def losses(run) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run, "train")}
+
+
+@pytest.fixture(scope="module")
+def lm_run(tiny_tokenizer_run, tmp_path_factory, run_cli, tiny_lm_recipe, write_yaml):
+    root = tmp_path_factory.mktemp("lm")
+    out = root / "run"
+    cfg = write_yaml(root / "r.yaml", tiny_lm_recipe(tiny_tokenizer_run, out, root / "codes"))
+    run_cli("train-lm", "--config", str(cfg))
+    return out
+
+
+def test_run_saves_a_loadable_pipeline_and_reports_eval_per_task(lm_run):
+    final = lm_run / "final"
+    pipe = Pipeline.from_pretrained(final)
+    assert pipe.layout.grid == pipe.image_tokenizer.grid
+    summary = json.loads((final / "eval.json").read_text())
+    assert summary["step"] == 6
+    for key in ("full/t2i", "full/caption", "split/t2i/image", "unigram_full/caption"):
+        assert summary[key] > 0, key
+    # the split normalisation is over fewer rows: never worse than the full one
+    assert summary["split/t2i/image"] <= summary["full/t2i/image"] + 1e-6
+    train = read_metrics(lm_run, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert all(r["tokens_per_s"] > 0 for r in train)
+
+
+def test_killed_run_resumes_with_the_same_next_step_loss(
+    lm_run, tiny_tokenizer_run, tmp_path, kill_after_checkpoint, run_cli, tiny_lm_recipe, write_yaml
+):
+    out = tmp_path / "run"
+    recipe = tiny_lm_recipe(tiny_tokenizer_run, out, tmp_path / "codes", train=dict(save_every=1))
+    cfg = write_yaml(tmp_path / "r.yaml", recipe)
+    resumed_from = kill_after_checkpoint(["train-lm", "--config", str(cfg)], out)
+    assert 2 <= resumed_from < 6, "the kill came too late to test a resume"
+    result = run_cli("train-lm", "--config", str(cfg), "--resume", "latest")
+    assert "resumed from" in result.stdout + result.stderr
+    reference, resumed = losses(lm_run), losses(out)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in range(resumed_from + 1, 7):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-7), step
+
+
+@pytest.mark.slow
+def test_two_process_run_trains_and_saves_once(
+    tiny_tokenizer_run, tmp_path, accelerate_launcher, run_cli, tiny_lm_recipe, write_yaml
+):
+    out = tmp_path / "run"
+    recipe = tiny_lm_recipe(
+        tiny_tokenizer_run, out, tmp_path / "codes", train=dict(max_steps=3, save_every=0)
+    )
+    cfg = write_yaml(tmp_path / "r.yaml", recipe)
+    result = run_cli("train-lm", "--config", str(cfg), launcher=accelerate_launcher)
+    assert "pipeline saved to" in result.stdout
+    assert not (out / "final.tmp").exists()
+    # one writer: every step logged once, not once per rank
+    assert [r["step"] for r in read_metrics(out, "train")] == [1, 2, 3]
+    summary = json.loads((out / "final" / "eval.json").read_text())
+    assert summary["num_processes"] == 2 and summary["replica_max_abs_diff"] == 0.0
+    Pipeline.from_pretrained(out)
+
+
+def test_generate_and_caption_commands_write_their_files(lm_run, tmp_path, run_cli):
+    listed = ["a small red circle at the top", "a large blue square at the left"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{listed[0]}\n\n{listed[1]}\n")  # the blank line is skipped
+    first = "a large green triangle at the center"
+    out = tmp_path / "gen"
+    args = ["--model", str(lm_run), first, "--prompts", str(prompts), "-n", "2", "--cfg", "2"]
+    result = run_cli("generate", *args, "--rerank", "2", "--seed", "3", "--out", str(out))
+    assert "6 image(s) written" in result.stdout
+    rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [first] * 2 + [listed[0]] * 2 + [listed[1]] * 2
+    size = Pipeline.from_pretrained(lm_run).image_tokenizer.config.arch.image_size
+    assert all(Image.open(out / r["file"]).size == (size, size) for r in rows)
+    assert (out / "grid.png").is_file()
+
+    (out / "broken.png").write_bytes(b"not a png")
+    captions = tmp_path / "captions.jsonl"
+    result = run_cli(
+        "caption", "--model", str(lm_run), str(out), "--out", str(captions), "--rerank", "2"
+    )
+    records = [json.loads(line) for line in captions.read_text().splitlines()]
+    by_name = {Path(r["file"]).name: r for r in records}
+    assert by_name["broken.png"]["caption"] is None and "1 unreadable" in result.stderr
+    assert all(isinstance(by_name[r["file"]]["caption"], str) for r in rows)
+    assert len(result.stdout.strip().splitlines()) == len(records) == len(rows) + 2  # + grid

@@ -1,0 +1,170 @@
+"""The Triton nearest-code kernel against the chunked search, interpreted on the CPU.
+
+Triton reads TRITON_INTERPRET when a kernel is defined, so the kernels run in one subprocess
+(this file run as a script) that starts with the variable set; the tests check its answers.
+Interpreting is slow: sizes stay tiny, and 16-wide tiles make them span several tiles in N, K, D.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vqgpt.tokenizer.quantize import nearest_code
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="triton is not installed (pip install -e '.[dev]' brings it; CI installs it)",
+)
+
+TILES = (16, 16, 16)  # BLOCK_N, BLOCK_K, BLOCK_D: the smallest tl.dot takes
+# (N, K, D): none a multiple of 16 except D=256, which spans 16 D slices of the tile
+SIZES = [(37, 41, 3), (37, 41, 8), (37, 41, 40), (21, 35, 256)]
+
+
+def _inputs(n: int, k: int, d: int, ties: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random float rows, or small integers (exact float32 arithmetic, many exact ties) whose
+    codebook's second half repeats its first half (duplicate rows, in later K tiles)."""
+    g = torch.Generator().manual_seed(seed)
+    if not ties:
+        return torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+    x = torch.randint(-2, 3, (n, d), generator=g).float()
+    e = torch.randint(-1, 2, (k, d), generator=g).float()
+    half = k // 2
+    e[k - half :] = e[:half]
+    return x, e
+
+
+def _cases() -> list[dict]:
+    cases = []
+    for n, k, d in SIZES:
+        for ties in (False, True):
+            for fast in (False, True):
+                cases.append(dict(n=n, k=k, d=d, ties=ties, fast=fast, blocks=TILES, seed=d))
+    # default tiles (64, 64, 32): one tile holds all rows and codes; K == 1
+    cases.append(dict(n=50, k=70, d=40, ties=True, fast=False, blocks=None, seed=1))
+    cases.append(dict(n=5, k=1, d=8, ties=False, fast=True, blocks=TILES, seed=2))
+    return cases
+
+
+def _worker() -> dict:
+    """In the TRITON_INTERPRET=1 subprocess: every case's kernel indices, and the dispatch."""
+    import vqgpt.tokenizer.kernels as kernels
+
+    results = []
+    for case in _cases():
+        x, e = _inputs(case["n"], case["k"], case["d"], case["ties"], case["seed"])
+        codes = kernels.nearest_code_triton(x, e, fast=case["fast"], blocks=case["blocks"])
+        results.append(dict(case=case, codes=codes.tolist()))
+    # nearest_code dispatches to the kernel when asked (argument or environment), not otherwise
+    calls = []
+    original = kernels.nearest_code_triton
+    kernels.nearest_code_triton = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    x, e = _inputs(30, 20, 8, ties=True, seed=3)
+    chunked = nearest_code(x, e, 7, backend="chunked").tolist()
+    forced = nearest_code(x, e, 7, backend="triton").tolist()
+    auto_calls = len(calls)
+    nearest_code(x, e, 7)  # auto on CPU: chunked
+    os.environ["VQGPT_NEAREST_CODE"] = "triton"
+    by_env = nearest_code(x, e, 7).tolist()
+    dispatch = dict(chunked=chunked, forced=forced, by_env=by_env, calls=len(calls))
+    dispatch["calls_before_auto"] = auto_calls
+    return dict(results=results, dispatch=dispatch)
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env.pop("VQGPT_NEAREST_CODE", None)
+    proc = subprocess.run(
+        [sys.executable, __file__], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _min_count(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Per row: how many codes reach the smallest float64 score (> 1: an exact tie)."""
+    scores = e.double().pow(2).sum(1) - 2 * x.double() @ e.double().T  # (N, K)
+    return (scores == scores.min(dim=1, keepdim=True).values).sum(dim=1)
+
+
+def _margin(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Per row: the float64 gap between the best and second-best score (0 on a tie)."""
+    scores = e.double().pow(2).sum(1) - 2 * x.double() @ e.double().T
+    if scores.shape[1] == 1:
+        return torch.full((scores.shape[0],), float("inf"), dtype=torch.float64)
+    two = scores.topk(2, dim=1, largest=False).values
+    return two[:, 1] - two[:, 0]
+
+
+@needs_triton
+def _case_id(case: dict) -> str:
+    kind = ("ties" if case["ties"] else "rand") + ("-fast" if case["fast"] else "-exact")
+    tiles = "tiles16" if case["blocks"] else "default-tiles"
+    return f"N{case['n']}-K{case['k']}-D{case['d']}-{kind}-{tiles}"
+
+
+@pytest.mark.parametrize("index", range(len(_cases())), ids=[_case_id(c) for c in _cases()])
+def test_kernel_matches_chunked_search(interpreted, index):
+    result = interpreted["results"][index]
+    case = result["case"]
+    x, e = _inputs(case["n"], case["k"], case["d"], case["ties"], case["seed"])
+    got = torch.tensor(result["codes"])
+    want = nearest_code(x, e, chunk_size=8, backend="chunked")
+    assert got.shape == want.shape == (case["n"],)
+    if case["ties"]:
+        # integers: every score is exact, so the indices must agree everywhere, ties included;
+        # and the case must hold ties that only the lowest-index rule resolves
+        assert (_min_count(x, e) > 1).sum() >= 3
+        assert got.tolist() == want.tolist()
+    else:
+        # floats: summation order may flip a near-tie only; none is that close at these sizes
+        decisive = _margin(x, e) > 1e-4
+        assert decisive.float().mean() > 0.9
+        assert got[decisive].tolist() == want[decisive].tolist()
+
+
+@needs_triton
+def test_nearest_code_dispatches_to_the_kernel(interpreted):
+    dispatch = interpreted["dispatch"]
+    assert dispatch["forced"] == dispatch["chunked"]
+    assert dispatch["by_env"] == dispatch["chunked"]
+    # backend="triton" called it once; auto on CPU did not; the environment variable did
+    assert dispatch["calls_before_auto"] == 1
+    assert dispatch["calls"] == 2
+
+
+def test_backend_choice_on_cpu(monkeypatch):
+    from vqgpt.tokenizer.quantize import SEARCH_BACKEND_ENV, _search_backend
+
+    monkeypatch.delenv(SEARCH_BACKEND_ENV, raising=False)
+    x = torch.zeros(2, 3)
+    assert _search_backend(x, None) == "chunked"  # auto: triton only for CUDA tensors
+    assert _search_backend(x, "triton") == "triton"
+    monkeypatch.setenv(SEARCH_BACKEND_ENV, "triton")
+    assert _search_backend(x, None) == "triton"
+    assert _search_backend(x, "chunked") == "chunked"  # the argument beats the environment
+    with pytest.raises(ValueError, match="unknown"):
+        _search_backend(x, "cuda")
+
+
+@needs_triton
+def test_kernel_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from vqgpt.tokenizer.kernels import nearest_code_triton
+
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        nearest_code_triton(torch.zeros(4, 8), torch.zeros(3, 8))
+    with pytest.raises(ValueError, match=r"x \[N, D\]"):
+        nearest_code_triton(torch.zeros(4, 8), torch.zeros(3, 5))
+
+
+if __name__ == "__main__":
+    print(json.dumps(_worker()))

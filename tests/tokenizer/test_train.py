@@ -1,0 +1,90 @@
+"""Stage-one training: a real run, a killed run that resumes, a 2-process run with equal codebooks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vqgpt.training import TrainConfig, build_accelerator, list_checkpoints, read_metrics
+
+
+def losses(run) -> dict[int, float]:
+    return {r["step"]: r["total"] for r in read_metrics(run, "train")}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, run_cli, tiny_tokenizer_recipe, write_yaml):
+    """An uninterrupted 6-step run, the reference for resume."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    cfg = write_yaml(out.parent / "r.yaml", tiny_tokenizer_recipe(out))
+    run_cli("train-tokenizer", "--config", str(cfg))
+    return out
+
+
+def test_run_writes_final_model_metrics_grid_and_checkpoints(full_run):
+    final = full_run / "final"
+    assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
+    summary = json.loads((final / "eval.json").read_text())
+    assert summary["step"] == 6 and 0 < summary["usage"] <= 1 and summary["psnr"] > 5
+    assert list((full_run / "samples").glob("recon_*.png"))
+    assert [p.name for p in list_checkpoints(full_run)] == ["step_2", "step_4", "step_6"]
+    assert sorted(losses(full_run)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_killed_run_resumes_with_the_same_next_step_loss(
+    full_run, tmp_path, kill_after_checkpoint, run_cli, tiny_tokenizer_recipe, write_yaml
+):
+    out = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "r.yaml", tiny_tokenizer_recipe(out, train=dict(save_every=1)))
+    resumed_from = kill_after_checkpoint(["train-tokenizer", "--config", str(cfg)], out)
+    assert 2 <= resumed_from < 6, "the kill came too late to test a resume"
+    result = run_cli("train-tokenizer", "--config", str(cfg), "--resume", "latest")
+    assert "resumed from" in result.stdout + result.stderr
+    reference, resumed = losses(full_run), losses(out)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # no step logged twice
+    for step in range(resumed_from + 1, 7):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-7), step
+
+
+def test_runs_in_one_process_may_change_precision(tmp_path):
+    # `vqgpt demo` trains the tokenizer, then the LM, in one process, each with its own precision
+    first = build_accelerator(TrainConfig(output_dir=str(tmp_path), mixed_precision="no"))
+    assert first.mixed_precision == "no"
+    second = build_accelerator(TrainConfig(output_dir=str(tmp_path), mixed_precision="bf16"))
+    assert second.mixed_precision == "bf16"
+
+
+def test_resume_latest_without_checkpoint_starts_fresh(
+    tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml
+):
+    out = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "r.yaml", tiny_tokenizer_recipe(out, train=dict(max_steps=2)))
+    result = run_cli("train-tokenizer", "--config", str(cfg), "--resume", "latest")
+    assert "starting fresh" in result.stdout + result.stderr
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_run_keeps_codebooks_identical(
+    tmp_path, accelerate_launcher, run_cli, tiny_tokenizer_recipe, write_yaml
+):
+    out = tmp_path / "run"
+    recipe = tiny_tokenizer_recipe(out, train=dict(max_steps=4, save_every=0, batch_size=4))
+    cfg = write_yaml(tmp_path / "r.yaml", recipe)
+    run_cli("train-tokenizer", "--config", str(cfg), launcher=accelerate_launcher)
+    summary = json.loads((out / "final" / "eval.json").read_text())
+    assert summary["num_processes"] == 2
+    # every parameter and buffer (codebook, EMA statistics, usage counters) equal on both ranks
+    assert summary["replica_max_abs_diff"] == 0.0
+
+
+def test_unknown_config_key_fails_with_a_clear_message(
+    tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml
+):
+    recipe = tiny_tokenizer_recipe(tmp_path / "run")
+    recipe["quantizer"]["codebok_size"] = 8
+    cfg = write_yaml(tmp_path / "r.yaml", recipe)
+    result = run_cli("train-tokenizer", "--config", str(cfg), check=False)
+    assert result.returncode == 2
+    assert "quantizer.codebok_size" in result.stderr

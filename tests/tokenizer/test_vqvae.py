@@ -1,0 +1,80 @@
+"""The VQVAE model: shapes, factors, save/load round trip, gradients through the straight-through path."""
+
+import pytest
+import torch
+
+from vqgpt.tokenizer.quantize import QuantizerConfig
+from vqgpt.tokenizer.vqvae import VQVAE, ModelConfig, VQVAEConfig
+
+
+def tiny(**arch) -> VQVAE:
+    torch.manual_seed(0)
+    model = dict(image_size=32, base_channels=8, channel_mult=(1, 2), latent_dim=8, norm_groups=4)
+    model.update(arch)
+    return VQVAE(VQVAEConfig.build(ModelConfig(**model), QuantizerConfig(codebook_size=16)))
+
+
+@pytest.mark.parametrize(
+    "arch,grid",
+    [
+        (dict(stem_stride=1, channel_mult=(1, 2, 2)), (8, 8)),  # f = 4
+        (dict(stem_stride=2, channel_mult=(1, 2, 2)), (4, 4)),  # f = 8
+        (dict(stem_stride=2, channel_mult=(1, 1, 2, 2), attention=True), (2, 2)),  # f = 16
+    ],
+)
+def test_encode_decode_shapes(arch, grid):
+    model = tiny(**arch).eval()
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    codes = model.encode(pixels)
+    assert codes.shape == (2, *grid) and codes.dtype == torch.long
+    assert model.grid == grid
+    out = model.decode(codes)
+    assert out.shape == (2, 3, 32, 32) and out.min() >= -1 and out.max() <= 1
+
+
+def test_forward_gradients_reach_encoder_through_straight_through():
+    model = tiny().train()
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = model(pixels)
+    ((out.reconstruction - pixels) ** 2).mean().backward()
+    enc_grad = model.encoder.layers[0].weight.grad
+    assert enc_grad is not None and enc_grad.abs().sum() > 0
+
+
+def test_save_load_round_trip_gives_identical_codes(tmp_path):
+    model = tiny().train()
+    model(torch.rand(4, 3, 32, 32) * 2 - 1)  # k-means init + EMA update change buffers
+    model.eval()
+    pixels = torch.rand(3, 3, 32, 32) * 2 - 1
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
+    loaded = VQVAE.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded.encode(pixels), model.encode(pixels))
+    assert torch.allclose(loaded.decode(model.encode(pixels)), model.decode(model.encode(pixels)))
+    assert loaded.config.quant == model.config.quant
+
+
+def test_bad_input_shapes_are_clear_errors():
+    model = tiny()
+    with pytest.raises(ValueError, match="multiples of 4"):
+        model.encode(torch.zeros(1, 3, 30, 30))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        model.encode(torch.zeros(3, 32, 32))
+
+
+def test_bad_architecture_is_a_config_error():
+    from vqgpt.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not divisible"):
+        ModelConfig(image_size=36, stem_stride=2, channel_mult=(1, 2, 2))
+
+
+def test_bypassed_quantizer_decodes_z_e_and_defers_kmeans_init():
+    model = tiny().train()
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = model(pixels, bypass_quantizer=True)
+    assert torch.allclose(out.reconstruction, model.decoder(model.encoder(pixels)))
+    assert not bool(model.quantizer.codebooks[0].initialized)  # k-means waits for real codes
+    model(pixels)
+    assert bool(model.quantizer.codebooks[0].initialized)
