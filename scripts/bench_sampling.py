@@ -9,9 +9,10 @@ prompt is `eos caption boi` with an 8-token random caption. Rows:
   HF generate   `model.generate` with its KV cache, a logits processor that keeps image ids only,
                 and HF's CFG (`guidance_scale` + `negative_prompt_ids`: a second, unbatched
                 forward per step for the unconditional branch)
-  vqgpt plain   `vqgpt.lm.generate.generate_image_codes`: DynamicCache, CFG rows in the same batch
-  vqgpt fast    `vqgpt.lm.fast_sampling.FastImageSampler`: StaticCache, a compiled step (CUDA graphs
-                on CUDA; no compile on the CPU)
+  vqgpt plain   `vqgpt.lm.generate.ImageSampler(cache="dynamic")`: DynamicCache, CFG rows in the
+                same batch
+  vqgpt fast    `ImageSampler(cache="static")`: StaticCache, a compiled step (CUDA graphs on CUDA;
+                no compile on the CPU)
 Time: best of --repeats after one warm-up call (the fast path's first call, which compiles, is
 reported separately). "= plain": % of images (and tokens) the fast path draws identically to the
 plain path for the same seed.
@@ -26,9 +27,10 @@ from functools import partial
 import torch
 from transformers import LogitsProcessor
 
-from vqgpt.lm.fast_sampling import FastImageSampler, left_pad
-from vqgpt.lm.generate import SamplingConfig, generate_image_codes, image_token_mask
+from vqgpt.lm.decoding import left_pad
+from vqgpt.lm.generate import ImageSampler, generate_image_codes
 from vqgpt.lm.model import LMConfig, build_lm
+from vqgpt.lm.sampling import SamplingConfig, image_token_mask
 from vqgpt.lm.vocab import VocabLayout
 
 SIZES = {  # --size: model preset, codebook size K, grid side, the larger image count, device
@@ -106,7 +108,7 @@ def bench(
     model = build_lm(LMConfig(preset=preset), layout.vocab_size, layout.tokens_per_image + 16)
     model = model.to(device).eval()
     dev = torch.device(device)
-    sampler = FastImageSampler(model, layout)  # compiles on CUDA only
+    sampler = ImageSampler(model, layout, cache="static")  # compiles on CUDA only
     rows = []
     for n in image_counts:
         g = torch.Generator().manual_seed(n)

@@ -32,7 +32,7 @@ def _pretokenize(args: argparse.Namespace) -> None:
 
 
 def _sampling(args: argparse.Namespace, **fixed):
-    from vqgpt.lm.generate import SamplingConfig
+    from vqgpt.lm.sampling import SamplingConfig
 
     return SamplingConfig(
         temperature=args.temperature,

@@ -19,8 +19,9 @@ from PIL import Image, ImageDraw
 
 from vqgpt.data.images import ImageTransform, load_rgb
 from vqgpt.export.folder import ExportConfig, ExportError, PushError, export_run
-from vqgpt.lm.generate import SamplingConfig, generate_captions
+from vqgpt.lm.generate import generate_captions
 from vqgpt.lm.pipeline import Pipeline
+from vqgpt.lm.sampling import SamplingConfig
 from vqgpt.lm.sequences import SequenceConfig, build_caption, build_t2i
 from vqgpt.tokenizer.vqvae import VQVAE, VQVAEConfig
 

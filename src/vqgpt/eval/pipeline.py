@@ -10,8 +10,8 @@ from vqgpt.data.shapes import parse_caption
 from vqgpt.data.sources import DataConfig, ImageTextDataset, load_image_dataset
 from vqgpt.eval.shape_checker import check, t2i_scores
 from vqgpt.eval.text_metrics import caption_scores
-from vqgpt.lm.generate import SamplingConfig
 from vqgpt.lm.infer import caption_images, generate_images
+from vqgpt.lm.sampling import SamplingConfig
 from vqgpt.tokenizer.codec import reconstruct_images
 from vqgpt.tokenizer.evaluate import EvalConfig, TokenizerMetrics, evaluate_tokenizer
 

@@ -13,8 +13,9 @@ from PIL import Image
 
 from vqgpt.data.images import ImageTransform, list_images, load_rgb, to_pil
 from vqgpt.figures import captioned_grid
-from vqgpt.lm.generate import SamplingConfig, generate_captions, generate_image_codes
+from vqgpt.lm.generate import generate_captions, generate_image_codes
 from vqgpt.lm.pipeline import Pipeline
+from vqgpt.lm.sampling import SamplingConfig
 
 
 @torch.no_grad()

@@ -1,0 +1,85 @@
+"""Fixtures of the stage-two decoding tests: references to hold the KV-cache loops against."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from vqgpt.lm.vocab import VocabLayout
+
+
+def _boost_logits(model: GPT2LMHeadModel, columns: torch.Tensor, value: float):
+    """Add `value` to the logits of `columns` (bool [V]); returns the hook handle."""
+
+    def hook(_module, _inputs, output):
+        return output + value * columns.to(output.dtype)
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+def _reference_greedy(model, prompt, allowed, steps, stop=None) -> list[int]:
+    """Greedy decoding that reruns the whole sequence without a cache at every step."""
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([seq]), use_cache=False).logits[0, -1]
+            token = int(logits.masked_fill(~allowed, float("-inf")).argmax())
+            out.append(token)
+            if token == stop:
+                break
+            seq.append(token)
+    return out
+
+
+def _constrained_score(model, prompt, continuation, allowed) -> float:
+    """sum(log p) / length of `continuation` after `prompt`, p renormalised over `allowed`."""
+    with torch.no_grad():
+        logits = model(torch.tensor([list(prompt) + list(continuation)])).logits[0]
+    logp = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
+    start = len(prompt) - 1  # logits at position i predict token i + 1
+    picked = logp[start : start + len(continuation)].gather(1, torch.tensor(continuation)[:, None])
+    return float(picked.sum()) / len(continuation)
+
+
+def _image_prompt(layout: VocabLayout, codes: torch.Tensor) -> list[int]:
+    """The captioning prompt `eos boi codes eoi` of one image's codes [h, w]."""
+    return [layout.eos_id, layout.boi_id, *layout.codes_to_ids(codes).flatten().tolist()] + [
+        layout.eoi_id
+    ]
+
+
+def _random_codes(layout: VocabLayout, n: int, seed: int = 1) -> torch.Tensor:
+    """Seeded codes [n, h, w] in [0, K)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, layout.codebook_size, (n, *layout.grid), generator=generator)
+
+
+@pytest.fixture(scope="session")
+def boost_logits():
+    """(model, columns, value) -> a forward hook adding `value` to those logits (remove it)."""
+    return _boost_logits
+
+
+@pytest.fixture(scope="session")
+def reference_greedy():
+    """(model, prompt, allowed, steps, stop=None) -> greedy ids, recomputed without a cache."""
+    return _reference_greedy
+
+
+@pytest.fixture(scope="session")
+def constrained_score():
+    """(model, prompt, continuation, allowed) -> mean constrained log-prob of the continuation."""
+    return _constrained_score
+
+
+@pytest.fixture(scope="session")
+def image_prompt():
+    """(layout, codes [h, w]) -> `eos boi codes eoi`."""
+    return _image_prompt
+
+
+@pytest.fixture(scope="session")
+def random_codes():
+    """(layout, n, seed=1) -> seeded codes [n, h, w]."""
+    return _random_codes
