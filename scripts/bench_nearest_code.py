@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from vqgpt.tokenizer.quantize import QuantizerConfig, nearest_code, nearest_code_full
-
 MIB = 2**20
 METHODS = ("full", "chunked", "triton", "triton-fast")
 
 
 def search(method: str, x: torch.Tensor, e: torch.Tensor, chunk: int) -> torch.Tensor:
     """One search by `method`."""
+    from vqgpt.tokenizer.quantize import nearest_code, nearest_code_full
+
     if method == "full":
         return nearest_code_full(x, e)
     if method == "chunked":
@@ -103,7 +103,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="CPU smoke run (interpreted kernel)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs; best is reported")
     args = parser.parse_args(argv)
-    chunk = QuantizerConfig().chunk_size
     if args.quick:
         device, n, k, ds, repeats = "cpu", 300, 200, [8, 40], args.repeats or 1
     else:
@@ -111,9 +110,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("the full benchmark needs CUDA; use --quick on the CPU")
         device, n, k, ds, repeats = "cuda", 65_536, 16_384, [8, 256], args.repeats or 5
     if device == "cpu":
-        os.environ.setdefault(
-            "TRITON_INTERPRET", "1"
-        )  # before vqgpt.tokenizer.kernels imports triton
+        # before anything imports triton (vqgpt's modules import transformers, which does)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from vqgpt.tokenizer.quantize import QuantizerConfig
+
+    chunk = QuantizerConfig().chunk_size
     rows = run(device, n, k, ds, repeats, chunk)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreted)"
     print(f"nearest code on {name}: chunk={chunk}, best of {repeats}, torch {torch.__version__}\n")

@@ -7,14 +7,10 @@ from typing import Any
 
 import yaml
 
+from vqgpt.export.hub.configuration_vqgpt import token_grid
 from vqgpt.lm.vocab import VocabLayout
 
 BUILT_IN_SOURCES = ("shapes", "photos")
-
-
-def grid_side(arch: dict) -> int:
-    """Tokens per image side: image_size / (stem_stride * 2^(levels - 1))."""
-    return arch["image_size"] // (arch["stem_stride"] * 2 ** (len(arch["channel_mult"]) - 1))
 
 
 def _metric_rows(metrics: dict) -> list[tuple[str, str, str, float]]:
@@ -167,7 +163,7 @@ def model_card(
     has_lm = layout is not None
     meta = yaml.safe_dump(_metadata(name, has_lm, metrics, source), sort_keys=False)
     arch, quant = image_config["architecture"], image_config["quantizer"]
-    side = grid_side(arch)
+    side = token_grid(arch)[0]
     what = (
         "a VQ-VAE image tokenizer and a GPT-2 over one joint vocabulary of GPT-2 text tokens and "
         "image tokens: it captions images and draws images from captions"
@@ -237,4 +233,4 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["BUILT_IN_SOURCES", "grid_side", "model_card", "usage_snippet"]
+__all__ = ["BUILT_IN_SOURCES", "model_card", "usage_snippet"]

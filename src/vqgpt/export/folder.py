@@ -21,8 +21,8 @@ so vqgpt itself also loads it wherever it takes a run folder):
         image_processing_vqgpt.py
 
 A stage-one (tokenizer-only) run exports README.md, image_tokenizer/ and the root copies of its
-remote code. The remote code
-lives in `vqgpt/hub/` and imports only torch, transformers, numpy and PIL.
+remote code. The remote code is `vqgpt/export/hub/`, copied verbatim: it imports only torch,
+transformers, numpy and PIL, and vqgpt itself runs the same files (one implementation).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from vqgpt.export.card import grid_side, model_card
+from vqgpt.export.card import model_card
+from vqgpt.export.hub.configuration_vqgpt import token_grid
 from vqgpt.lm.pipeline import IMAGE_TOKENIZER_DIR, resolve_pipeline_dir
 from vqgpt.lm.vocab import LAYOUT_FILE, VocabLayout
 from vqgpt.tokenizer.codec import resolve_model_dir
@@ -219,8 +220,8 @@ def write_pipeline(src: Path, dst: Path, image_size: int) -> VocabLayout:
 
 
 def _check_parts(image_config: dict, layout: VocabLayout, lm_config: dict) -> None:
-    side = grid_side(image_config["architecture"])
-    layout.check_compatible(image_config["quantizer"]["codebook_size"], (side, side))
+    grid = token_grid(image_config["architecture"])
+    layout.check_compatible(image_config["quantizer"]["codebook_size"], grid)
     real = lm_config.get("real_vocab_size") or lm_config["vocab_size"]
     if real != layout.vocab_size:
         raise ExportError(

@@ -33,24 +33,9 @@ class ExampleBank:
         return len(self.text_ids)
 
     @classmethod
-    def load(
-        cls,
-        data: PretokenizeConfig,
-        split: str,
-        text_tokenizer: str | None = None,
-        tokenizer: JointTokenizer | None = None,
-    ) -> ExampleBank:
-        """Read `split` of the pretokenized codes; build (or reuse) the joint tokenizer."""
-        model_dir = resolve_model_dir(data.tokenizer)
-        vq = VQVAEConfig.from_pretrained(model_dir)
-        codebook_size, grid = vq.quant.codebook_size, vq.arch.grid
-        if vq.quant.levels > 1:
-            raise ValueError(
-                f"{model_dir}: stage two takes single-level codes; this tokenizer has "
-                f"{vq.quant.levels} residual levels"
-            )
-        if tokenizer is None:
-            tokenizer = JointTokenizer.build(codebook_size, grid, base=text_tokenizer)
+    def load(cls, data: PretokenizeConfig, split: str, tokenizer: JointTokenizer) -> ExampleBank:
+        """Read `split` of the pretokenized codes, checked against `tokenizer`'s layout."""
+        model_dir, codebook_size, grid = _image_tokenizer(data)
         tokenizer.layout.check_compatible(codebook_size, grid)
         ds = load_codes(data.output_dir, split)
         texts = list(ds["text"])
@@ -61,6 +46,24 @@ class ExampleBank:
                 f"tokenizer in {model_dir} makes {tuple(grid)}: pretokenize again"
             )
         return cls(codes, tokenizer.encode_texts(texts), texts, tokenizer, model_dir)
+
+
+def _image_tokenizer(data: PretokenizeConfig) -> tuple[Path, int, tuple[int, int]]:
+    """(folder, codebook size, grid) of the stage-one tokenizer the codes were made with."""
+    model_dir = resolve_model_dir(data.tokenizer)
+    vq = VQVAEConfig.from_pretrained(model_dir)
+    if vq.quant.levels > 1:
+        raise ValueError(
+            f"{model_dir}: stage two takes single-level codes; this tokenizer has "
+            f"{vq.quant.levels} residual levels"
+        )
+    return model_dir, vq.codebook_size, vq.grid
+
+
+def joint_tokenizer(data: PretokenizeConfig, base: str | None = None) -> JointTokenizer:
+    """The joint vocabulary for the codes of `data`: GPT-2's BPE (or `base`) + K image tokens."""
+    _, codebook_size, grid = _image_tokenizer(data)
+    return JointTokenizer.build(codebook_size, grid, base=base)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Training sequences over the joint vocabulary: layouts, label masks, packing, the loss.
 
-Sequences (DESIGN.md "Sequences"; codes flattened row-major; `eos` = `<|endoftext|>`):
+Sequences (docs/design.md "Sequences"; codes flattened row-major; `eos` = `<|endoftext|>`):
 
     t2i       eos caption boi codes eoi eos    targets: boi, codes, eoi, final eos
               (with `t2i_prefix_length` P: eos ... eos caption boi, the caption left-padded with
@@ -31,6 +31,7 @@ from einops import rearrange
 from torch import Tensor
 
 from vqgpt.config import ConfigError
+from vqgpt.export.hub.processing_vqgpt import t2i_prefix as hub_t2i_prefix
 from vqgpt.lm.vocab import VocabLayout
 
 IGNORE = -100  # label of a masked position (torch / HF ignore_index)
@@ -193,20 +194,14 @@ def _text_ids(ids: Sequence[int], layout: VocabLayout) -> list[int]:
 def t2i_prefix(
     caption_ids: Sequence[int], layout: VocabLayout, prefix_length: int | None = None
 ) -> list[int]:
-    """The conditioning part of a t2i sequence (everything before boi), shared by training and
-    decoding: `eos caption`, left-padded with eos to `prefix_length` tokens when that is set.
+    """The conditioning part of a t2i sequence (everything before boi), shared by training,
+    decoding and the export's processor (`vqgpt.export.hub.processing_vqgpt.t2i_prefix`):
+    `eos caption`, left-padded with eos to `prefix_length` tokens when that is set.
 
-    A caption longer than `prefix_length - 1` tokens is a ValueError (training cuts it first).
+    Caption ids must be text tokens; a caption longer than `prefix_length - 1` tokens is a
+    ValueError (training cuts it first).
     """
-    ids = _text_ids(caption_ids, layout)
-    if prefix_length is None:
-        return [layout.eos_id, *ids]
-    if len(ids) > prefix_length - 1:
-        raise ValueError(
-            f"a caption of {len(ids)} tokens does not fit t2i_prefix_length={prefix_length} "
-            f"(eos + at most {prefix_length - 1} caption tokens); shorten the caption"
-        )
-    return [layout.eos_id] * (prefix_length - len(ids)) + ids
+    return hub_t2i_prefix(_text_ids(caption_ids, layout), layout.eos_id, prefix_length)
 
 
 def build_t2i(

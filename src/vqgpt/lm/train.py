@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from vqgpt.config import ConfigError, load_config
-from vqgpt.lm.batches import ExampleBank, build_epoch
+from vqgpt.lm.batches import ExampleBank, build_epoch, joint_tokenizer
 from vqgpt.lm.evaluate import LMEvalConfig, evaluate_lm
 from vqgpt.lm.loss import lm_loss
 from vqgpt.lm.model import LMConfig, build_lm, flops_per_token, forward_hidden, peak_flops
@@ -64,14 +64,13 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
     out = Path(tc.output_dir)
 
     pretokenize(recipe.data)  # no work when the codes are cached already
-    bank = ExampleBank.load(recipe.data, recipe.data.images.train_split, recipe.text_tokenizer)
+    tokenizer = joint_tokenizer(recipe.data, base=recipe.text_tokenizer)
+    bank = ExampleBank.load(recipe.data, recipe.data.images.train_split, tokenizer)
     layout, seq = bank.layout, recipe.sequences
     seq.check_fits(layout)
     eval_bank = None
     if accelerator.is_main_process and recipe.eval.max_images > 0:
-        eval_bank = ExampleBank.load(
-            recipe.data, recipe.data.images.eval_split, recipe.text_tokenizer, bank.tokenizer
-        )
+        eval_bank = ExampleBank.load(recipe.data, recipe.data.images.eval_split, tokenizer)
 
     model = build_lm(recipe.model, layout.vocab_size, seq.max_length)
     model.config.t2i_prefix_length = seq.t2i_prefix_length  # decoding builds prompts from it

@@ -1,6 +1,6 @@
 """The joint vocabulary: GPT-2 text ids, then special tokens, then one token per image code.
 
-Layout (DESIGN.md "Token ids"), with the defaults and K image codes:
+Layout (docs/design.md "Token ids"), with the defaults and K image codes:
 
     0 .. 50255                 GPT-2 BPE tokens, unchanged
     50256                      <|endoftext|>  (BOS / EOS / pad: the base's last id)
@@ -21,10 +21,8 @@ import torch
 from torch import Tensor
 
 from vqgpt.config import ConfigError, from_dict, to_dict
+from vqgpt.export.hub.processing_vqgpt import BOI_TOKEN, EOI_TOKEN, EOS_TOKEN, TokenLayout
 
-EOS_TOKEN = "<|endoftext|>"
-BOI_TOKEN = "<|boi|>"
-EOI_TOKEN = "<|eoi|>"
 LAYOUT_FILE = "vqgpt_vocab.json"
 IMAGE_TOKEN_PREFIX = "<|img_"
 
@@ -43,18 +41,12 @@ def image_token(code: int) -> str:
 
 
 @dataclass(frozen=True)
-class VocabLayout:
-    """Where text, special and image tokens live in the joint id space."""
-
-    codebook_size: int  # K, the stage-one codebook size
-    grid: tuple[int, int]  # (h, w) token grid of one image
-    text_vocab_size: int = 50257  # the base BPE's size; its last id is <|endoftext|>
-    special_tokens: tuple[str, ...] = (BOI_TOKEN, EOI_TOKEN)
+class VocabLayout(TokenLayout):
+    """Where text, special and image tokens live in the joint id space: the export's
+    `TokenLayout` (its fields and derived ids), validated, with id <-> code conversions."""
 
     def __post_init__(self) -> None:
-        # frozen: normalise list inputs (JSON, YAML) through object.__setattr__
-        object.__setattr__(self, "grid", tuple(self.grid))
-        object.__setattr__(self, "special_tokens", tuple(self.special_tokens))
+        super().__post_init__()  # lists (JSON, YAML) -> tuples
         if not isinstance(self.codebook_size, int) or self.codebook_size < 1:
             raise ConfigError(
                 f"vocab.codebook_size must be a positive int, got {self.codebook_size!r}"
@@ -79,38 +71,6 @@ class VocabLayout:
             raise ConfigError(
                 f"vocab.special_tokens {clash} clash with <|endoftext|> or the image tokens"
             )
-
-    # -- derived ids --------------------------------------------------------------------------
-
-    @property
-    def eos_id(self) -> int:
-        """`<|endoftext|>`: BOS, EOS and pad."""
-        return self.text_vocab_size - 1
-
-    @property
-    def boi_id(self) -> int:
-        """`<|boi|>`: begin of image."""
-        return self.text_vocab_size + self.special_tokens.index(BOI_TOKEN)
-
-    @property
-    def eoi_id(self) -> int:
-        """`<|eoi|>`: end of image."""
-        return self.text_vocab_size + self.special_tokens.index(EOI_TOKEN)
-
-    @property
-    def image_offset(self) -> int:
-        """Id of image code 0."""
-        return self.text_vocab_size + len(self.special_tokens)
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of ids in the joint vocabulary (the model may pad its embedding past this)."""
-        return self.image_offset + self.codebook_size
-
-    @property
-    def tokens_per_image(self) -> int:
-        """h * w image tokens per image."""
-        return self.grid[0] * self.grid[1]
 
     def added_tokens(self) -> list[str]:
         """Token strings of every id past the base vocabulary, in id order."""

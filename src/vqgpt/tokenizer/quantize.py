@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqgpt.config import ConfigError, from_dict
+from vqgpt.export.hub import modeling_vqgpt as hub
 
 # ---------------------------------------------------------------------------------------------
 # config
@@ -104,11 +105,6 @@ class QuantizerConfig:
 # helpers
 
 
-def l2norm(x: Tensor, eps: float = 1e-12) -> Tensor:
-    """Rows scaled to unit L2 norm (zero rows stay zero)."""
-    return F.normalize(x, dim=-1, eps=eps)
-
-
 def _dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -154,13 +150,12 @@ def _search_backend(x: Tensor, backend: str | None) -> str:
 def nearest_code(
     x: Tensor, codebook: Tensor, chunk_size: int, backend: str | None = None
 ) -> Tensor:
-    """Index of the nearest codebook row for each row of `x`, searched `chunk_size` rows at a time.
+    """Index [N] of the nearest codebook row [K, D] for each row of `x` [N, D].
 
-    `argmin_i ||x - e_i||^2 = argmin_i (||e_i||^2 - 2 x.e_i)`: `||x||^2` is constant per row and
-    dropped. Peak extra memory is one `[chunk_size, K]` score block. Ties go to the lowest index.
-    On CUDA with triton importable the fused kernel `vqgpt.tokenizer.kernels.nearest_code_triton` (exact
-    float32) runs instead; `backend` ("auto" | "chunked" | "triton") or $VQGPT_NEAREST_CODE forces
-    one.
+    The chunked search an export ships (`vqgpt.export.hub.modeling_vqgpt.nearest_code`: `||x||^2`
+    dropped, peak extra memory one `[chunk_size, K]` block, ties to the lowest index), or on CUDA
+    with triton importable the fused kernel `vqgpt.tokenizer.kernels.nearest_code_triton` (exact
+    float32); `backend` ("auto" | "chunked" | "triton") or $VQGPT_NEAREST_CODE forces one.
     """
     if x.ndim != 2 or codebook.ndim != 2 or x.shape[1] != codebook.shape[1]:
         raise ValueError(
@@ -173,13 +168,7 @@ def nearest_code(
         from vqgpt.tokenizer.kernels import nearest_code_triton
 
         return nearest_code_triton(x, codebook)
-    e_sq = codebook.pow(2).sum(dim=1)  # (K,)
-    codes = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for start in range(0, x.shape[0], chunk_size):
-        rows = x[start : start + chunk_size]
-        scores = torch.addmm(e_sq, rows, codebook.t(), beta=1.0, alpha=-2.0)  # (chunk, K)
-        codes[start : start + chunk_size] = scores.argmin(dim=1)
-    return codes
+    return hub.nearest_code(x, codebook, chunk_size)
 
 
 @torch.no_grad()
@@ -214,7 +203,7 @@ def kmeans(
         sums = torch.zeros_like(centroids).index_add_(0, codes, x)
         means = sums / counts.clamp(min=1.0)[:, None]
         if cosine:
-            means = l2norm(means)
+            means = hub.l2norm(means)
         centroids = torch.where(counts[:, None] > 0, means, centroids)
     counts = torch.bincount(nearest_code(x, centroids, chunk_size), minlength=k).to(x.dtype)
     return centroids, counts
@@ -237,7 +226,7 @@ class Codebook(nn.Module):
         else:
             embed.normal_()
         if cfg.l2_normalize:
-            embed = l2norm(embed)
+            embed = hub.l2norm(embed)
         if cfg.ema:
             self.register_buffer("embed", embed)
             # state as if each code had been seen once at its current value
@@ -253,7 +242,7 @@ class Codebook(nn.Module):
     def vectors(self) -> Tensor:
         """The [K, dim] codes in float32, unit-norm when `l2_normalize`."""
         embed = self.embed.float()
-        return l2norm(embed) if self.cfg.l2_normalize else embed
+        return hub.l2norm(embed) if self.cfg.l2_normalize else embed
 
     def search(self, x: Tensor) -> Tensor:
         """Nearest code for each row of `x` [N, dim]."""
@@ -306,7 +295,7 @@ class Codebook(nn.Module):
         smoothed = (size + eps) / (total + k * eps) * total  # Laplace smoothing
         embed = embed_sum / smoothed[:, None]
         if self.cfg.l2_normalize:
-            embed = l2norm(embed)
+            embed = hub.l2norm(embed)
         self.ema_cluster_size.copy_(size)
         self.ema_embed_sum.copy_(embed_sum)
         self.embed.copy_(embed)
@@ -334,7 +323,7 @@ class Codebook(nn.Module):
             fresh = x[pick].float()
         _broadcast_(fresh)
         if self.cfg.l2_normalize:
-            fresh = l2norm(fresh)
+            fresh = hub.l2norm(fresh)
         self.embed.data[dead] = fresh.to(self.embed.dtype)
         if self.cfg.ema:
             self.ema_cluster_size[dead] = 1.0  # seen once, at the new value
@@ -393,12 +382,6 @@ class VectorQuantizer(nn.Module):
         codes = [cb.vectors for cb in self.codebooks]
         return codes[0] if len(codes) == 1 else torch.stack(codes)
 
-    def _project(self, x: Tensor, proj: nn.Linear | None) -> Tensor:
-        if proj is None:
-            return x
-        bias = None if proj.bias is None else proj.bias.float()
-        return F.linear(x, proj.weight.float(), bias)  # float32 even if the module is not
-
     def forward(self, z_e: Tensor) -> QuantizerOutput:
         """Quantize `z_e` [B, D, H, W]; in training also update the codebooks (EMA/init/restarts)."""
         if z_e.ndim != 4 or z_e.shape[1] != self.dim:
@@ -407,10 +390,7 @@ class VectorQuantizer(nn.Module):
             )
         b, _, h, w = z_e.shape
         with torch.autocast(device_type=z_e.device.type, enabled=False):
-            x = rearrange(z_e.float(), "b d h w -> (b h w) d")
-            z = self._project(x, self.proj_in)  # (N, search_dim)
-            if self.cfg.l2_normalize:
-                z = l2norm(z)
+            z = hub.search_space(z_e, self.proj_in, self.cfg.l2_normalize)  # (N, search_dim)
             residual = z
             z_q = torch.zeros_like(z)
             commitment = z.new_zeros(())
@@ -430,7 +410,7 @@ class VectorQuantizer(nn.Module):
                 residual = residual - q.detach()
                 all_codes.append(codes)
             z_q = z + (z_q - z).detach()  # straight-through
-            out = self._project(z_q, self.proj_out)
+            out = hub.project(z_q, self.proj_out)
             quantized = rearrange(out, "(b h w) d -> b d h w", b=b, h=h, w=w).to(z_e.dtype)
             codes = torch.stack(all_codes, dim=-1)  # (N, L)
             codes = rearrange(codes, "(b h w) l -> b h w l", b=b, h=h, w=w)
@@ -442,20 +422,8 @@ class VectorQuantizer(nn.Module):
 
     def lookup(self, codes: Tensor) -> Tensor:
         """Codes [B, H, W] (or [B, H, W, L]) -> quantized vectors [B, D, H, W] in the module dtype."""
-        levels = self.cfg.levels
-        if levels == 1 and codes.ndim == 3:
-            codes = codes[..., None]
-        if codes.ndim != 4 or codes.shape[-1] != levels:
-            want = "[B, H, W]" if levels == 1 else f"[B, H, W, {levels}]"
-            raise ValueError(f"lookup expects codes of shape {want}; got {tuple(codes.shape)}")
-        k = self.cfg.codebook_size
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
-            raise ValueError(
-                f"lookup: codes must lie in [0, {k}); got {codes.min()}..{codes.max()}"
-            )
-        vectors = sum(F.embedding(codes[..., i], cb.vectors) for i, cb in enumerate(self.codebooks))
-        out = self._project(vectors, self.proj_out)  # (B, H, W, D)
-        return rearrange(out, "b h w d -> b d h w").to(self.codebooks[0].embed.dtype)
+        vectors = hub.lookup(codes, [cb.vectors for cb in self.codebooks], self.proj_out)
+        return vectors.to(self.codebooks[0].embed.dtype)
 
 
 __all__ = [
@@ -466,7 +434,6 @@ __all__ = [
     "VectorQuantizer",
     "code_stats",
     "kmeans",
-    "l2norm",
     "nearest_code",
     "nearest_code_full",
 ]

@@ -1,4 +1,8 @@
-"""The VQ-VAE image tokenizer: Encoder, Decoder and VQVAE (a transformers PreTrainedModel)."""
+"""The VQ-VAE image tokenizer: its config and VQVAE (a transformers PreTrainedModel).
+
+The encoder, the decoder and their blocks are those an export ships (`vqgpt.export.hub`, one
+implementation for both); this module adds the validated config and the training quantizer.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
 
 from vqgpt.config import ConfigError, from_dict, to_dict
-from vqgpt.tokenizer.blocks import Downsample, MidBlock, ResnetBlock, Upsample, group_norm
+from vqgpt.export.hub import configuration_vqgpt as hub_config
+from vqgpt.export.hub.modeling_vqgpt import Decoder, Encoder, VQVAEBase, check_pixels
 from vqgpt.tokenizer.quantize import QuantizerConfig, QuantizerOutput, VectorQuantizer
 
 
@@ -44,76 +47,18 @@ class ModelConfig:
 
     @property
     def downsample_factor(self) -> int:
-        return self.stem_stride * 2 ** (len(self.channel_mult) - 1)
+        """Pixels per token side."""
+        return hub_config.downsample_factor(to_dict(self))
 
     @property
     def grid(self) -> tuple[int, int]:
-        side = self.image_size // self.downsample_factor
-        return (side, side)
+        """Token grid (h, w) of one image."""
+        return hub_config.token_grid(to_dict(self))
 
 
-class Encoder(nn.Module):
-    """pixels [B, 3, H, W] -> z_e [B, latent_dim, H/f, W/f]."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        chans = [cfg.base_channels * m for m in cfg.channel_mult]
-        stem = (
-            nn.Conv2d(cfg.in_channels, chans[0], 4, stride=2, padding=1)
-            if cfg.stem_stride == 2
-            else nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
-        )
-        layers: list[nn.Module] = [stem]
-        ch = chans[0]
-        for level, out_ch in enumerate(chans):
-            for _ in range(cfg.num_res_blocks):
-                layers.append(ResnetBlock(ch, out_ch, cfg.norm_groups, cfg.dropout))
-                ch = out_ch
-            if level < len(chans) - 1:
-                layers.append(Downsample(ch))
-        layers += [
-            MidBlock(ch, cfg.norm_groups, cfg.attention, cfg.dropout),
-            group_norm(ch, cfg.norm_groups),
-            nn.SiLU(),
-            nn.Conv2d(ch, cfg.latent_dim, 3, padding=1),
-        ]
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.layers(pixels)
-
-
-class Decoder(nn.Module):
-    """z_q [B, latent_dim, h, w] -> pixels [B, 3, h*f, w*f] (unbounded; images live in [-1, 1])."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        chans = [cfg.base_channels * m for m in cfg.channel_mult]
-        ch = chans[-1]
-        layers: list[nn.Module] = [
-            nn.Conv2d(cfg.latent_dim, ch, 3, padding=1),
-            MidBlock(ch, cfg.norm_groups, cfg.attention, cfg.dropout),
-        ]
-        for level in reversed(range(len(chans))):
-            for _ in range(cfg.num_res_blocks):
-                layers.append(ResnetBlock(ch, chans[level], cfg.norm_groups, cfg.dropout))
-                ch = chans[level]
-            if level > 0:
-                layers.append(Upsample(ch))
-        if cfg.stem_stride == 2:
-            layers.append(Upsample(ch))
-        layers += [group_norm(ch, cfg.norm_groups), nn.SiLU()]
-        self.layers = nn.Sequential(*layers)
-        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
-
-    def forward(self, z_q: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(self.layers(z_q))
-
-
-class VQVAEConfig(PretrainedConfig):
-    """`config.json` of a VQVAE: the architecture and quantizer sections, validated on load."""
-
-    model_type = "vqgpt_vqvae"
+class VQVAEConfig(hub_config.VQVAEConfig):
+    """`config.json` of a VQVAE: the architecture and quantizer sections, every field validated
+    on load (the export's config class reads the same file)."""
 
     def __init__(
         self,
@@ -121,9 +66,11 @@ class VQVAEConfig(PretrainedConfig):
         quantizer: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
-        self.architecture = to_dict(from_dict(ModelConfig, dict(architecture or {}), "model"))
-        self.quantizer = to_dict(from_dict(QuantizerConfig, dict(quantizer or {}), "quantizer"))
-        super().__init__(**kwargs)
+        super().__init__(
+            architecture=to_dict(from_dict(ModelConfig, dict(architecture or {}), "model")),
+            quantizer=to_dict(from_dict(QuantizerConfig, dict(quantizer or {}), "quantizer")),
+            **kwargs,
+        )
 
     @classmethod
     def build(cls, model: ModelConfig, quantizer: QuantizerConfig) -> VQVAEConfig:
@@ -148,53 +95,27 @@ class VQVAEOutput:
     quantizer: QuantizerOutput
 
 
-class VQVAE(PreTrainedModel):
-    """Encoder -> VectorQuantizer -> Decoder; `encode` gives codes, `decode` gives pixels."""
+class VQVAE(VQVAEBase):
+    """Encoder -> VectorQuantizer -> Decoder; `encode` gives codes, `decode` gives pixels; in
+    training, the quantizer's straight-through output, losses and codebook updates."""
 
     config_class = VQVAEConfig
-    main_input_name = "pixel_values"
-    base_model_prefix = "vqvae"
 
     def __init__(self, config: VQVAEConfig):
         super().__init__(config)
-        arch = config.arch
-        self.encoder = Encoder(arch)
-        self.quantizer = VectorQuantizer(arch.latent_dim, config.quant)
-        self.decoder = Decoder(arch)
+        self.encoder = Encoder(config.architecture)
+        self.quantizer = VectorQuantizer(config.arch.latent_dim, config.quant)
+        self.decoder = Decoder(config.architecture)
         self.post_init()
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # Every block initialises itself (PyTorch defaults, the quantizer's own codebook init);
-        # the transformers default would overwrite the codebook.
-        return
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Token grid (h, w) of one image."""
-        return self.config.arch.grid
-
-    @property
-    def codebook_size(self) -> int:
-        return self.config.quant.codebook_size
 
     @property
     def last_layer(self) -> torch.Tensor:
         """The decoder's output weight (for the adaptive adversarial weight)."""
         return self.decoder.conv_out.weight
 
-    def _check_pixels(self, pixels: torch.Tensor) -> None:
-        arch = self.config.arch
-        if pixels.ndim != 4 or pixels.shape[1] != arch.in_channels:
-            raise ValueError(
-                f"pixels must be [B, {arch.in_channels}, H, W], got {tuple(pixels.shape)}"
-            )
-        f = arch.downsample_factor
-        if pixels.shape[-1] % f or pixels.shape[-2] % f:
-            raise ValueError(f"image sides {tuple(pixels.shape[-2:])} must be multiples of {f}")
-
     def quantize(self, pixels: torch.Tensor) -> QuantizerOutput:
         """pixels [B, 3, H, W] in [-1, 1] -> the quantizer's output for z_e."""
-        self._check_pixels(pixels)
+        check_pixels(pixels, self.config.architecture)
         return self.quantizer(self.encoder(pixels))
 
     @torch.no_grad()
@@ -211,7 +132,7 @@ class VQVAE(PreTrainedModel):
         if not bypass_quantizer:
             q = self.quantize(pixel_values)
             return VQVAEOutput(reconstruction=self.decoder(q.quantized), codes=q.codes, quantizer=q)
-        self._check_pixels(pixel_values)
+        check_pixels(pixel_values, self.config.architecture)
         z_e = self.encoder(pixel_values)
         zero = z_e.new_zeros((), dtype=torch.float32)
         q = QuantizerOutput(

@@ -1,9 +1,10 @@
 """Configuration of the vqgpt image tokenizer (a VQ-VAE), as exported to the Hugging Face Hub.
 
 Self-contained remote code: imports only transformers. `config.json` keeps vqgpt's two sections,
-`architecture` (encoder / decoder) and `quantizer`, so vqgpt's own `VQVAE.from_pretrained` reads
-the same file. Only the fields that inference needs are read; the training-only quantizer options
-(EMA, k-means, restarts) ride along untouched.
+`architecture` (encoder / decoder) and `quantizer`; vqgpt's own config class subclasses this one
+(adding the validation of every field), so both read the same file the same way. Only the fields
+that inference needs are read here; the training-only quantizer options (EMA, k-means, restarts)
+ride along untouched.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ QUANTIZER_DEFAULTS: dict[str, Any] = {
 }
 
 
+def downsample_factor(architecture: dict[str, Any]) -> int:
+    """Pixels per token side: stem_stride * 2^(len(channel_mult) - 1)."""
+    return architecture["stem_stride"] * 2 ** (len(architecture["channel_mult"]) - 1)
+
+
+def token_grid(architecture: dict[str, Any]) -> tuple[int, int]:
+    """Token grid (h, w) of one `image_size` x `image_size` image."""
+    side = architecture["image_size"] // downsample_factor(architecture)
+    return (side, side)
+
+
 class VQVAEConfig(PretrainedConfig):
     """`config.json` of the image tokenizer: `architecture` and `quantizer` sections."""
 
@@ -55,15 +67,13 @@ class VQVAEConfig(PretrainedConfig):
 
     @property
     def downsample_factor(self) -> int:
-        """Pixels per token side: stem_stride * 2^(levels - 1)."""
-        arch = self.architecture
-        return arch["stem_stride"] * 2 ** (len(arch["channel_mult"]) - 1)
+        """Pixels per token side."""
+        return downsample_factor(self.architecture)
 
     @property
     def grid(self) -> tuple[int, int]:
         """Token grid (h, w) of one `image_size` image."""
-        side = self.architecture["image_size"] // self.downsample_factor
-        return (side, side)
+        return token_grid(self.architecture)
 
     @property
     def codebook_size(self) -> int:

@@ -1,7 +1,8 @@
 """Image processor of the vqgpt image tokenizer: the exact resize, crop and scaling of training.
 
-Self-contained remote code (imports numpy, PIL, torch and transformers). Per image, as vqgpt's
-`ImageTransform` (evaluation mode) and `load_rgb` do:
+Self-contained remote code (imports numpy, PIL, torch and transformers), and the one
+implementation of it: vqgpt's own `load_rgb` and `ImageTransform` (`vqgpt.data.images`) call
+`to_rgb`, `resize_shorter_side` and `crop_to_tensor` from this file. Per image:
 1. to RGB (EXIF orientation applied; transparency composited on white; 16-bit and float
    grayscale scaled to 8 bits);
 2. resize so the shorter side is `image_size` (PIL bicubic, antialiased, `reducing_gap=3`);
@@ -69,6 +70,30 @@ def _as_pil(image: Any) -> Image.Image:
     return Image.fromarray(array)
 
 
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is `size` (PIL bicubic, antialiased, `reducing_gap=3`)."""
+    w, h = image.size
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    if new == image.size:
+        return image
+    return image.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0)  # widens with the scale
+
+
+def center_offsets(image: Image.Image, size: int) -> tuple[int, int]:
+    """(left, top) of the centred `size` x `size` crop."""
+    w, h = image.size
+    return (w - size) // 2, (h - size) // 2
+
+
+def crop_to_tensor(image: Image.Image, left: int, top: int, size: int) -> torch.Tensor:
+    """The `size` x `size` crop at (left, top) of an RGB image -> float32 [3, size, size] in
+    [-1, 1] (`x / 127.5 - 1`)."""
+    image = image.crop((left, top, left + size, top + size))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (size, size, 3)
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, size, size)
+
+
 class VQGPTImageProcessor(BaseImageProcessor):
     """Images -> `pixel_values` [B, 3, image_size, image_size] in [-1, 1], as vqgpt trains."""
 
@@ -82,18 +107,8 @@ class VQGPTImageProcessor(BaseImageProcessor):
 
     def transform(self, image: Any) -> torch.Tensor:
         """One image -> float32 tensor [3, image_size, image_size] in [-1, 1]."""
-        image = to_rgb(_as_pil(image))
-        s = self.image_size
-        w, h = image.size
-        scale = s / min(w, h)
-        size = (max(s, round(w * scale)), max(s, round(h * scale)))
-        if size != image.size:  # PIL's bicubic filter widens with the scale: antialiased
-            image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-        w, h = size
-        left, top = (w - s) // 2, (h - s) // 2
-        image = image.crop((left, top, left + s, top + s))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (s, s, 3)
-        return pixels.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, s, s)
+        image = resize_shorter_side(to_rgb(_as_pil(image)), self.image_size)
+        return crop_to_tensor(image, *center_offsets(image, self.image_size), self.image_size)
 
     def preprocess(self, images: Any, return_tensors: str | None = "pt", **kwargs: Any):
         """One image or a list -> BatchFeature(pixel_values=[B, 3, S, S]); "np" gives numpy."""

@@ -1,10 +1,11 @@
 """The vqgpt image tokenizer for inference: pixels -> codes -> pixels, loadable without vqgpt.
 
-Self-contained remote code (imports only torch and transformers) that mirrors vqgpt's modules
-(`vqgpt.blocks`, `vqgpt.vqvae`, `vqgpt.quantize`) op for op, so codes and reconstructions equal
-vqgpt's bit for bit, and with the same parameter names, so vqgpt's `model.safetensors` loads
-unchanged. Training machinery (losses, straight-through, EMA, k-means init, dead-code restarts)
-is left out: its buffers in the checkpoint are ignored on load.
+Self-contained remote code (imports only torch and transformers), and the one implementation of
+what it holds: vqgpt's own VQ-VAE (`vqgpt.tokenizer.vqvae`, `vqgpt.tokenizer.quantize`) imports
+the blocks, the encoder and decoder, the chunked nearest-code search and the code lookup from this
+file, so codes and reconstructions are vqgpt's bit for bit, and parameter names match, so vqgpt's
+`model.safetensors` loads unchanged. Training machinery (losses, straight-through, EMA, k-means
+init, dead-code restarts) stays in vqgpt: its buffers in the checkpoint are ignored on load.
 
     z_e = encoder(pixels)                                   # (B, D, h, w)
     z = l2norm?(proj_in?(z_e))                              # per position, float32
@@ -22,10 +23,10 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_vqgpt import VQVAEConfig
+from .configuration_vqgpt import VQVAEConfig, downsample_factor
 
 # ---------------------------------------------------------------------------------------------
-# convolutional blocks (vqgpt.blocks)
+# convolutional blocks (taming-transformers style)
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -108,11 +109,12 @@ class MidBlock(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# encoder and decoder (vqgpt.vqvae)
+# encoder and decoder
 
 
 class Encoder(nn.Module):
-    """pixels [B, 3, H, W] -> z_e [B, latent_dim, H/f, W/f]."""
+    """pixels [B, 3, H, W] -> z_e [B, latent_dim, H/f, W/f]; `arch` is config.json's
+    `architecture` section."""
 
     def __init__(self, arch: dict):
         super().__init__()
@@ -144,7 +146,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z_q [B, latent_dim, h, w] -> pixels [B, 3, h*f, w*f] (unbounded)."""
+    """z_q [B, latent_dim, h, w] -> pixels [B, 3, h*f, w*f] (unbounded; images live in [-1, 1])."""
 
     def __init__(self, arch: dict):
         super().__init__()
@@ -171,8 +173,17 @@ class Decoder(nn.Module):
         return self.conv_out(self.layers(z_q))
 
 
+def check_pixels(pixels: Tensor, arch: dict) -> None:
+    """Raise ValueError unless `pixels` is [B, in_channels, H, W] with sides the encoder divides."""
+    channels, f = arch["in_channels"], downsample_factor(arch)
+    if pixels.ndim != 4 or pixels.shape[1] != channels:
+        raise ValueError(f"pixels must be [B, {channels}, H, W], got {tuple(pixels.shape)}")
+    if pixels.shape[-1] % f or pixels.shape[-2] % f:
+        raise ValueError(f"image sides {tuple(pixels.shape[-2:])} must be multiples of {f}")
+
+
 # ---------------------------------------------------------------------------------------------
-# the quantizer, inference only (vqgpt.quantize)
+# the quantizer's search and lookup (vqgpt's training quantizer calls these too)
 
 
 def l2norm(x: Tensor, eps: float = 1e-12) -> Tensor:
@@ -185,6 +196,7 @@ def nearest_code(x: Tensor, codebook: Tensor, chunk_size: int) -> Tensor:
     """Index of the nearest codebook row for each row of `x` [N, D], `chunk_size` rows at a time.
 
     `argmin_i ||x - e_i||^2 = argmin_i (||e_i||^2 - 2 x.e_i)`: the constant `||x||^2` is dropped.
+    Peak extra memory is one `[chunk_size, K]` score block. Ties go to the lowest index.
     """
     e_sq = codebook.pow(2).sum(dim=1)  # (K,)
     codes = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
@@ -193,6 +205,41 @@ def nearest_code(x: Tensor, codebook: Tensor, chunk_size: int) -> Tensor:
         scores = torch.addmm(e_sq, rows, codebook.t(), beta=1.0, alpha=-2.0)  # (chunk, K)
         codes[start : start + chunk_size] = scores.argmin(dim=1)
     return codes
+
+
+def project(x: Tensor, proj: nn.Linear | None) -> Tensor:
+    """`proj(x)` in float32 even when the module is not (None: `x` itself)."""
+    if proj is None:
+        return x
+    bias = None if proj.bias is None else proj.bias.float()
+    return F.linear(x, proj.weight.float(), bias)
+
+
+def search_space(z_e: Tensor, proj_in: nn.Linear | None, l2_normalize: bool) -> Tensor:
+    """z_e [B, D, h, w] -> the float32 rows the codes are searched for: [B*h*w, search_dim]."""
+    b, d, h, w = z_e.shape
+    x = z_e.float().permute(0, 2, 3, 1).reshape(b * h * w, d)  # (N, D), row-major positions
+    z = project(x, proj_in)  # (N, search_dim)
+    return l2norm(z) if l2_normalize else z
+
+
+def lookup(codes: Tensor, codebooks: list[Tensor], proj_out: nn.Linear | None) -> Tensor:
+    """Codes [B, h, w] (or [B, h, w, L] for L residual levels) -> the sum of their vectors in
+    each level's codebook [K, search_dim], projected back: [B, D, h, w] float32."""
+    levels, k = len(codebooks), codebooks[0].shape[0]
+    if levels == 1 and codes.ndim == 3:
+        codes = codes[..., None]
+    if codes.ndim != 4 or codes.shape[-1] != levels:
+        want = "[B, h, w]" if levels == 1 else f"[B, h, w, {levels}]"
+        raise ValueError(f"codes must be {want}, got {tuple(codes.shape)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
+        raise ValueError(f"codes must lie in [0, {k}); got {codes.min()}..{codes.max()}")
+    vectors = sum(F.embedding(codes[..., i], e) for i, e in enumerate(codebooks))
+    return project(vectors, proj_out).permute(0, 3, 1, 2)  # (B, D, h, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# the quantizer, inference only
 
 
 class Codebook(nn.Module):
@@ -230,24 +277,14 @@ class VectorQuantizer(nn.Module):
             Codebook(search_dim, self.codebook_size, self.l2_normalize) for _ in range(self.levels)
         )
 
-    def _project(self, x: Tensor, proj: nn.Linear | None) -> Tensor:
-        if proj is None:
-            return x
-        bias = None if proj.bias is None else proj.bias.float()
-        return F.linear(x, proj.weight.float(), bias)  # float32 even if the module is not
-
     @torch.no_grad()
     def search(self, z_e: Tensor) -> Tensor:
         """z_e [B, D, h, w] -> codes [B, h, w] (levels == 1) or [B, h, w, L]."""
         if z_e.ndim != 4 or z_e.shape[1] != self.dim:
             raise ValueError(f"z_e must be [B, {self.dim}, h, w], got {tuple(z_e.shape)}")
-        b, d, h, w = z_e.shape
+        b, _, h, w = z_e.shape
         with torch.autocast(device_type=z_e.device.type, enabled=False):
-            x = z_e.float().permute(0, 2, 3, 1).reshape(b * h * w, d)  # (N, D), N = B*h*w
-            z = self._project(x, self.proj_in)  # (N, search_dim)
-            if self.l2_normalize:
-                z = l2norm(z)
-            residual, all_codes = z, []
+            residual, all_codes = search_space(z_e, self.proj_in, self.l2_normalize), []
             for cb in self.codebooks:
                 vectors = cb.vectors
                 codes = nearest_code(residual, vectors, self.chunk_size)  # (N,)
@@ -258,17 +295,8 @@ class VectorQuantizer(nn.Module):
 
     def lookup(self, codes: Tensor) -> Tensor:
         """codes [B, h, w] (or [B, h, w, L]) -> quantized vectors [B, D, h, w]."""
-        if self.levels == 1 and codes.ndim == 3:
-            codes = codes[..., None]
-        if codes.ndim != 4 or codes.shape[-1] != self.levels:
-            want = "[B, h, w]" if self.levels == 1 else f"[B, h, w, {self.levels}]"
-            raise ValueError(f"codes must be {want}, got {tuple(codes.shape)}")
-        k = self.codebook_size
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
-            raise ValueError(f"codes must lie in [0, {k}); got {codes.min()}..{codes.max()}")
-        vectors = sum(F.embedding(codes[..., i], cb.vectors) for i, cb in enumerate(self.codebooks))
-        out = self._project(vectors, self.proj_out)  # (B, h, w, D)
-        return out.permute(0, 3, 1, 2).to(self.codebooks[0].embed.dtype)  # (B, D, h, w)
+        vectors = lookup(codes, [cb.vectors for cb in self.codebooks], self.proj_out)
+        return vectors.to(self.codebooks[0].embed.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,12 +311,33 @@ class VQVAEOutput(ModelOutput):
     codes: Tensor | None = None  # (B, h, w) or (B, h, w, L)
 
 
-class VQVAE(PreTrainedModel):
-    """Encoder -> VectorQuantizer -> Decoder: `encode` gives codes, `decode` gives pixels."""
+class VQVAEBase(PreTrainedModel):
+    """What every vqgpt image tokenizer model shares (this inference one, and vqgpt's training
+    one, which subclasses it): the config, the token grid, the codebook size."""
 
     config_class = VQVAEConfig
     main_input_name = "pixel_values"
     base_model_prefix = "vqvae"
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # every module initialises itself (PyTorch defaults, the quantizer's own codebook init):
+        # the transformers default would overwrite the codebook
+        return
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Token grid (h, w) of one `image_size` image."""
+        return self.config.grid
+
+    @property
+    def codebook_size(self) -> int:
+        """K, the number of codes per level."""
+        return self.config.codebook_size
+
+
+class VQVAE(VQVAEBase):
+    """Encoder -> VectorQuantizer -> Decoder: `encode` gives codes, `decode` gives pixels."""
+
     # training state saved by vqgpt beside the codes; inference does not read it
     _keys_to_ignore_on_load_unexpected = [
         r"ema_cluster_size",
@@ -305,30 +354,10 @@ class VQVAE(PreTrainedModel):
         self.decoder = Decoder(arch)
         self.post_init()
 
-    def _init_weights(self, module: nn.Module) -> None:
-        return  # every module initialises itself; the checkpoint overwrites all of it
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Token grid (h, w) of one `image_size` image."""
-        return self.config.grid
-
-    @property
-    def codebook_size(self) -> int:
-        """K, the number of codes per level."""
-        return self.config.codebook_size
-
-    def _check_pixels(self, pixels: Tensor) -> None:
-        channels, f = self.config.architecture["in_channels"], self.config.downsample_factor
-        if pixels.ndim != 4 or pixels.shape[1] != channels:
-            raise ValueError(f"pixels must be [B, {channels}, H, W], got {tuple(pixels.shape)}")
-        if pixels.shape[-1] % f or pixels.shape[-2] % f:
-            raise ValueError(f"image sides {tuple(pixels.shape[-2:])} must be multiples of {f}")
-
     @torch.no_grad()
     def encode(self, pixel_values: Tensor) -> Tensor:
         """pixels [B, 3, H, W] in [-1, 1] -> codes [B, h, w] (or [B, h, w, L] for residual VQ)."""
-        self._check_pixels(pixel_values)
+        check_pixels(pixel_values, self.config.architecture)
         return self.quantizer.search(self.encoder(pixel_values))
 
     @torch.no_grad()

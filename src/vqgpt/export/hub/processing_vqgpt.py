@@ -1,6 +1,8 @@
 """Processor of a vqgpt export: images and text <-> the joint token sequences the GPT-2 reads.
 
-Self-contained remote code (imports torch and transformers). The joint vocabulary is GPT-2's
+Self-contained remote code (imports torch and transformers), and the one implementation of the
+token-id layout (`TokenLayout`, which vqgpt's `VocabLayout` extends) and of the text-to-image
+prefix (`t2i_prefix`, which vqgpt's training sequences and decoding use). The joint vocabulary is GPT-2's
 ids 0..text_vocab_size-1 (the last is `<|endoftext|>`, "eos"), then the special tokens
 (`<|boi|>`, `<|eoi|>`), then one token per image code: `id = image_offset + code`. Sequences:
 
@@ -15,6 +17,7 @@ tokens, so `boi` is always token P, as in training.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +28,67 @@ BOI_TOKEN = "<|boi|>"
 EOI_TOKEN = "<|eoi|>"
 EOS_TOKEN = "<|endoftext|>"
 TASKS = ("caption", "t2i")
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where text, special and image tokens live in the joint id space (`vqgpt_vocab.json`)."""
+
+    codebook_size: int  # K, the image tokenizer's codebook size
+    grid: tuple[int, int]  # (h, w) token grid of one image
+    text_vocab_size: int = 50257  # the base BPE's size; its last id is <|endoftext|>
+    special_tokens: tuple[str, ...] = (BOI_TOKEN, EOI_TOKEN)
+
+    def __post_init__(self) -> None:
+        # frozen: normalise list inputs (JSON) through object.__setattr__
+        object.__setattr__(self, "grid", tuple(self.grid))
+        object.__setattr__(self, "special_tokens", tuple(self.special_tokens))
+
+    @property
+    def eos_id(self) -> int:
+        """`<|endoftext|>`: BOS, EOS and pad."""
+        return self.text_vocab_size - 1
+
+    @property
+    def boi_id(self) -> int:
+        """`<|boi|>`: begin of image."""
+        return self.text_vocab_size + self.special_tokens.index(BOI_TOKEN)
+
+    @property
+    def eoi_id(self) -> int:
+        """`<|eoi|>`: end of image."""
+        return self.text_vocab_size + self.special_tokens.index(EOI_TOKEN)
+
+    @property
+    def image_offset(self) -> int:
+        """Id of image code 0."""
+        return self.text_vocab_size + len(self.special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids in the joint vocabulary (the LM may pad its embedding past this)."""
+        return self.image_offset + self.codebook_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        """h * w image tokens per image."""
+        return self.grid[0] * self.grid[1]
+
+
+def t2i_prefix(caption_ids: list[int], eos_id: int, prefix_length: int | None) -> list[int]:
+    """The conditioning part of a text-to-image sequence (everything before boi): `eos caption`,
+    left-padded with eos to `prefix_length` tokens when that is set (the model was trained so).
+
+    A caption longer than `prefix_length - 1` tokens is a ValueError.
+    """
+    if prefix_length is None:
+        return [eos_id, *caption_ids]
+    if len(caption_ids) > prefix_length - 1:
+        raise ValueError(
+            f"a caption of {len(caption_ids)} tokens does not fit t2i_prefix_length="
+            f"{prefix_length} (eos + at most {prefix_length - 1} caption tokens); shorten it"
+        )
+    return [eos_id] * (prefix_length - len(caption_ids)) + list(caption_ids)
 
 
 class VQGPTProcessor(ProcessorMixin):
@@ -47,45 +111,49 @@ class VQGPTProcessor(ProcessorMixin):
     # -- the layout ---------------------------------------------------------------------------
 
     @property
+    def ids(self) -> TokenLayout:
+        """The id layout of `self.layout`."""
+        return TokenLayout(**self.layout)
+
+    @property
     def text_vocab_size(self) -> int:
         """Ids [0, text_vocab_size) are GPT-2 text; the last of them is `<|endoftext|>`."""
-        return int(self.layout["text_vocab_size"])
+        return self.ids.text_vocab_size
 
     @property
     def eos_id(self) -> int:
         """`<|endoftext|>`: BOS, EOS and pad."""
-        return self.text_vocab_size - 1
+        return self.ids.eos_id
 
     @property
     def boi_id(self) -> int:
         """`<|boi|>`: begin of image."""
-        return self.text_vocab_size + list(self.layout["special_tokens"]).index(BOI_TOKEN)
+        return self.ids.boi_id
 
     @property
     def eoi_id(self) -> int:
         """`<|eoi|>`: end of image."""
-        return self.text_vocab_size + list(self.layout["special_tokens"]).index(EOI_TOKEN)
+        return self.ids.eoi_id
 
     @property
     def image_offset(self) -> int:
         """Id of image code 0."""
-        return self.text_vocab_size + len(self.layout["special_tokens"])
+        return self.ids.image_offset
 
     @property
     def codebook_size(self) -> int:
         """K image codes."""
-        return int(self.layout["codebook_size"])
+        return self.ids.codebook_size
 
     @property
     def vocab_size(self) -> int:
         """Ids in the joint vocabulary (the LM may pad its embedding past this)."""
-        return self.image_offset + self.codebook_size
+        return self.ids.vocab_size
 
     @property
     def grid(self) -> tuple[int, int]:
         """(h, w) image tokens per image."""
-        h, w = self.layout["grid"]
-        return int(h), int(w)
+        return self.ids.grid
 
     def _check_tokenizer(self) -> None:
         tok = self.tokenizer
@@ -182,25 +250,13 @@ class VQGPTProcessor(ProcessorMixin):
                 row = [eos, boi, *image_rows[i], eoi]
                 row += [] if text_rows is None else [*text_rows[i], eos]
             else:
-                row = [*self._t2i_prefix(text_rows[i]), boi]
+                row = [*t2i_prefix(text_rows[i], eos, self.t2i_prefix_length), boi]
                 row += [] if image_rows is None else [*image_rows[i], eoi, eos]
             rows.append(row)
         length = max(len(r) for r in rows)
         data["input_ids"] = [[eos] * (length - len(r)) + r for r in rows]
         data["attention_mask"] = [[0] * (length - len(r)) + [1] * len(r) for r in rows]
         return BatchFeature(data=data, tensor_type=return_tensors)
-
-    def _t2i_prefix(self, ids: list[int]) -> list[int]:
-        """`eos caption`, left-padded with eos to `t2i_prefix_length` tokens when that is set."""
-        prefix = self.t2i_prefix_length
-        if prefix is None:
-            return [self.eos_id, *ids]
-        if len(ids) > prefix - 1:
-            raise ValueError(
-                f"a caption of {len(ids)} tokens does not fit t2i_prefix_length={prefix} "
-                f"(the model was trained with at most {prefix - 1} caption tokens)"
-            )
-        return [self.eos_id] * (prefix - len(ids)) + ids
 
     # -- decoding -----------------------------------------------------------------------------
 
