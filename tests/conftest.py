@@ -237,3 +237,41 @@ def _tiny_gpt2(layout: VocabLayout, seed: int = 0, n_positions: int = 40) -> GPT
 def tiny_gpt2():
     """(layout, seed=0, n_positions=40) -> a 2-layer GPT-2 over `layout`, in eval mode."""
     return _tiny_gpt2
+
+
+# Runs first in a child of run_without_vqgpt: `import vqgpt` fails, vqgpt's source is off sys.path.
+_NO_VQGPT_GUARD = """
+import importlib.abc, sys
+class _NoVqgpt(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "vqgpt" or name.startswith("vqgpt."):
+            raise ModuleNotFoundError(f"vqgpt must not be imported here ({name})")
+        return None
+sys.meta_path.insert(0, _NoVqgpt())
+sys.path[:] = [p for p in sys.path if "vqgpt" not in p and not p.endswith("/src")]
+try:
+    import vqgpt  # noqa: F401
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("the guard failed: vqgpt is importable")
+"""
+
+
+@pytest.fixture(scope="session")
+def run_without_vqgpt():
+    """(code, tmp, *args) -> `python -I` in a bare folder with vqgpt blocked; fails the test on
+    a non-zero exit."""
+
+    def run(code: str, tmp: Path, *args: str) -> subprocess.CompletedProcess:
+        cwd = tmp / "cwd"
+        cwd.mkdir(exist_ok=True)
+        env = _cli_env()
+        env.pop("PYTHONPATH", None)
+        env["HF_MODULES_CACHE"] = str(tmp / "hf_modules")  # remote code is copied here
+        cmd = [sys.executable, "-I", "-c", _NO_VQGPT_GUARD + code, *args]
+        result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-5000:]
+        return result
+
+    return run

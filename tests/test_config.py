@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vqgpt.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from vqgpt.config import ConfigError, apply_overrides, from_dict, load_config, merge, to_dict
 from vqgpt.tokenizer.quantize import QuantizerConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -17,7 +17,7 @@ def test_unknown_key_is_an_error_naming_it():
 
 
 def test_seed_preset_fills_fields_and_explicit_keys_win():
-    seed = QuantizerConfig.from_preset("seed")
+    seed = from_dict(QuantizerConfig, {"preset": "seed"})
     assert (seed.ema, seed.kmeans_init, seed.restart_after_steps, seed.init) == (
         False,
         False,
@@ -73,3 +73,36 @@ def test_every_lm_recipe_loads(path):
 
     recipe = load_lm_recipe(path)
     assert recipe.sequences.max_length >= 68  # one 8x8 image + 4 framing tokens at least
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("demo/*.yaml")), ids=lambda p: p.name)
+def test_every_demo_config_loads_with_its_recipes(path):
+    from vqgpt.demo import load_demo_config
+    from vqgpt.lm.train import load_lm_recipe
+    from vqgpt.tokenizer.train import load_recipe
+
+    demo = load_demo_config(path)
+    assert load_recipe(demo.tokenizer_recipe, patch=demo.tokenizer).train.max_steps > 0
+    assert load_lm_recipe(demo.lm_recipe, patch=demo.lm).train.max_steps > 0
+    assert demo.eval.num_images >= 1
+
+
+def test_merge_patches_nested_mappings_and_replaces_the_rest():
+    base = {"train": {"max_steps": 10, "betas": [0.9, 0.99]}, "data": {"source": "shapes"}}
+    patch = {"train": {"max_steps": 20, "betas": [0.5]}, "eval": {"max_images": 3}}
+    assert merge(base, patch) == {
+        "train": {"max_steps": 20, "betas": [0.5]},
+        "data": {"source": "shapes"},
+        "eval": {"max_images": 3},
+    }
+    assert base["train"]["max_steps"] == 10  # inputs untouched
+
+
+def test_renamed_quantizer_keys_still_load_with_a_warning(tmp_path):
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump({"levels": 2, "warmup_steps": 5}))
+    with pytest.warns(FutureWarning, match="levels is now called num_quantizers"):
+        cfg = load_config(QuantizerConfig, path)
+    assert (cfg.num_quantizers, cfg.bypass_steps) == (2, 5)
+    with pytest.raises(ConfigError, match="give only num_quantizers"):
+        from_dict(QuantizerConfig, {"levels": 2, "num_quantizers": 2})

@@ -1,11 +1,15 @@
 """`vqgpt demo --quick`: every stage end to end, and a second run that reuses finished stages."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from vqgpt.demo import DemoConfig
+from vqgpt.demo import load_demo_config
 from vqgpt.eval.report import t2i_grid_name
+from vqgpt.lm.sampling import SamplingConfig
+from vqgpt.lm.train import load_lm_recipe
+from vqgpt.tokenizer.train import load_recipe
 
 
 @pytest.mark.slow
@@ -14,7 +18,7 @@ def test_quick_demo_runs_end_to_end_and_reuses_stages(tmp_path, repo_root, run_c
     run_cli("demo", "--quick", "--out", str(out), timeout=900, cwd=repo_root)
     report = out / "report"
     text = (report / "report.md").read_text()
-    guided = f"cfg={DemoConfig().cfg_scale:g}"
+    guided = f"cfg={SamplingConfig().cfg_scale:g}"  # scored beside cfg=1
     reranked = f"{guided}, best of 2"  # the quick demo reranks 2 draws
     assert t2i_grid_name("cfg=1") == "t2i_cfg1.png"
     assert t2i_grid_name("cfg=1.5, best of 8") == "t2i_cfg1_5_best_of_8.png"
@@ -39,3 +43,20 @@ def test_quick_demo_runs_end_to_end_and_reuses_stages(tmp_path, repo_root, run_c
 
     again = run_cli("demo", "--quick", "--out", str(out), timeout=900, cwd=repo_root)
     assert again.stdout.count("exists: reusing it") == 2
+
+
+def test_demo_configs_hold_the_demos_settings(repo_root):
+    full = load_demo_config(repo_root / "configs" / "demo" / "full.yaml")
+    quick = load_demo_config(repo_root / "configs" / "demo" / "quick.yaml", ["eval.rerank=3"])
+    assert Path(full.tokenizer_recipe).resolve() == repo_root / "configs/tokenizer/shapes.yaml"
+    recipe = load_recipe(full.tokenizer_recipe, patch=full.tokenizer)
+    assert (recipe.data.shapes.num_images, recipe.data.num_images) == (40000, 10000)
+    assert (recipe.train.max_steps, recipe.train.mixed_precision) == (1800, "bf16")
+    assert recipe.model.base_channels == 32  # the recipe's own value, not patched
+    assert (full.eval.rerank, full.eval.caption_rerank, full.eval.num_images) == (16, 8, 200)
+    # the sampling knobs the demo does not set are vqgpt's one set of defaults
+    assert full.eval.temperature == SamplingConfig().temperature
+    assert full.eval.cfg_scales == (1.0, SamplingConfig().cfg_scale)
+    assert quick.eval.rerank == 3 and quick.eval.num_images == 16
+    lm = load_lm_recipe(quick.lm_recipe, patch=quick.lm)
+    assert lm.model.preset == "tiny" and lm.data.images.shapes.num_images == 256

@@ -11,7 +11,6 @@ from vqgpt.figures import (
     PALETTE,
     _wrap,
     captioned_grid,
-    make_grid,
     plot_curves,
     save_reconstruction_grid,
     to_pil,
@@ -41,24 +40,9 @@ def test_to_pil_value_mapping() -> None:
         to_pil(torch.zeros(3, 4, 4))
 
 
-def test_make_grid_size_and_placement() -> None:
-    images = _solid(COLORS, h=6, w=10)  # non-square, so H/W mix-ups show
-    grid = make_grid(images, ncol=3, padding=2, scale=2)
-    tile = (20, 12)
-    assert grid.size == (3 * (20 + 2) + 2, 2 * (12 + 2) + 2)
-    for i, color in enumerate(COLORS):
-        assert grid.getpixel(_center(i, 3, tile, 2)) == color
-    assert grid.getpixel((0, 0)) == (0, 0, 0)  # padding
-    assert grid.getpixel(_center(5, 3, tile, 2)) == (0, 0, 0)  # empty last cell
-    # PIL inputs give the same picture
-    same = make_grid(to_pil(images), ncol=3, padding=2, scale=2)
-    assert same.tobytes() == grid.tobytes()
-    assert make_grid(images[:2], ncol=8, padding=0).size == (20, 6)  # no wider than needed
-
-
-def test_make_grid_rejects_mixed_sizes() -> None:
+def test_grids_reject_mixed_sizes(tmp_path) -> None:
     with pytest.raises(ValueError, match="one size"):
-        make_grid([Image.new("RGB", (4, 4)), Image.new("RGB", (5, 4))], ncol=2)
+        captioned_grid([Image.new("RGB", (4, 4)), Image.new("RGB", (5, 4))], ["a", "b"], tmp_path)
 
 
 def test_reconstruction_grid_originals_on_top(tmp_path) -> None:

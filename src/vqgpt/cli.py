@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from vqgpt.errors import VqgptError
+
 
 def _train_tokenizer(args: argparse.Namespace) -> None:
     from vqgpt.tokenizer.train import load_recipe, train_tokenizer
@@ -24,44 +26,70 @@ def _train_lm(args: argparse.Namespace) -> None:
 
 
 def _pretokenize(args: argparse.Namespace) -> None:
+    from vqgpt.distributed import process_state
     from vqgpt.lm.pretokenize import pretokenize
     from vqgpt.lm.train import load_lm_recipe
 
     recipe = load_lm_recipe(args.config, args.overrides)
-    print(pretokenize(recipe.data).summary())
+    result = pretokenize(recipe.data)
+    if process_state().is_main_process:  # under `accelerate launch`: one summary
+        print(result.summary())
 
 
-def _sampling(args: argparse.Namespace, **fixed):
+def _given(args: argparse.Namespace, **fields: str) -> dict:
+    """{field: args.<attr>} for the options given on the command line (left out: None)."""
+    return {k: getattr(args, a) for k, a in fields.items() if getattr(args, a) is not None}
+
+
+SAMPLING_OPTIONS = dict(temperature="temperature", top_k="top_k", top_p="top_p", seed="seed")
+
+
+def generate_sampling(args: argparse.Namespace):  # -> SamplingConfig
+    """`vqgpt generate`'s sampling: the options given, vqgpt's defaults for the rest."""
     from vqgpt.lm.sampling import SamplingConfig
 
-    return SamplingConfig(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        **fixed,
+    given = _given(args, cfg_scale="cfg", rerank="rerank", **SAMPLING_OPTIONS)
+    return SamplingConfig(**given, do_sample=not args.greedy)
+
+
+def caption_sampling(args: argparse.Namespace):  # -> SamplingConfig
+    """`vqgpt caption`'s sampling: greedy unless --sample, vqgpt's defaults for the rest."""
+    from vqgpt.lm.sampling import SamplingConfig
+
+    options = dict(num_beams="beams", max_new_tokens="max_new_tokens", rerank="rerank")
+    return SamplingConfig(**_given(args, **options, **SAMPLING_OPTIONS), do_sample=args.sample)
+
+
+def eval_config(args: argparse.Namespace):  # -> PipelineEvalConfig
+    """`vqgpt eval`'s scoring: the options given, PipelineEvalConfig's defaults for the rest."""
+    from vqgpt.eval.pipeline import PipelineEvalConfig
+
+    given = _given(
+        args,
+        num_images="num_images",
+        temperature="temperature",
+        top_k="top_k",
+        rerank="rerank",
+        caption_rerank="caption_rerank",
+        seed="seed",
     )
+    if args.cfg is not None:
+        given["cfg_scales"] = (1.0, args.cfg)
+    return PipelineEvalConfig(**given)
 
 
 def _generate(args: argparse.Namespace) -> None:
     from vqgpt.lm.infer import generate_to_folder, read_prompts
 
     prompts = read_prompts(args.prompts, args.prompts_file)
-    sampling = _sampling(args, cfg_scale=args.cfg, do_sample=not args.greedy, rerank=args.rerank)
-    print(generate_to_folder(args.model, prompts, args.n, sampling, args.out).summary())
+    result = generate_to_folder(args.model, prompts, args.n, generate_sampling(args), args.out)
+    print(result.summary())
 
 
 def _caption(args: argparse.Namespace) -> None:
     from vqgpt.lm.infer import caption_files
 
-    sampling = _sampling(
-        args,
-        do_sample=args.sample,
-        num_beams=args.beams,
-        max_new_tokens=args.max_new_tokens,
-        rerank=args.rerank,
-    )
-    caption_files(args.model, args.inputs, sampling, args.out)
+    caption_files(args.model, args.inputs, caption_sampling(args), args.out)
 
 
 RERANK_HELP = (
@@ -76,17 +104,27 @@ CAPTION_RERANK_HELP = (
 )
 
 
+# Sampling options have no default here: what is left out takes vqgpt's one set of defaults
+DEFAULTS_EPILOG = (
+    "Options left out take vqgpt's sampling defaults; print them with: python -c \"from "
+    'vqgpt.lm.sampling import SamplingConfig; print(SamplingConfig())"'
+)
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="0 = off")
+    p.add_argument("--top-p", type=float, default=None, help="1 = off")
+    p.add_argument("--seed", type=int, default=None)
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from vqgpt.demo import DemoConfig, run_demo
+    from vqgpt.demo import DEMO_CONFIGS, load_demo_config, run_demo
 
-    run_demo(DemoConfig(output_dir=args.out, quick=args.quick, eval_images=args.eval_images))
+    path = args.config or DEMO_CONFIGS["quick" if args.quick else "full"]
+    given = {"output_dir": args.out, "eval.num_images": args.eval_images}
+    overrides = [f"{k}={v}" for k, v in given.items() if v is not None]
+    run_demo(load_demo_config(path, [*overrides, *args.overrides]))
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -94,23 +132,13 @@ def _eval(args: argparse.Namespace) -> None:
 
     from vqgpt.config import from_dict
     from vqgpt.data.sources import DataConfig
-    from vqgpt.eval.pipeline import PipelineEvalConfig
     from vqgpt.eval.report import write_report
     from vqgpt.lm.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(args.model)
     size = pipe.image_tokenizer.config.arch.image_size
     data = from_dict(DataConfig, {"source": args.data, "image_size": size})
-    cfg = PipelineEvalConfig(
-        num_images=args.num_images,
-        cfg_scales=(1.0, args.cfg),
-        temperature=args.temperature,
-        top_k=args.top_k,
-        rerank=args.rerank,
-        caption_rerank=args.caption_rerank,
-        seed=args.seed,
-    )
-    folder = write_report(pipe, data, Path(args.out), cfg, runs={}, timings={})
+    folder = write_report(pipe, data, Path(args.out), eval_config(args), runs={}, timings={})
     print((folder / "report.md").read_text())
 
 
@@ -189,47 +217,49 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=32)
         commands[name] = fn
 
-    p = sub.add_parser("generate", help="captions -> images (text-to-image)")
+    p = sub.add_parser(
+        "generate", help="captions -> images (text-to-image)", epilog=DEFAULTS_EPILOG
+    )
     p.add_argument("--model", required=True, help="an LM run folder or its final/ folder")
     p.add_argument("prompts", nargs="*", help="captions")
     p.add_argument("--prompts", dest="prompts_file", default=None, help="file, one caption a line")
     p.add_argument("-n", type=int, default=4, help="images per prompt")
-    p.add_argument(
-        "--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)"
-    )
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (1 = off)")
     p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
-    p.add_argument("--rerank", type=int, default=1, help=RERANK_HELP)
+    p.add_argument("--rerank", type=int, default=None, help=RERANK_HELP)
     p.add_argument("--out", required=True, help="output folder")
     _add_sampling_args(p)
     commands["generate"] = _generate
 
-    p = sub.add_parser("caption", help="images -> captions")
+    p = sub.add_parser("caption", help="images -> captions", epilog=DEFAULTS_EPILOG)
     p.add_argument("--model", required=True, help="an LM run folder or its final/ folder")
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--beams", type=int, default=1, help="beam search width (1 = greedy)")
+    p.add_argument("--beams", type=int, default=None, help="beam search width (1 = greedy)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy/beam")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--rerank", type=int, default=1, help=CAPTION_RERANK_HELP)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--rerank", type=int, default=None, help=CAPTION_RERANK_HELP)
     p.add_argument("--out", default=None, help="write JSON lines here too")
     _add_sampling_args(p)
     commands["caption"] = _caption
 
-    p = sub.add_parser("eval", help="held-out captioning and text-to-image scores of a pipeline")
+    p = sub.add_parser(
+        "eval",
+        help="held-out captioning and text-to-image scores of a pipeline",
+        epilog="Options left out take the defaults of vqgpt.eval.pipeline.PipelineEvalConfig "
+        "(its sampling ones are vqgpt's sampling defaults, SamplingConfig's).",
+    )
     p.add_argument("--model", required=True, help="an LM run folder or its final/ folder")
     p.add_argument("--data", default="shapes", help="'shapes' or an image folder with a test split")
-    p.add_argument("--num-images", type=int, default=200)
-    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale scored beside 1.0")
-    p.add_argument("--temperature", type=float, default=1.0, help="text-to-image sampling")
-    p.add_argument("--top-k", type=int, default=0, help="text-to-image sampling (0 = off)")
+    p.add_argument("--num-images", type=int, default=None)
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale scored beside 1.0")
+    p.add_argument("--temperature", type=float, default=None, help="text-to-image sampling")
+    p.add_argument("--top-k", type=int, default=None, help="text-to-image sampling (0 = off)")
     p.add_argument(
-        "--rerank", type=int, default=1, help="also score --cfg with the best of N draws (1 = off)"
+        "--rerank", type=int, default=None, help="also score --cfg as best of N (1 = off)"
     )
-    p.add_argument("--seed", type=int, default=0, help="text-to-image sampling seed")
+    p.add_argument("--seed", type=int, default=None, help="text-to-image sampling seed")
     p.add_argument(
-        "--caption-rerank",
-        type=int,
-        default=1,
-        help="also score captions reranked from N (1 = off)",
+        "--caption-rerank", type=int, default=None, help="also score captions reranked from N"
     )
     p.add_argument("--out", required=True, help="folder for metrics.json, report.md, grids")
     commands["eval"] = _eval
@@ -244,9 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands["export"] = _export
 
     p = sub.add_parser("demo", help="the whole pipeline on the built-in shapes, with a report")
-    p.add_argument("--out", default="runs/demo", help="output folder (reused by a second run)")
+    p.add_argument("--out", default=None, help="output folder (reused by a second run)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in minutes")
-    p.add_argument("--eval-images", type=int, default=200)
+    p.add_argument("--eval-images", type=int, default=None, help="held-out images scored")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a demo config (default configs/demo/full.yaml or quick.yaml)",
+    )
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.rerank=8")
     commands["demo"] = _demo
 
     parser.set_defaults(_commands=commands)
@@ -259,8 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args._commands[args.command](args)
-    except (FileNotFoundError, ValueError) as err:
-        # user errors (bad config key, missing file, mismatched parts): one clear line, no trace
+    except (VqgptError, FileNotFoundError, ValueError) as err:
+        # user errors (bad config key, missing or unreadable data, mismatched parts): one clear
+        # line, no traceback
         print(f"vqgpt {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

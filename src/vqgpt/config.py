@@ -5,15 +5,18 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from vqgpt.errors import VqgptError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(VqgptError, ValueError):
     """A config file or override that does not fit its dataclass."""
 
 
@@ -63,8 +66,31 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def _renamed(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """`data` with the old key names of `cls.RENAMED` ({old: new}) mapped, with a warning."""
+    renamed = getattr(cls, "RENAMED", None) or {}
+    prefix = f"{where}." if where else ""
+    for old, new in renamed.items():
+        if old not in data:
+            continue
+        if new in data:
+            raise ConfigError(f"{prefix}{old} and {prefix}{new} are one setting: give only {new}")
+        warnings.warn(
+            f"{prefix}{old} is now called {prefix}{new}; the old name still works",
+            FutureWarning,
+            stacklevel=4,
+        )
+        data = {(new if k == old else k): v for k, v in data.items()}
+    return data
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
-    """Build dataclass `cls` from a mapping; unknown keys are errors naming the key."""
+    """Build dataclass `cls` from a mapping; unknown keys are errors naming the key.
+
+    A class may declare `PRESETS` ({name: fields}, chosen by a `preset` key, explicit keys win)
+    and `RENAMED` ({old key: new key}, old names still read, with a FutureWarning).
+    """
+    data = _renamed(cls, data, where)
     hints = typing.get_type_hints(cls)
     presets = getattr(cls, "PRESETS", None)
     if presets is not None and data.get("preset") is not None:
@@ -121,8 +147,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
-    """Read YAML `path` (or nothing), apply dotted overrides, build `cls`."""
+def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `patch` on top: mappings merge key by key, any other value replaces."""
+    out = dict(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    cls: type[T],
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    patch: dict[str, Any] | None = None,
+) -> T:
+    """Read YAML `path` (or nothing), `merge` the mapping `patch` over it, apply dotted
+    overrides, build `cls`."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -131,6 +174,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
+    data = merge(data, patch or {})
     apply_overrides(data, list(overrides or []))
     try:
         return from_dict(cls, data)
@@ -149,6 +193,7 @@ __all__ = [
     "apply_overrides",
     "from_dict",
     "load_config",
+    "merge",
     "save_config",
     "to_dict",
 ]

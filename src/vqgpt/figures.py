@@ -11,10 +11,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+from vqgpt.data.images import to_pil as image_to_pil
 
 Images = Sequence[Image.Image] | Tensor  # PIL images, or (B, 3, H, W) in [-1, 1]
 BLACK, WHITE, GREY = (0, 0, 0), (255, 255, 255), (200, 200, 200)
@@ -36,9 +36,7 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     """(B, 3, H, W) tensor in [-1, 1] -> RGB PIL images (values outside the range are clamped)."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected a (B, 3, H, W) tensor in [-1, 1], got {tuple(images.shape)}")
-    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    arrays = rearrange(pixels, "b c h w -> b h w c").numpy()
-    return [Image.fromarray(a, mode="RGB") for a in arrays]
+    return [image_to_pil(x) for x in images]
 
 
 def _as_pil(images: Images, scale: int) -> list[Image.Image]:
@@ -88,11 +86,6 @@ def _save_png(image: Image.Image, path: str | Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def make_grid(images: Images, ncol: int = 8, padding: int = 2, scale: int = 1) -> Image.Image:
-    """Images in rows of `ncol`, each upscaled `scale`x (nearest), on black with `padding` px."""
-    return _tile(_as_pil(images, scale), ncol, padding, BLACK)
 
 
 def save_reconstruction_grid(
@@ -262,7 +255,6 @@ def plot_curves(
 
 __all__ = [
     "captioned_grid",
-    "make_grid",
     "plot_curves",
     "save_reconstruction_grid",
     "to_pil",

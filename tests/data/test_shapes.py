@@ -19,7 +19,6 @@ from vqgpt.data.shapes import (
     cell_box,
     make_example,
     object_box,
-    objects_from_json,
     parse_caption,
     render,
     sample_scene,
@@ -175,7 +174,8 @@ def test_dataset_columns():
     assert set(ds.column_names) == {"image", "text", "objects"}
     row = ds[0]
     assert row["image"].mode == "RGB" and row["image"].size == (64, 64)
-    assert objects_from_json(row["objects"]) == parse_caption(row["text"])
+    objects = [ShapeObject(**o) for o in json.loads(row["objects"])]
+    assert objects == parse_caption(row["text"])
 
 
 def test_write_image_folder(tmp_path):

@@ -28,24 +28,6 @@ from vqgpt.tokenizer.vqvae import VQVAE, VQVAEConfig
 PREFIX = 24  # sequences.t2i_prefix_length of the exported LM
 TEXTS = ["a small red circle", "two <|boi|> squares<|endoftext|> at the top", "é", ""]
 
-# Runs first in every child: `import vqgpt` fails, vqgpt's source is off sys.path.
-GUARD = """
-import importlib.abc, sys
-class _NoVqgpt(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "vqgpt" or name.startswith("vqgpt."):
-            raise ModuleNotFoundError(f"vqgpt must not be imported here ({name})")
-        return None
-sys.meta_path.insert(0, _NoVqgpt())
-sys.path[:] = [p for p in sys.path if "vqgpt" not in p and not p.endswith("/src")]
-try:
-    import vqgpt  # noqa: F401
-except ModuleNotFoundError:
-    pass
-else:
-    raise SystemExit("the guard failed: vqgpt is importable")
-"""
-
 # Loads exports with the Auto classes; writes what it computes to each job's .pt file.
 CHILD = """
 import json, sys
@@ -127,25 +109,6 @@ for root, out, snippet in json.loads(sys.argv[3]):
 """
 
 
-@pytest.fixture(scope="session")
-def run_isolated(cli_env):
-    """(code, tmp, *args) -> `python -I` in a bare folder with vqgpt blocked; fails the test on
-    a non-zero exit."""
-
-    def run(code: str, tmp: Path, *args: str) -> subprocess.CompletedProcess:
-        cwd = tmp / "cwd"
-        cwd.mkdir(exist_ok=True)
-        env = cli_env()
-        env.pop("PYTHONPATH", None)
-        env["HF_MODULES_CACHE"] = str(tmp / "hf_modules")  # remote code is copied here
-        cmd = [sys.executable, "-I", "-c", GUARD + code, *args]
-        result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
-        assert result.returncode == 0, result.stderr[-5000:]
-        return result
-
-    return run
-
-
 def write_images(folder: Path) -> list[Path]:
     """Odd sizes and modes: upscale, downscale, crop, transparency, grayscale, palette."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -179,13 +142,13 @@ def card_parts(folder: Path) -> tuple[dict, str]:
 
 
 def run_child(
-    run_isolated, tmp: Path, files: list[Path], texts: list[str], jobs: list[tuple]
+    run_without_vqgpt, tmp: Path, files: list[Path], texts: list[str], jobs: list[tuple]
 ) -> tuple[list[dict], str]:
     """CHILD over jobs (export folder, card snippet or ""); each job's results and stdout."""
     outs = [str(tmp / f"child_{i}.pt") for i in range(len(jobs))]
     spec = [(str(root), out, snippet) for (root, snippet), out in zip(jobs, outs, strict=True)]
     paths = json.dumps([str(f) for f in files])
-    result = run_isolated(CHILD, tmp, paths, json.dumps(texts), json.dumps(spec))
+    result = run_without_vqgpt(CHILD, tmp, paths, json.dumps(texts), json.dumps(spec))
     return [torch.load(out, weights_only=False) for out in outs], result.stdout
 
 
@@ -220,11 +183,13 @@ def exported(lm_run, tmp_path_factory) -> Path:
 # the full pipeline
 
 
-def test_exported_pipeline_matches_vqgpt_without_vqgpt(exported, lm_run, tmp_path, run_isolated):
+def test_exported_pipeline_matches_vqgpt_without_vqgpt(
+    exported, lm_run, tmp_path, run_without_vqgpt
+):
     _, snippet = card_parts(exported)
     assert repr(str(exported)) in snippet  # the card's usage runs as written, in the same child
     files = write_images(tmp_path / "images")
-    [got], stdout = run_child(run_isolated, tmp_path, files, TEXTS, [(exported, snippet)])
+    [got], stdout = run_child(run_without_vqgpt, tmp_path, files, TEXTS, [(exported, snippet)])
     assert "caption:" in stdout and "drew (32, 32)" in stdout
 
     pipe = Pipeline.from_pretrained(lm_run)
@@ -285,10 +250,10 @@ def save_tokenizer_run(run: Path, files: list[Path], **sections: dict) -> VQVAE:
     return model
 
 
-def test_quantizer_variants_export_with_identical_codes(tmp_path, run_isolated):
+def test_quantizer_variants_export_with_identical_codes(tmp_path, run_without_vqgpt):
     files = write_images(tmp_path / "images")
     variants = {
-        "residual": dict(model=dict(attention=True), quantizer=dict(levels=2)),
+        "residual": dict(model=dict(attention=True), quantizer=dict(num_quantizers=2)),
         "factorised_l2": dict(
             model=dict(stem_stride=1), quantizer=dict(codebook_dim=4, l2_normalize=True)
         ),
@@ -300,7 +265,7 @@ def test_quantizer_variants_export_with_identical_codes(tmp_path, run_isolated):
         assert not export_run(ExportConfig(str(tmp_path / name), str(out))).has_lm
         assert not (out / "config.json").exists()  # no LM: image_tokenizer/, code and card
         jobs.append((out, card_parts(out)[1] if name == "residual" else ""))
-    results, stdout = run_child(run_isolated, tmp_path, files, [], jobs)
+    results, stdout = run_child(run_without_vqgpt, tmp_path, files, [], jobs)
     assert "torch.Size([1, 8, 8, 2]) torch.Size([1, 3, 32, 32])" in stdout  # the card's snippet
     for (name, vq), got in zip(models.items(), results, strict=True):
         codes = vq.encode(vqgpt_pixels(files, 32))

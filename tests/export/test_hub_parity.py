@@ -26,7 +26,7 @@ QUANTIZERS = {
     "default": dict(codebook_size=24),
     "seed": dict(preset="seed", codebook_size=24),
     "factorised-l2": dict(codebook_size=24, codebook_dim=4, l2_normalize=True),
-    "residual": dict(codebook_size=24, levels=3),
+    "residual": dict(codebook_size=24, num_quantizers=3),
 }
 ARCH = dict(image_size=16, base_channels=8, channel_mult=[1, 2], latent_dim=8, norm_groups=4)
 

@@ -23,7 +23,7 @@ from vqgpt.lm.vocab import VocabLayout
 # a small text vocabulary keeps the model tiny: eos 99, boi 100, eoi 101, images 102..117
 LAYOUT = VocabLayout(codebook_size=16, grid=(3, 3), text_vocab_size=100)
 N_COLS = 128  # LAYOUT.vocab_size (118) padded to a multiple of 64 (the tiny_gpt2 fixture)
-GREEDY = SamplingConfig(do_sample=False, max_new_tokens=10)
+GREEDY = SamplingConfig(do_sample=False, max_new_tokens=10, cfg_scale=1.0)
 CAPTIONS = [[5, 17, 3], [], [42], [7, 7, 7, 7, 7, 1]]
 CASES = {
     "greedy": SamplingConfig(do_sample=False),

@@ -23,7 +23,7 @@ from vqgpt.lm.vocab import VocabLayout
 LAYOUT = VocabLayout(codebook_size=16, grid=(3, 3), text_vocab_size=100)
 N_COLS = 128  # LAYOUT.vocab_size (118) padded to a multiple of 64 (the tiny_gpt2 fixture)
 N_POSITIONS = 40  # the tiny_gpt2 fixture's default
-GREEDY = SamplingConfig(do_sample=False, max_new_tokens=10)
+GREEDY = SamplingConfig(do_sample=False, max_new_tokens=10, cfg_scale=1.0)
 CAPTIONS = [[5, 17, 3], [], [42], [7, 7, 7, 7, 7, 1]]
 
 
@@ -86,7 +86,8 @@ def test_seed_repeats_and_differs(model):
 
 
 def test_top_k_one_is_greedy(model):
-    sampled = generate_image_codes(model, LAYOUT, CAPTIONS, SamplingConfig(top_k=1, seed=5))
+    top1 = SamplingConfig(top_k=1, seed=5, cfg_scale=1.0)
+    sampled = generate_image_codes(model, LAYOUT, CAPTIONS, top1)
     assert torch.equal(sampled, generate_image_codes(model, LAYOUT, CAPTIONS, GREEDY))
 
 
@@ -95,7 +96,7 @@ def test_cfg_scale_one_is_plain_sampling_and_other_scales_differ(model):
     prompts = [[LAYOUT.eos_id, *c, LAYOUT.boi_id] for c in CAPTIONS]
     uncond = [[LAYOUT.eos_id, LAYOUT.boi_id]] * len(prompts)
     steps = LAYOUT.tokens_per_image
-    for cfg in (GREEDY, SamplingConfig(seed=4)):
+    for cfg in (GREEDY, SamplingConfig(seed=4, cfg_scale=1.0)):
         # the guided path with scale 1 (unconditional rows in the batch) == no guidance at all
         plain = generate_image_codes(model, LAYOUT, CAPTIONS, cfg)
         decoder = KVDecoder(model, head=narrow_head(model, allowed))  # as ImageSampler's
@@ -132,7 +133,7 @@ def test_caption_logprobs_is_the_sum_of_constrained_caption_logprobs(
 
 def test_rerank_keeps_the_candidate_the_model_captions_best(model):
     prompts, n = [[5, 17, 3], [42]], 3
-    sampling = SamplingConfig(seed=7, cfg_scale=2.0)
+    sampling = SamplingConfig(seed=7, cfg_scale=2.0, temperature=1.0)
     best = generate_image_codes(model, LAYOUT, prompts, replace(sampling, rerank=n))
     rows = [p for p in prompts for _ in range(n)]
     candidates = generate_image_codes(model, LAYOUT, rows, sampling)  # the same seeded rows
@@ -268,8 +269,9 @@ def test_caption_edge_cases(model, boost_logits, random_codes):
     assert generate_captions(model, LAYOUT, random_codes(LAYOUT, 0), GREEDY) == []
     with pytest.raises(ValueError, match=r"\[B, h, w\]"):
         generate_captions(model, LAYOUT, torch.zeros(2, 4, 4, dtype=torch.long), GREEDY)
-    with pytest.raises(ValueError, match="cfg_scale"):
-        generate_captions(model, LAYOUT, random_codes(LAYOUT, 1), SamplingConfig(cfg_scale=2.0))
+    codes = random_codes(LAYOUT, 2)  # captions have no unconditional branch: cfg_scale is ignored
+    guided = generate_captions(model, LAYOUT, codes, replace(GREEDY, cfg_scale=3.0))
+    assert guided == generate_captions(model, LAYOUT, codes, GREEDY)
     room = N_POSITIONS - LAYOUT.tokens_per_image - 3
     eos = torch.zeros(N_COLS, dtype=torch.bool)
     eos[LAYOUT.eos_id] = True

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vqgpt.config import ConfigError, from_dict
+from vqgpt.cli import main as cli_main
+from vqgpt.config import ConfigError, from_dict, to_dict
 from vqgpt.data.images import ImageTransform, load_rgb
 from vqgpt.data.shapes import ShapesConfig, shapes_dataset, write_image_folder
 from vqgpt.data.sources import DataConfig, load_image_dataset
@@ -25,7 +25,6 @@ from vqgpt.lm.pretokenize import (
     codes_tensor,
     encode_rows,
     load_codes,
-    main,
     pretokenize,
     read_split_info,
     tokenizer_fingerprint,
@@ -188,7 +187,9 @@ def test_residual_codes_are_stored_as_h_w_levels(tmp_path):
     arch = ModelConfig(
         image_size=32, base_channels=8, channel_mult=(1, 2), latent_dim=8, norm_groups=4
     )
-    model = VQVAE(VQVAEConfig.build(arch, QuantizerConfig(codebook_size=64, levels=2))).eval()
+    model = VQVAE(
+        VQVAEConfig.build(arch, QuantizerConfig(codebook_size=64, num_quantizers=2))
+    ).eval()
     model.save_pretrained(tmp_path / "rvq")
     cfg = replace(shapes_config(tmp_path / "rvq", tmp_path / "out"), splits=["test"])
     pretokenize(cfg)
@@ -200,14 +201,13 @@ def test_residual_codes_are_stored_as_h_w_levels(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_write_the_same_dataset(reference, accelerate_launcher, tmp_path, cli_env):
+def test_two_processes_write_the_same_dataset(
+    reference, accelerate_launcher, tmp_path, run_cli, write_yaml
+):
     cfg, _ = reference
     out = tmp_path / "out2"
-    cmd = [*accelerate_launcher, "-m", "vqgpt.lm.pretokenize", "--tokenizer", cfg.tokenizer]
-    cmd += ["--output-dir", str(out), "--batch-size", str(BATCH)]
-    cmd += [f"images.shapes.{k}={v}" for k, v in SHAPES.items()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    recipe = write_yaml(tmp_path / "lm.yaml", {"data": to_dict(replace(cfg, output_dir=str(out)))})
+    proc = run_cli("pretokenize", "--config", str(recipe), launcher=accelerate_launcher)
     assert proc.stdout.count("(written)") == 2  # the summary comes from rank 0 only
     for split in ("train", "test"):
         one, two = load_codes(cfg.output_dir, split), load_codes(out, split)
@@ -267,5 +267,9 @@ def test_codes_tensor_reads_rows_batches_and_torch_format(reference):
 def test_missing_output_and_missing_tokenizer_are_clear_errors(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="pretokenize"):
         load_codes(tmp_path, "train")
-    assert main(["--tokenizer", str(tmp_path / "nope"), "--output-dir", str(tmp_path)]) == 2
-    assert "no image tokenizer here" in capsys.readouterr().err
+    recipe = tmp_path / "lm.yaml"
+    recipe.write_text(f"data: {{tokenizer: {tmp_path / 'nope'}, output_dir: {tmp_path}}}\n")
+    assert cli_main(["pretokenize", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vqgpt pretokenize: error:") and "no image tokenizer here" in err
+    assert "Traceback" not in err

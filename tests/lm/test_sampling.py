@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -55,9 +57,10 @@ def test_warp_top_k_and_top_p():
     scores = probs.log()
     kept = lambda cfg: torch.isfinite(warp(scores, cfg)).flatten().tolist()  # noqa: E731
     assert kept(SamplingConfig(top_k=2)) == [True, True, False, False]
-    assert kept(SamplingConfig(top_p=0.8)) == [True, True, False, False]  # 0.5 + 0.3 >= 0.8
-    assert kept(SamplingConfig(top_p=0.81)) == [True, True, True, False]
-    assert kept(SamplingConfig(top_p=0.1)) == [True, False, False, False]  # the top one stays
+    plain = SamplingConfig(temperature=1.0)  # top-p reads the probabilities after temperature
+    assert kept(replace(plain, top_p=0.8)) == [True, True, False, False]  # 0.5 + 0.3 >= 0.8
+    assert kept(replace(plain, top_p=0.81)) == [True, True, True, False]
+    assert kept(replace(plain, top_p=0.1)) == [True, False, False, False]  # the top one stays
     tempered = warp(scores, SamplingConfig(temperature=2.0)).softmax(-1)
     assert torch.allclose(tempered, (probs.sqrt() / probs.sqrt().sum()))
 

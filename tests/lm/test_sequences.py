@@ -7,12 +7,10 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
-from transformers.loss.loss_utils import ForCausalLMLoss
 
 from vqgpt.config import ConfigError, from_dict
 from vqgpt.lm.sequences import (
-    IGNORE,
+    IGNORE_INDEX,
     PAD_TASK,
     Example,
     SequenceConfig,
@@ -23,10 +21,8 @@ from vqgpt.lm.sequences import (
     fit,
     make_example,
     pack,
-    per_group_losses,
     t2i_prefix,
     truncate,
-    weighted_lm_loss,
 )
 from vqgpt.lm.vocab import VocabLayout
 
@@ -35,7 +31,7 @@ EOS, BOI, EOI, OFF = LAYOUT.eos_id, LAYOUT.boi_id, LAYOUT.eoi_id, LAYOUT.image_o
 CODES = torch.tensor([[1, 2, 3], [4, 5, 6]])
 IMG = [OFF + c for c in (1, 2, 3, 4, 5, 6)]  # row-major
 CAP = [10, 11, 12]
-M = IGNORE
+M = IGNORE_INDEX
 
 
 class CharEncoder:
@@ -268,7 +264,7 @@ def test_pack_property_windows_full_ordered_images_whole():
             n_real = sum(real)
             assert real == [True] * n_real + [False] * (max_length - n_real)  # pads at the tail
             pad = slice(n_real, None)
-            assert set(window.input_ids[pad]) <= {EOS} and set(window.labels[pad]) <= {IGNORE}
+            assert set(window.input_ids[pad]) <= {EOS} and set(window.labels[pad]) <= {IGNORE_INDEX}
             assert set(window.loss_weights[pad]) <= {0.0}
             assert_images_whole(window)
             content += window.input_ids[:n_real]
@@ -320,75 +316,7 @@ def test_collate_pads_and_masks():
     assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
     assert batch["loss_weights"].dtype == torch.float32
     assert batch["input_ids"][0].tolist() == short.input_ids + [EOS] * 6
-    assert batch["labels"][0, 10:].tolist() == [IGNORE] * 6
+    assert batch["labels"][0, 10:].tolist() == [IGNORE_INDEX] * 6
     assert batch["attention_mask"].tolist() == [[1] * 10 + [0] * 6, [1] * 13 + [0] * 3]
     assert batch["task_ids"].tolist() == [[0] * 10 + [PAD_TASK] * 6, [1] * 13 + [PAD_TASK] * 3]
     assert batch["loss_weights"][1].tolist() == window.loss_weights
-
-
-def test_weighted_loss_matches_manual():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 4, 5)
-    labels = torch.tensor([[IGNORE, 3, IGNORE, 1], [IGNORE, 0, 4, IGNORE]])
-    weights = torch.tensor([[9.0, 2.0, 7.0, 0.5], [0.0, 1.0, 3.0, 5.0]])  # masked ones ignored
-    total, norm = 0.0, 0.0
-    for b in range(2):
-        for t in range(1, 4):
-            if labels[b, t] == IGNORE:
-                continue
-            ce = -torch.log_softmax(logits[b, t - 1], dim=-1)[labels[b, t]].item()
-            total += weights[b, t].item() * ce
-            norm += weights[b, t].item()
-    loss = weighted_lm_loss(logits, labels, weights)
-    assert loss.item() == pytest.approx(total / norm, rel=1e-6)
-    # with unit weights it is the HF causal-LM loss (same label convention)
-    ones = torch.ones_like(weights)
-    hf = ForCausalLMLoss(logits, labels, vocab_size=5)
-    assert weighted_lm_loss(logits, labels, ones).item() == pytest.approx(hf.item(), rel=1e-6)
-
-
-def test_weighted_loss_float32_grad_and_all_masked():
-    torch.manual_seed(0)
-    logits = torch.randn(1, 6, 7, dtype=torch.bfloat16, requires_grad=True)
-    labels = torch.tensor([[IGNORE, 1, 2, 3, 4, 5]])
-    loss = weighted_lm_loss(logits, labels, torch.ones(1, 6))
-    assert loss.dtype == torch.float32
-    want = F.cross_entropy(logits[0, :-1].float(), labels[0, 1:])
-    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
-    loss.backward()
-    assert (
-        logits.grad is not None and logits.grad[0, -1].abs().sum() == 0
-    )  # last step predicts nothing
-    masked = weighted_lm_loss(logits, torch.full((1, 6), IGNORE), torch.ones(1, 6))
-    assert masked.item() == 0.0 and masked.requires_grad
-
-
-def test_per_group_losses_by_task_and_kind():
-    cfg = SequenceConfig()
-    examples = [build_t2i(CODES, CAP, LAYOUT, cfg), build_caption(CODES, CAP, LAYOUT, cfg)]
-    batch = collate(pack(examples, 26, EOS), pad_id=EOS)
-    torch.manual_seed(0)
-    logits = torch.randn(1, 26, LAYOUT.vocab_size)
-    groups = per_group_losses(logits, batch["labels"], batch["task_ids"], LAYOUT)
-    ce = F.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], reduction="none")
-    ce = torch.cat([torch.zeros(1), ce])  # ce[i] is the loss of predicting token i
-    t2i_img = [5, 6, 7, 8, 9, 10]  # codes of the t2i half
-    t2i_txt = [4, 11, 12]  # boi, eoi, eos
-    cap_txt = [13 + 9, 13 + 10, 13 + 11, 13 + 12]  # caption and eos
-    means = groups.means()
-
-    def mean(idx: list[int]) -> float:
-        return ce[idx].mean().item()
-
-    assert means["t2i/image"] == pytest.approx(mean(t2i_img))
-    assert means["t2i/text"] == pytest.approx(mean(t2i_txt))
-    assert means["t2i"] == pytest.approx(mean(t2i_img + t2i_txt))
-    assert means["caption"] == pytest.approx(mean(cap_txt))
-    assert means["image"] == pytest.approx(mean(t2i_img))
-    assert means["text"] == pytest.approx(mean(t2i_txt + cap_txt))
-    assert "caption/image" not in means and "document" not in means  # no targets there
-    assert groups.counts["t2i"] == 9 and groups.counts["caption/text"] == 4
-    # accumulating a second identical batch leaves the means unchanged
-    groups.update(per_group_losses(logits, batch["labels"], batch["task_ids"], LAYOUT))
-    assert groups.means()["t2i"] == pytest.approx(mean(t2i_img + t2i_txt))
-    assert groups.counts["t2i"] == 18

@@ -93,7 +93,6 @@ def test_codes_ids_round_trip_and_masks():
     assert torch.equal(layout.ids_to_codes(ids), codes)
     probe = torch.tensor([0, 50255, 50256, 50257, 50258, 50259, 50259 + K - 1, 50259 + K])
     assert layout.is_text(probe).tolist() == [True, True, True, False, False, False, False, False]
-    assert layout.is_special(probe).tolist() == [False] * 3 + [True, True] + [False] * 3
     assert layout.is_image(probe).tolist() == [False] * 5 + [True, True, False]
 
 

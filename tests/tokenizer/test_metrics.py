@@ -113,7 +113,7 @@ def test_codebook_stats_on_hand_built_histogram() -> None:
         codebook_stats(torch.tensor([0, 4]), 4)
 
 
-def test_codebook_usage_accumulates_per_level() -> None:
+def test_codebook_usage_accumulates_per_quantizer() -> None:
     g = torch.Generator().manual_seed(0)
     k = 16
     batches = [torch.randint(0, k, (2, 4, 4), generator=g) for _ in range(3)]
@@ -122,18 +122,18 @@ def test_codebook_usage_accumulates_per_level() -> None:
         usage.update(codes)
     whole = codebook_stats(torch.cat(batches), k)
     got = usage.compute()
-    assert usage.levels == 1
+    assert usage.num_quantizers == 1
     assert torch.equal(got.histogram, whole.histogram)
     assert got.perplexity == pytest.approx(whole.perplexity) and got.usage == whole.usage
 
     residual = CodebookUsage(k)
     codes = torch.stack([torch.zeros(2, 4, 4, dtype=torch.long), batches[0]], dim=-1)
-    residual.update(codes)  # (B, h, w, L=2): level 0 collapsed to one code
-    assert residual.levels == 2
+    residual.update(codes)  # (B, h, w, L=2): quantizer 0 collapsed to one code
+    assert residual.num_quantizers == 2
     assert residual.compute().usage == 1 / k and residual.compute().perplexity == pytest.approx(1.0)
     assert torch.equal(residual.compute(1).histogram, codebook_stats(batches[0], k).histogram)
-    assert len(residual.per_level()) == 2
-    with pytest.raises(ValueError, match="level"):
+    assert len(residual.per_quantizer()) == 2
+    with pytest.raises(ValueError, match="quantizer"):
         residual.update(batches[1])
     with pytest.raises(ValueError, match="out of range"):
         residual.compute(2)

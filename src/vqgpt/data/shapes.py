@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vqgpt.config import ConfigError
+from vqgpt.errors import VqgptError
 
 RGB = tuple[int, int, int]
 
@@ -66,7 +67,7 @@ TEST_FRACTION = 0.1  # share of all captions held out for the test split
 SUPERSAMPLE = 4  # draw at 4x and box-downsample: antialiased edges, exact interior colours
 
 
-class ShapesError(ValueError):
+class ShapesError(VqgptError, ValueError):
     """Bad shapes config, split or caption."""
 
 
@@ -191,11 +192,6 @@ def parse_caption(text: str) -> list[ShapeObject]:
 def objects_to_json(objects: list[ShapeObject]) -> str:
     """Ground truth as a JSON string (the `objects` column)."""
     return json.dumps([asdict(o) for o in objects])
-
-
-def objects_from_json(text: str) -> list[ShapeObject]:
-    """Inverse of `objects_to_json`."""
-    return [ShapeObject(**d) for d in json.loads(text)]
 
 
 def split_of(text: str) -> str:
@@ -336,7 +332,6 @@ __all__ = [
     "cell_box",
     "make_example",
     "object_box",
-    "objects_from_json",
     "objects_to_json",
     "parse_caption",
     "render",

@@ -26,6 +26,7 @@ from einops import rearrange
 from PIL import Image, ImageOps
 
 from vqgpt.config import ConfigError
+from vqgpt.errors import VqgptError
 from vqgpt.data.images import IMAGE_EXTENSIONS, ImageTransform, load_rgb
 from vqgpt.data.shapes import ShapesConfig, shapes_dataset
 
@@ -58,7 +59,7 @@ TEST_PHOTOS: dict[str, str] = {
 MIN_CROP_SCALE = 0.25  # photo crops span 25%..100% of the photo's shorter side
 
 
-class DataError(RuntimeError):
+class DataError(VqgptError, RuntimeError):
     """A dataset that cannot be found or read."""
 
 

@@ -21,19 +21,20 @@ class PipelineEvalConfig:
     """Held-out captioning and text-to-image evaluation of a trained pipeline."""
 
     num_images: int = 200  # held-out images to caption, and held-out captions to draw
-    cfg_scales: tuple[float, ...] = (1.0, 3.0)  # text-to-image is scored at each scale
-    temperature: float = 1.0  # text-to-image sampling
-    top_k: int = 0
+    # text-to-image is scored at each scale: no guidance, and the sampling default
+    cfg_scales: tuple[float, ...] = (1.0, SamplingConfig.cfg_scale)
+    temperature: float = SamplingConfig.temperature  # text-to-image sampling
+    top_k: int = SamplingConfig.top_k
     caption_beams: int = 1  # 1 = greedy captions
     # > 1: the last of cfg_scales is also scored with self-reranking (best of this many drawn
-    # images by the LM's own caption likelihood, `generate.rerank_by_caption`)
+    # images by the LM's own caption likelihood, `vqgpt.lm.generate.rerank_by_caption`)
     rerank: int = 1
     # > 1: captions are also scored with noisy-channel self-reranking: the greedy caption plus
-    # caption_rerank - 1 drawn at caption_temperature (`generate.rerank_captions`)
+    # caption_rerank - 1 drawn at caption_temperature (`vqgpt.lm.generate.rerank_captions`)
     caption_rerank: int = 1
-    caption_temperature: float = 1.0
+    caption_temperature: float = SamplingConfig.temperature
     seed: int = 0
-    batch_size: int = 64
+    batch_size: int = SamplingConfig.batch_size
 
     def __post_init__(self) -> None:
         counts = (self.num_images, self.batch_size, self.caption_beams, self.rerank)

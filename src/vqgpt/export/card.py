@@ -171,8 +171,8 @@ def model_card(
         else "a VQ-VAE image tokenizer: images to a grid of discrete codes and back"
     )
     codes = f"{side}x{side} codes from a codebook of {quant['codebook_size']}"
-    if quant.get("levels", 1) > 1:
-        codes += f" per level, {quant['levels']} residual levels"
+    if quant.get("num_quantizers", 1) > 1:
+        codes += f" per quantizer, {quant['num_quantizers']} residual quantizers"
     lines = [
         f"---\n{meta}---",
         "",

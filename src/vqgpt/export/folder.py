@@ -36,8 +36,9 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from vqgpt.errors import VqgptError
 from vqgpt.export.card import model_card
-from vqgpt.export.hub.configuration_vqgpt import token_grid
+from vqgpt.export.hub.configuration_vqgpt import token_grid, upgrade_quantizer_keys
 from vqgpt.lm.pipeline import IMAGE_TOKENIZER_DIR, resolve_pipeline_dir
 from vqgpt.lm.vocab import LAYOUT_FILE, VocabLayout
 from vqgpt.tokenizer.codec import resolve_model_dir
@@ -56,11 +57,11 @@ VOCAB_FILES = ("tokenizer.json", "tokenizer_config.json", LAYOUT_FILE)
 METRICS_FILES = ("metrics.json", "eval/metrics.json", "report/metrics.json")
 
 
-class ExportError(ValueError):
+class ExportError(VqgptError, ValueError):
     """A run that cannot be exported, or an output folder that must not be replaced."""
 
 
-class PushError(RuntimeError):
+class PushError(VqgptError, RuntimeError):
     """The upload to the Hub failed; the local export is complete."""
 
 
@@ -189,6 +190,7 @@ def write_image_tokenizer(src: Path, root: Path) -> dict:
     dst = root / IMAGE_TOKENIZER_DIR
     dst.mkdir(parents=True)
     config = _read_json(src / "config.json")
+    config["quantizer"] = upgrade_quantizer_keys(config["quantizer"])  # a 0.1 run's old names
     config["auto_map"] = TOKENIZER_AUTO_MAP
     _write_json(dst / "config.json", config)
     shutil.copy2(src / "model.safetensors", dst / "model.safetensors")

@@ -52,10 +52,10 @@ def _image_tokenizer(data: PretokenizeConfig) -> tuple[Path, int, tuple[int, int
     """(folder, codebook size, grid) of the stage-one tokenizer the codes were made with."""
     model_dir = resolve_model_dir(data.tokenizer)
     vq = VQVAEConfig.from_pretrained(model_dir)
-    if vq.quant.levels > 1:
+    if vq.quant.num_quantizers > 1:
         raise ValueError(
-            f"{model_dir}: stage two takes single-level codes; this tokenizer has "
-            f"{vq.quant.levels} residual levels"
+            f"{model_dir}: stage two takes one code per position; this tokenizer has "
+            f"num_quantizers={vq.quant.num_quantizers} (residual)"
         )
     return model_dir, vq.codebook_size, vq.grid
 

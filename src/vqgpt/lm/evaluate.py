@@ -10,10 +10,10 @@ import torch
 
 from vqgpt.config import ConfigError
 from vqgpt.lm.batches import ExampleBank
-from vqgpt.lm.loss import lm_loss
+from vqgpt.lm.loss import LOSS_MODES, lm_loss
 from vqgpt.lm.model import forward_hidden
 from vqgpt.lm.sequences import (
-    IGNORE,
+    IGNORE_INDEX,
     TASK_IDS,
     Example,
     SequenceConfig,
@@ -22,8 +22,6 @@ from vqgpt.lm.sequences import (
     collate,
 )
 from vqgpt.lm.vocab import VocabLayout
-
-MODES = ("full", "split")
 
 
 @dataclass
@@ -77,10 +75,14 @@ def eval_examples(bank: ExampleBank, seq: SequenceConfig, limit: int) -> list[Ex
     return out
 
 
-def _group_masks(labels: torch.Tensor, task_ids: torch.Tensor, layout: VocabLayout) -> dict:
-    """Boolean masks over shifted targets [B, T-1] for each task and task/kind."""
+def group_masks(
+    labels: torch.Tensor, task_ids: torch.Tensor, layout: VocabLayout
+) -> dict[str, torch.Tensor]:
+    """Bool masks [B, T-1] over the shifted targets (position t predicts token t + 1) of labels and
+    task ids [B, T]: per task ("t2i", "caption") and per task and kind ("t2i/image", "t2i/text",
+    "caption/image", "caption/text"; image = an image-code target, text = any other)."""
     targets, tasks = labels[:, 1:], task_ids[:, 1:]
-    valid = targets != IGNORE
+    valid = targets != IGNORE_INDEX
     image = valid & (targets >= layout.image_offset)
     masks = {}
     for name in ("t2i", "caption"):
@@ -109,14 +111,14 @@ def evaluate_lm(
     model.eval()
     device = next(model.parameters()).device
     examples = eval_examples(eval_bank, seq, cfg.max_images)
-    sums = {m: Counter() for m in MODES}
+    sums = {m: Counter() for m in LOSS_MODES}
     counts: Counter = Counter()
     for start in range(0, len(examples), cfg.batch_size):
         batch = collate(examples[start : start + cfg.batch_size], pad_id=layout.eos_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         hidden = forward_hidden(model, batch["input_ids"], batch["attention_mask"])
-        masks = _group_masks(batch["labels"], batch["task_ids"], layout)
-        for m in MODES:
+        masks = group_masks(batch["labels"], batch["task_ids"], layout)
+        for m in LOSS_MODES:
             ce = lm_loss(
                 hidden,
                 model.lm_head.weight,
@@ -148,10 +150,10 @@ def unigram_baseline(
     train = eval_examples(train_bank, seq, train_images)
     tables: dict[str, Counter] = {name: Counter() for name in ("t2i", "caption")}
     for ex in train:
-        tables[ex.task].update(t for t in ex.labels[1:] if t != IGNORE)
+        tables[ex.task].update(t for t in ex.labels[1:] if t != IGNORE_INDEX)
     text_rows, image_rows = layout.image_offset, layout.codebook_size
     out: dict[str, dict[str, float]] = {"full": {}, "split": {}}
-    sums = {m: Counter() for m in MODES}
+    sums = {m: Counter() for m in LOSS_MODES}
     counts: Counter = Counter()
     totals = {}
     for task, table in tables.items():
@@ -161,7 +163,7 @@ def unigram_baseline(
         table = tables[ex.task]
         all_total, text_total, image_total = totals[ex.task]
         for t in ex.labels[1:]:
-            if t == IGNORE:
+            if t == IGNORE_INDEX:
                 continue
             is_image = t >= layout.image_offset
             kind = "image" if is_image else "text"
@@ -175,6 +177,6 @@ def unigram_baseline(
                 sums["full"][key] -= math.log(p_full)
                 sums["split"][key] -= math.log(p_split)
                 counts[key] += 1
-    for m in MODES:
+    for m in LOSS_MODES:
         out[m] = _mean(sums[m], counts)
     return out

@@ -40,7 +40,14 @@ from vqgpt.lm.sampling import (
     image_token_mask,
     text_token_mask,
 )
-from vqgpt.lm.sequences import IGNORE, SequenceConfig, build_caption, build_t2i, collate, t2i_prefix
+from vqgpt.lm.sequences import (
+    IGNORE_INDEX,
+    SequenceConfig,
+    build_caption,
+    build_t2i,
+    collate,
+    t2i_prefix,
+)
 from vqgpt.lm.vocab import VocabLayout
 
 
@@ -180,7 +187,7 @@ def _target_logprobs(
                 attention_mask=batch["attention_mask"].to(device),
             ).last_hidden_state[:, :-1]  # position t predicts token t + 1
             targets = batch["labels"][:, 1:].to(device)
-            scored = (targets != IGNORE) & keep(targets)  # the head runs there only
+            scored = (targets != IGNORE_INDEX) & keep(targets)  # the head runs there only
             logits = model.get_output_embeddings()(hidden[scored])  # (targets, V)
             logp = constrained_logprobs(logits, allowed)
             picked = logp.gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
@@ -305,8 +312,8 @@ def generate_captions(
 
     Greedy when do_sample is false and num_beams is 1, beam search when num_beams > 1, else
     sampling. A row stops at `<|endoftext|>` or after max_new_tokens, which is capped (with a
-    warning) so the sequence fits the model's n_positions. cfg_scale must be 1: there is no
-    trained unconditional branch for captions.
+    warning) so the sequence fits the model's n_positions. `sampling.cfg_scale` is ignored: no
+    unconditional branch is trained for captions.
     """
     sampling = sampling or SamplingConfig()
     codes = torch.as_tensor(codes)
@@ -314,8 +321,6 @@ def generate_captions(
         raise ValueError(
             f"codes must be [B, h, w] with (h, w) = {layout.grid}, got {tuple(codes.shape)}"
         )
-    if sampling.cfg_scale != 1.0:
-        raise ValueError("cfg_scale applies to text-to-image only; set it to 1 for captions")
     if sampling.rerank > 1:
         return rerank_captions(model, layout, codes, sampling)
     prompt_len = layout.tokens_per_image + 3  # eos boi codes eoi

@@ -48,7 +48,7 @@ def caption_images(
         [pipe.image_tokenizer.encode(pixels[i : i + 64]) for i in range(0, len(pixels), 64)]
     )
     ids = generate_captions(pipe.lm, pipe.layout, codes, sampling)
-    return [pipe.tokenizer.decode_text(row).strip() for row in ids]
+    return [text.strip() for text in pipe.tokenizer.decode_texts(ids)]
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:

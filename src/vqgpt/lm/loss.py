@@ -8,7 +8,9 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from vqgpt.lm.model import IGNORE_INDEX, LOSS_MODES
+from vqgpt.lm.sequences import IGNORE_INDEX
+
+LOSS_MODES = ("split", "full")  # see lm_loss; `model.loss` in an LM recipe
 
 
 class LossOutput(NamedTuple):
@@ -168,4 +170,4 @@ def lm_loss(
     )
 
 
-__all__ = ["LossOutput", "RowGroup", "lm_loss"]
+__all__ = ["LOSS_MODES", "LossOutput", "RowGroup", "lm_loss"]

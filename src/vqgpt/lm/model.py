@@ -1,4 +1,5 @@
-"""The stage-two GPT-2: build / resize it for the joint vocabulary, its losses, its FLOP count."""
+"""The stage-two GPT-2: its config and presets, building / resizing it for the joint vocabulary,
+its FLOP count (the loss is `vqgpt.lm.loss`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from vqgpt.config import ConfigError
+from vqgpt.lm.loss import LOSS_MODES
 
-IGNORE_INDEX = -100  # Hugging Face's "no target here"
 GPT2_EOS_ID = 50256  # <|endoftext|>: BOS and EOS of every sequence
 
 LM_PRESETS: dict[str, dict[str, int]] = {
@@ -21,7 +22,6 @@ LM_PRESETS: dict[str, dict[str, int]] = {
     "medium": dict(n_layer=24, n_head=16, n_embd=1024),  # GPT-2 medium (350M)
 }
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-LOSS_MODES = ("split", "full")
 
 # Dense bf16 tensor-core peak per GPU (vendor datasheets), matched against the CUDA device name.
 # More specific names come first: "H100 PCIe" before "H100", "L40S" before "L4".
@@ -267,17 +267,6 @@ def forward_hidden(
     return out.hidden_states[-1]
 
 
-def mask_padded_logits(logits: Tensor, real_vocab_size: int) -> Tensor:
-    """Logits [..., Vpad] with the padding columns (>= real_vocab_size) set to -inf."""
-    n_cols = logits.shape[-1]
-    if real_vocab_size > n_cols:
-        raise ValueError(f"real_vocab_size {real_vocab_size} exceeds the {n_cols} logit columns")
-    if real_vocab_size == n_cols:
-        return logits
-    padded = torch.arange(n_cols, device=logits.device) >= real_vocab_size
-    return logits.masked_fill(padded, float("-inf"))
-
-
 # ---------------------------------------------------------------------------------------------
 # FLOPs
 
@@ -318,7 +307,6 @@ __all__ = [
     "flops_per_token",
     "forward_hidden",
     "get_real_vocab_size",
-    "mask_padded_logits",
     "peak_flops",
     "resize_for_vocab",
     "round_up",

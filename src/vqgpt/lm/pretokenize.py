@@ -20,13 +20,11 @@ saves them to `<split>.shards/rank<r>/`; rank 0 concatenates the shards in rank 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,10 +34,10 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from vqgpt.config import ConfigError, load_config, to_dict
+from vqgpt.config import ConfigError, to_dict
 from vqgpt.data.images import ImageTransform, load_rgb
 from vqgpt.data.sources import DataConfig, DataError, SkipStats, load_image_dataset
-from vqgpt.distributed import multi_cpu_run
+from vqgpt.distributed import process_state
 from vqgpt.tokenizer.codec import load_tokenizer_model, resolve_model_dir
 from vqgpt.tokenizer.vqvae import VQVAE
 
@@ -213,9 +211,9 @@ def _codes_feature(model: VQVAE):
 
     dtype = str(codes_dtype(model.codebook_size))
     h, w = model.grid
-    levels = model.config.quant.levels
-    if levels > 1:
-        return datasets.Array3D((h, w, levels), dtype)
+    num_quantizers = model.config.quant.num_quantizers
+    if num_quantizers > 1:
+        return datasets.Array3D((h, w, num_quantizers), dtype)
     return datasets.Array2D((h, w), dtype)
 
 
@@ -277,10 +275,6 @@ def _shard_dataset(ds, encoded: EncodedRows, model: VQVAE):
 
 # ---------------------------------------------------------------------------------------------
 # the job
-
-
-def _process_state() -> PartialState:
-    return PartialState(cpu=multi_cpu_run())
 
 
 def _pretokenize_split(
@@ -354,7 +348,7 @@ def _pretokenize_split(
 
 def pretokenize(cfg: PretokenizeConfig) -> PretokenizeResult:
     """Encode each split's images with the tokenizer into <output_dir>/<split>/ (once)."""
-    state = _process_state()
+    state = process_state()
     fingerprint = tokenizer_fingerprint(cfg.tokenizer)
     model = load_tokenizer_model(cfg.tokenizer, device=state.device)
     # one source of truth for the image size, as in stage-one training: the tokenizer
@@ -378,7 +372,7 @@ def load_codes(output_dir: str | Path, split: str):  # -> datasets.Dataset
     if read_split_info(output_dir, split) is None:
         raise FileNotFoundError(
             f"{Path(output_dir) / split}: no finished pretokenized split here; "
-            "run `vqgpt pretokenize` (or `python -m vqgpt.lm.pretokenize`) first"
+            "run `vqgpt pretokenize --config LM_RECIPE` first"
         )
     return datasets.load_from_disk(str(Path(output_dir) / split))
 
@@ -394,40 +388,6 @@ def codes_tensor(row_or_batch: Mapping[str, Any] | Any) -> torch.Tensor:
     return codes.long()
 
 
-# ---------------------------------------------------------------------------------------------
-# command line
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m vqgpt.lm.pretokenize --tokenizer RUN --output-dir DIR [key.sub=value ...]`."""
-    parser = argparse.ArgumentParser(
-        prog="vqgpt pretokenize", description="encode dataset images to code ids, once"
-    )
-    parser.add_argument("--config", default=None, help="YAML with PretokenizeConfig's fields")
-    parser.add_argument("--tokenizer", default=None, help="a stage-one run or its final/ folder")
-    parser.add_argument("--output-dir", default=None, help="where <split>/ datasets are written")
-    parser.add_argument("--split", action="append", default=None, help="repeatable")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. images.source=shapes")
-    args = parser.parse_args(argv)
-    flags = {
-        "tokenizer": args.tokenizer,
-        "output_dir": args.output_dir,
-        "splits": args.split,
-        "batch_size": args.batch_size,
-    }
-    try:
-        cfg = load_config(PretokenizeConfig, args.config, args.overrides)
-        cfg = replace(cfg, **{k: v for k, v in flags.items() if v is not None})
-        result = pretokenize(cfg)
-    except (FileNotFoundError, ValueError, DataError) as err:
-        print(f"vqgpt pretokenize: error: {err}", file=sys.stderr)
-        return 2
-    if PartialState().is_main_process:
-        print(result.summary())
-    return 0
-
-
 __all__ = [
     "MARKER",
     "EncodedRows",
@@ -440,12 +400,7 @@ __all__ = [
     "describe_source",
     "encode_rows",
     "load_codes",
-    "main",
     "pretokenize",
     "read_split_info",
     "tokenizer_fingerprint",
 ]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

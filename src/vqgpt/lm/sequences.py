@@ -1,4 +1,4 @@
-"""Training sequences over the joint vocabulary: layouts, label masks, packing, the loss.
+"""Training sequences over the joint vocabulary: layouts, label masks, truncation, packing.
 
 Sequences (docs/design.md "Sequences"; codes flattened row-major; `eos` = `<|endoftext|>`):
 
@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
@@ -34,11 +33,10 @@ from vqgpt.config import ConfigError
 from vqgpt.export.hub.processing_vqgpt import t2i_prefix as hub_t2i_prefix
 from vqgpt.lm.vocab import VocabLayout
 
-IGNORE = -100  # label of a masked position (torch / HF ignore_index)
+IGNORE_INDEX = -100  # label of a masked position (torch / Hugging Face ignore_index)
 TASKS = ("t2i", "caption", "document")
 TASK_IDS = {name: i for i, name in enumerate(TASKS)}  # per-position task ids; padding is -1
 PAD_TASK = -1
-KINDS = ("text", "image")
 
 
 @dataclass
@@ -130,7 +128,7 @@ class Example:
     @property
     def num_targets(self) -> int:
         """Positions that carry a label."""
-        return sum(label != IGNORE for label in self.labels)
+        return sum(label != IGNORE_INDEX for label in self.labels)
 
 
 class TextEncoder(Protocol):
@@ -154,7 +152,7 @@ class _Builder:
 
     def add(self, ids: Sequence[int], target: bool, weight: float = 0.0) -> None:
         self.ids += ids
-        self.labels += ids if target else [IGNORE] * len(ids)
+        self.labels += ids if target else [IGNORE_INDEX] * len(ids)
         self.weights += [weight if target else 0.0] * len(ids)
 
     def add_image(
@@ -341,7 +339,7 @@ def pack(examples: Sequence[Example], max_length: int, pad_id: int) -> list[Exam
         windows.append(
             Example(
                 [i for ex in current for i in ex.input_ids] + [pad_id] * pad,
-                [i for ex in current for i in ex.labels] + [IGNORE] * pad,
+                [i for ex in current for i in ex.labels] + [IGNORE_INDEX] * pad,
                 [w for ex in current for w in ex.loss_weights] + [0.0] * pad,
                 tasks.pop() if len(tasks) == 1 else "mixed",
                 [t for ex in current for t in ex.task_ids] + [PAD_TASK] * pad,
@@ -381,7 +379,7 @@ def fit(examples: Sequence[Example], layout: VocabLayout, cfg: SequenceConfig) -
 
 
 # ---------------------------------------------------------------------------------------------
-# batching and loss
+# batching
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
@@ -396,7 +394,7 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
     task_ids = padded([ex.task_ids for ex in examples], PAD_TASK, torch.long)
     return {
         "input_ids": padded([ex.input_ids for ex in examples], pad_id, torch.long),
-        "labels": padded([ex.labels for ex in examples], IGNORE, torch.long),
+        "labels": padded([ex.labels for ex in examples], IGNORE_INDEX, torch.long),
         "loss_weights": padded([ex.loss_weights for ex in examples], 0.0, torch.float32),
         # packing pads carry task id -1: they, like collate's padding, are not attended
         "attention_mask": (task_ids != PAD_TASK).long(),
@@ -404,71 +402,13 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
     }
 
 
-def _shifted_ce(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Float32 CE of logits[:, t] against labels[:, t + 1]: ce [B, T-1], target mask [B, T-1]."""
-    targets = labels[:, 1:]
-    flat = rearrange(logits[:, :-1].float(), "b t v -> (b t) v")
-    ce = F.cross_entropy(
-        flat, rearrange(targets, "b t -> (b t)"), ignore_index=IGNORE, reduction="none"
-    )
-    return rearrange(ce, "(b t) -> b t", b=logits.shape[0]), targets != IGNORE
-
-
-def weighted_lm_loss(logits: Tensor, labels: Tensor, loss_weights: Tensor) -> Tensor:
-    """Weighted mean of the shifted CE: sum(ce * w) / sum(w); logits [B, T, V], the rest [B, T]."""
-    ce, mask = _shifted_ce(logits, labels)
-    weights = loss_weights[:, 1:].float() * mask
-    # an all-masked batch gives 0 (with a graph), not NaN
-    return (ce * weights).sum() / weights.sum().clamp_min(1e-8)
-
-
-@dataclass
-class GroupLosses:
-    """Summed CE and target counts per group ("t2i", "image", "t2i/image", ...); add batches up."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def update(self, other: GroupLosses) -> None:
-        """Accumulate another batch's sums and counts."""
-        for key, value in other.sums.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-            self.counts[key] = self.counts.get(key, 0) + other.counts[key]
-
-    def means(self) -> dict[str, float]:
-        """Mean CE per group that had targets."""
-        return {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
-
-
-@torch.no_grad()
-def per_group_losses(
-    logits: Tensor, labels: Tensor, task_ids: Tensor, layout: VocabLayout
-) -> GroupLosses:
-    """Unweighted CE per task, per kind (image code vs text/special target) and per task/kind."""
-    ce, mask = _shifted_ce(logits, labels)
-    tasks = task_ids[:, 1:]
-    image = layout.is_image(labels[:, 1:])
-    kinds = {"text": mask & ~image, "image": mask & image}
-    groups = dict(kinds)
-    for task_name, task_id in TASK_IDS.items():
-        groups[task_name] = mask & (tasks == task_id)
-        for kind_name, kind_mask in kinds.items():
-            groups[f"{task_name}/{kind_name}"] = kind_mask & (tasks == task_id)
-    return GroupLosses(
-        sums={key: float(ce[sel].sum()) for key, sel in groups.items()},
-        counts={key: int(sel.sum()) for key, sel in groups.items()},
-    )
-
-
 __all__ = [
-    "IGNORE",
-    "KINDS",
+    "IGNORE_INDEX",
     "PAD_TASK",
     "TASKS",
     "TASK_IDS",
     "Example",
     "Fitted",
-    "GroupLosses",
     "SequenceConfig",
     "build_caption",
     "build_document",
@@ -477,8 +417,6 @@ __all__ = [
     "fit",
     "make_example",
     "pack",
-    "per_group_losses",
     "t2i_prefix",
     "truncate",
-    "weighted_lm_loss",
 ]

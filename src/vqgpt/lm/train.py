@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,9 +39,13 @@ class LMRecipe:
     eval: LMEvalConfig = field(default_factory=LMEvalConfig)
 
 
-def load_lm_recipe(path: str | Path | None, overrides: list[str] | None = None) -> LMRecipe:
-    """Read an LM recipe YAML with dotted overrides."""
-    return load_config(LMRecipe, path, overrides)
+def load_lm_recipe(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    patch: dict[str, Any] | None = None,
+) -> LMRecipe:
+    """Read an LM recipe YAML, `patch` (a partial recipe) merged over it, then dotted overrides."""
+    return load_config(LMRecipe, path, overrides, patch)
 
 
 def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
@@ -63,7 +68,9 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
     accelerator = start_run(recipe, tc, "vqgpt-lm")
     out = Path(tc.output_dir)
 
-    pretokenize(recipe.data)  # no work when the codes are cached already
+    codes = pretokenize(recipe.data)  # no work when the codes are cached already
+    if codes.did_work:
+        accelerator.print(codes.summary())
     tokenizer = joint_tokenizer(recipe.data, base=recipe.text_tokenizer)
     bank = ExampleBank.load(recipe.data, recipe.data.images.train_split, tokenizer)
     layout, seq = bank.layout, recipe.sequences

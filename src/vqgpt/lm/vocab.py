@@ -113,11 +113,6 @@ class VocabLayout(TokenLayout):
         ids = torch.as_tensor(ids)
         return (ids >= 0) & (ids < self.text_vocab_size)
 
-    def is_special(self, ids: Tensor) -> Tensor:
-        """Bool mask of the added special tokens (`<|boi|>`, `<|eoi|>`, ...)."""
-        ids = torch.as_tensor(ids)
-        return (ids >= self.text_vocab_size) & (ids < self.image_offset)
-
     # -- (de)serialisation, compatibility -----------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

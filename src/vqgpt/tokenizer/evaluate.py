@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from vqgpt.config import ConfigError
 from vqgpt.data.sources import collate
 from vqgpt.figures import save_reconstruction_grid
-from vqgpt.tokenizer.metrics import CodebookUsage, psnr, ssim
+from vqgpt.tokenizer.metrics import CodebookUsage, ReconstructionMeter
 from vqgpt.tokenizer.vqvae import VQVAE
 
 
@@ -59,27 +59,25 @@ def evaluate_tokenizer(
     n = min(len(dataset), cfg.max_images)
     subset = torch.utils.data.Subset(dataset, range(n))
     loader = DataLoader(subset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
-    usage = CodebookUsage(model.codebook_size)
-    psnr_sum = ssim_sum = 0.0
+    usage, quality = CodebookUsage(model.codebook_size), ReconstructionMeter()
     first = None
     for batch in loader:
         pixels = batch["pixel_values"].to(device)
         codes = model.encode(pixels)
         recon = model.decode(codes)
         usage.update(codes)
-        psnr_sum += float(psnr(recon, pixels).sum())
-        ssim_sum += float(ssim(recon, pixels).sum())
+        quality.update(pixels, recon)
         if first is None:
             first = (pixels[: cfg.grid_images].cpu(), recon[: cfg.grid_images].cpu())
     if grid_path is not None and first is not None and cfg.grid_images:
         grid_path.parent.mkdir(parents=True, exist_ok=True)
         save_reconstruction_grid(first[0], first[1], grid_path)
     model.train(was_training)
-    stats = usage.compute()
+    stats, scores = usage.compute(), quality.compute()
     return TokenizerMetrics(
-        psnr=psnr_sum / max(n, 1),
-        ssim=ssim_sum / max(n, 1),
-        usage=float(stats.usage),
-        perplexity=float(stats.perplexity),
-        num_images=n,
+        psnr=scores.psnr,
+        ssim=scores.ssim,
+        usage=stats.usage,
+        perplexity=stats.perplexity,
+        num_images=scores.count,
     )

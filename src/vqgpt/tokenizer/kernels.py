@@ -20,7 +20,7 @@ Two precisions:
                    can still differ from the exact search; the benchmark reports how often.
 
 Runs on CUDA tensors, or on CPU tensors under `TRITON_INTERPRET=1` (set before triton is
-imported; slow, for tests). `triton_available()` says whether triton can be imported at all.
+imported; slow, for tests).
 """
 
 from __future__ import annotations
@@ -36,11 +36,6 @@ try:  # triton is an optional (dev / GPU) dependency
 except ImportError:  # pragma: no cover - exercised where triton is missing
     triton = None
     tl = None
-
-
-def triton_available() -> bool:
-    """Whether triton imported (it does not say a GPU is present)."""
-    return triton is not None
 
 
 def interpreting() -> bool:
@@ -272,4 +267,4 @@ def nearest_code_triton(
     return out
 
 
-__all__ = ["default_blocks", "interpreting", "nearest_code_triton", "triton_available"]
+__all__ = ["default_blocks", "interpreting", "nearest_code_triton"]

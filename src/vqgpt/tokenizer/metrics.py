@@ -105,8 +105,8 @@ class ReconstructionMeter:
     @torch.no_grad()
     def update(self, originals: Tensor, reconstructions: Tensor) -> None:
         """Add a batch of (B, 3, H, W) originals and reconstructions in [-1, 1]."""
-        self.psnr_sum += float(psnr(originals, reconstructions).double().sum())
-        self.ssim_sum += float(ssim(originals, reconstructions).double().sum())
+        self.psnr_sum += float(psnr(originals, reconstructions).sum())
+        self.ssim_sum += float(ssim(originals, reconstructions).sum())
         self.count += originals.shape[0]
 
     def compute(self) -> ReconstructionScores:
@@ -154,16 +154,18 @@ def stats_from_histogram(histogram: Tensor) -> CodebookStats:
 
 
 def codebook_stats(codes: Tensor, codebook_size: int) -> CodebookStats:
-    """Stats of every entry of `codes` pooled (any shape); for one residual level pass codes[..., l]."""
+    """Stats of every entry of `codes` pooled (any shape); for one residual quantizer pass
+    codes[..., q]."""
     return stats_from_histogram(_histogram(codes, codebook_size))
 
 
 class CodebookUsage:
-    """Accumulates code counts over a whole split, per residual level.
+    """Accumulates code counts over a whole split, per residual quantizer.
 
-    `update` takes (B, h, w) codes (one level) or (B, h, w, L) for L residual levels; `compute()`
-    reports level 0 (the coarse level, which carries most of the image), `compute(level)` any
-    other, `per_level()` all of them. `counts` (L, K) can be summed across processes.
+    `update` takes (B, h, w) codes (one quantizer) or (B, h, w, L) for L residual ones;
+    `compute()` reports the first (the coarse one, which carries most of the image),
+    `compute(q)` any other, `per_quantizer()` all of them. `counts` (L, K) can be summed across
+    processes.
     """
 
     def __init__(self, codebook_size: int) -> None:
@@ -178,33 +180,36 @@ class CodebookUsage:
             codes = codes.unsqueeze(-1)  # (B, h, w, 1)
         if codes.ndim != 4:
             raise ValueError(f"codes must be (B, h, w) or (B, h, w, L), got {tuple(codes.shape)}")
-        per_level = rearrange(codes, "b h w l -> l (b h w)")
-        batch = torch.stack([_histogram(lv, self.codebook_size) for lv in per_level])
+        per_quantizer = rearrange(codes, "b h w l -> l (b h w)")
+        batch = torch.stack([_histogram(q, self.codebook_size) for q in per_quantizer])
         if self.counts is None:
             self.counts = batch
         elif self.counts.shape != batch.shape:
             raise ValueError(
-                f"codes have {batch.shape[0]} level(s) but earlier batches had {self.counts.shape[0]}"
+                f"codes come from {batch.shape[0]} quantizer(s) but earlier batches from "
+                f"{self.counts.shape[0]}"
             )
         else:
             self.counts += batch
 
     @property
-    def levels(self) -> int:
-        """Residual levels seen (0 before the first update)."""
+    def num_quantizers(self) -> int:
+        """Residual quantizers seen (0 before the first update)."""
         return 0 if self.counts is None else self.counts.shape[0]
 
-    def compute(self, level: int = 0) -> CodebookStats:
-        """Stats of one residual level (default the first) over everything seen."""
+    def compute(self, quantizer: int = 0) -> CodebookStats:
+        """Stats of one residual quantizer's codes (default the first) over everything seen."""
         if self.counts is None:
             raise ValueError("CodebookUsage.compute() before any update(): no codes seen")
-        if not 0 <= level < self.levels:
-            raise ValueError(f"level {level} out of range: codes have {self.levels} level(s)")
-        return stats_from_histogram(self.counts[level].clone())
+        if not 0 <= quantizer < self.num_quantizers:
+            raise ValueError(
+                f"quantizer {quantizer} out of range: codes come from {self.num_quantizers}"
+            )
+        return stats_from_histogram(self.counts[quantizer].clone())
 
-    def per_level(self) -> list[CodebookStats]:
-        """Stats of every residual level."""
-        return [self.compute(level) for level in range(self.levels)]
+    def per_quantizer(self) -> list[CodebookStats]:
+        """Stats of every residual quantizer's codes."""
+        return [self.compute(q) for q in range(self.num_quantizers)]
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Vector quantizer: nearest-code search, EMA codebooks, k-means init, dead-code restarts, RVQ.
 
-Math (DESIGN.md): `z_q = e[k]`, `k = argmin_i ||z_e - e_i||^2`; codebook loss `||sg[z_e] - z_q||^2`
+Math (docs/design.md, "Quantizer math"): `z_q = e[k]`, `k = argmin_i ||z_e - e_i||^2`; codebook loss `||sg[z_e] - z_q||^2`
 (replaced by EMA updates when `ema` is on); commitment `||z_e - sg[z_q]||^2` weighted by `beta`;
 straight-through `z_q = z_e + (z_q - z_e).detach()`. All arithmetic runs in float32.
 
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqgpt.config import ConfigError, from_dict
+from vqgpt.config import ConfigError
+from vqgpt.export.hub import configuration_vqgpt as hub_config
 from vqgpt.export.hub import modeling_vqgpt as hub
 
 # ---------------------------------------------------------------------------------------------
@@ -38,7 +39,7 @@ QUANTIZER_PRESETS: dict[str, dict[str, Any]] = {
         restart_after_steps=0,
         l2_normalize=False,
         codebook_dim=None,
-        levels=1,
+        num_quantizers=1,
         init="uniform",
     ),
     # What we recommend: EMA codebook, k-means init, dead-code restarts.
@@ -48,16 +49,17 @@ QUANTIZER_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class QuantizerConfig:
-    """Vector quantizer options (math in DESIGN.md)."""
+    """Vector quantizer options (math in docs/design.md, "Quantizer math")."""
 
     PRESETS: typing.ClassVar[dict[str, dict[str, Any]]] = QUANTIZER_PRESETS
+    RENAMED: typing.ClassVar[dict[str, str]] = hub_config.RENAMED_QUANTIZER_KEYS  # 0.1 names
 
     preset: str | None = None  # "seed" | "default": fills the fields it names, explicit keys win
     codebook_size: int = 1024  # K
     codebook_dim: int | None = None  # factorised codes: project to this dim and search there
     l2_normalize: bool = False  # search / store l2-normalised codes (cosine similarity)
     beta: float = 0.25  # commitment weight
-    levels: int = 1  # residual quantisation depth
+    num_quantizers: int = 1  # residual quantisation depth: codes per position (RVQ)
     init: str = "normal"  # "uniform" (seed: U(-1/K, 1/K)) | "normal"
     ema: bool = True  # EMA codebook updates instead of the codebook loss
     ema_decay: float = 0.99
@@ -65,13 +67,12 @@ class QuantizerConfig:
     kmeans_init: bool = True  # k-means on the first training batch
     kmeans_iters: int = 10
     restart_after_steps: int = 20  # a code unused this many steps is re-seeded (0 = never)
-    warmup_steps: int = 0  # training steps with the quantizer bypassed; k-means init right after
-    warmup_steps: int = 0  # training steps with the quantizer bypassed; k-means init right after
+    bypass_steps: int = 0  # first training steps decode z_e itself (no quantizer); k-means after
     chunk_size: int = 256  # rows of the search per chunk: peak memory O(chunk_size * K); see
     # scripts/bench_quantizer.py (small blocks stay in cache: faster than bigger ones on CPU)
 
     def __post_init__(self) -> None:
-        # presets are expanded by `from_dict` / `from_preset`, before the fields are set
+        # presets are expanded by `from_dict`, before the fields are set
         if self.preset is not None and self.preset not in QUANTIZER_PRESETS:
             raise ConfigError(
                 f"quantizer preset {self.preset!r} is unknown; known: {sorted(QUANTIZER_PRESETS)}"
@@ -80,25 +81,18 @@ class QuantizerConfig:
             raise ConfigError("quantizer.codebook_size must be at least 2")
         if self.codebook_dim is not None and self.codebook_dim < 1:
             raise ConfigError("quantizer.codebook_dim must be positive or null")
-        if self.levels < 1:
-            raise ConfigError("quantizer.levels must be at least 1")
+        if self.num_quantizers < 1:
+            raise ConfigError("quantizer.num_quantizers must be at least 1")
         if self.init not in ("uniform", "normal"):
             raise ConfigError("quantizer.init must be 'uniform' or 'normal'")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError("quantizer.ema_decay must be in (0, 1)")
         if self.chunk_size < 1:
             raise ConfigError("quantizer.chunk_size must be positive")
-        if self.warmup_steps < 0:
-            raise ConfigError("quantizer.warmup_steps must be >= 0")
-        if self.warmup_steps < 0:
-            raise ConfigError("quantizer.warmup_steps must be >= 0")
+        if self.bypass_steps < 0:
+            raise ConfigError("quantizer.bypass_steps must be >= 0")
         if self.restart_after_steps < 0:
             raise ConfigError("quantizer.restart_after_steps must be >= 0")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> QuantizerConfig:
-        """The named preset's values with `overrides` on top."""
-        return from_dict(cls, {"preset": name, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,20 +333,10 @@ class QuantizerOutput(NamedTuple):
     """What `VectorQuantizer.forward` returns."""
 
     quantized: Tensor  # [B, D, H, W], straight-through, in the input dtype
-    codes: Tensor  # long [B, H, W], or [B, H, W, L] when levels > 1
+    codes: Tensor  # long [B, H, W], or [B, H, W, L] when num_quantizers > 1
     loss: Tensor  # codebook_loss + beta * commitment_loss (float32 scalar)
-    commitment_loss: Tensor  # ||z - sg[z_q]||^2, mean per level, summed over levels (unweighted)
+    commitment_loss: Tensor  # ||z - sg[z_q]||^2, mean per quantizer, summed (unweighted)
     codebook_loss: Tensor  # ||sg[z] - z_q||^2 likewise; 0 when the codebook is EMA-updated
-    perplexity: Tensor  # exp(entropy) of this batch's level-0 code histogram
-    usage: Tensor  # fraction of the K level-0 codes used in this batch
-
-
-def code_stats(codes: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
-    """(perplexity, usage) of a batch of codes: exp(entropy) of the histogram, fraction used."""
-    counts = torch.bincount(codes.flatten(), minlength=codebook_size).float()
-    probs = counts / counts.sum().clamp(min=1.0)
-    entropy = -(probs * torch.log(probs.clamp(min=1e-12))).sum()
-    return entropy.exp(), (counts > 0).float().mean()
 
 
 class VectorQuantizer(nn.Module):
@@ -360,10 +344,11 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, dim: int, cfg: QuantizerConfig):
         super().__init__()
-        if cfg.l2_normalize and cfg.levels > 1:
+        if cfg.l2_normalize and cfg.num_quantizers > 1:
             raise ValueError(
-                "quantizer: l2_normalize with levels > 1 is not supported (residuals of unit "
-                "vectors are not unit vectors); set quantizer.levels=1 or l2_normalize=false"
+                "quantizer: l2_normalize with num_quantizers > 1 is not supported (residuals of "
+                "unit vectors are not unit vectors); set quantizer.num_quantizers=1 or "
+                "l2_normalize=false"
             )
         self.dim = dim
         self.cfg = cfg
@@ -374,11 +359,11 @@ class VectorQuantizer(nn.Module):
             self.proj_out = nn.Linear(search_dim, dim)
         else:
             self.proj_in = self.proj_out = None
-        self.codebooks = nn.ModuleList(Codebook(search_dim, cfg) for _ in range(cfg.levels))
+        self.codebooks = nn.ModuleList(Codebook(search_dim, cfg) for _ in range(cfg.num_quantizers))
 
     @property
     def codebook(self) -> Tensor:
-        """Codes in search space: [K, search_dim], or [L, K, search_dim] when levels > 1."""
+        """Codes in search space: [K, search_dim], or [L, K, search_dim] when num_quantizers > 1."""
         codes = [cb.vectors for cb in self.codebooks]
         return codes[0] if len(codes) == 1 else torch.stack(codes)
 
@@ -414,11 +399,10 @@ class VectorQuantizer(nn.Module):
             quantized = rearrange(out, "(b h w) d -> b d h w", b=b, h=h, w=w).to(z_e.dtype)
             codes = torch.stack(all_codes, dim=-1)  # (N, L)
             codes = rearrange(codes, "(b h w) l -> b h w l", b=b, h=h, w=w)
-            if self.cfg.levels == 1:
+            if self.cfg.num_quantizers == 1:
                 codes = codes[..., 0]
-            perplexity, usage = code_stats(all_codes[0], self.cfg.codebook_size)
             loss = codebook_loss + self.cfg.beta * commitment
-        return QuantizerOutput(quantized, codes, loss, commitment, codebook_loss, perplexity, usage)
+        return QuantizerOutput(quantized, codes, loss, commitment, codebook_loss)
 
     def lookup(self, codes: Tensor) -> Tensor:
         """Codes [B, H, W] (or [B, H, W, L]) -> quantized vectors [B, D, H, W] in the module dtype."""
@@ -432,7 +416,6 @@ __all__ = [
     "QuantizerConfig",
     "QuantizerOutput",
     "VectorQuantizer",
-    "code_stats",
     "kmeans",
     "nearest_code",
     "nearest_code_full",

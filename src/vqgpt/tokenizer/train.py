@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import skip_first_batches
@@ -13,6 +14,7 @@ from vqgpt.config import load_config
 from vqgpt.data.sources import DataConfig, collate, image_text_dataset
 from vqgpt.tokenizer.evaluate import EvalConfig, evaluate_tokenizer
 from vqgpt.tokenizer.losses import LossConfig, VQLoss
+from vqgpt.tokenizer.metrics import codebook_stats
 from vqgpt.tokenizer.quantize import QuantizerConfig
 from vqgpt.tokenizer.vqvae import VQVAE, ModelConfig, VQVAEConfig
 from vqgpt.training import (
@@ -43,9 +45,14 @@ class TokenizerRecipe:
             self.data.image_size = self.model.image_size  # one source of truth: the model
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> TokenizerRecipe:
-    """Read a tokenizer recipe YAML with dotted overrides."""
-    return load_config(TokenizerRecipe, path, overrides)
+def load_recipe(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    patch: dict[str, Any] | None = None,
+) -> TokenizerRecipe:
+    """Read a tokenizer recipe YAML, `patch` (a partial recipe) merged over it, then dotted
+    overrides."""
+    return load_config(TokenizerRecipe, path, overrides, patch)
 
 
 def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
@@ -109,7 +116,7 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
 
     def train_step(batch: dict, step: int) -> dict[str, float]:
         pixels = batch["pixel_values"]
-        output = model(pixels, bypass_quantizer=step < recipe.quantizer.warmup_steps)
+        output = model(pixels, bypass_quantizer=step < recipe.quantizer.bypass_steps)
         record = loss_fn.autoencoder_loss(
             pixels, output.reconstruction, output.quantizer.loss, step, raw_model.last_layer
         )
@@ -122,7 +129,8 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
             disc_optimizer.zero_grad(set_to_none=True)
             record.parts.update(disc_record.parts)
         values = record.to_log()
-        values["perplexity"] = float(output.quantizer.perplexity)
+        first = output.codes if output.codes.ndim < 4 else output.codes[..., 0]  # (B, h, w)
+        values["perplexity"] = codebook_stats(first, raw_model.codebook_size).perplexity
         values["items"] = float(len(pixels))
         return values
 

@@ -19,7 +19,8 @@ from vqgpt.tokenizer.quantize import QuantizerConfig, QuantizerOutput, VectorQua
 
 @dataclass
 class ModelConfig:
-    """Encoder / decoder architecture; the downsampling factor is stem_stride * 2^(levels - 1)."""
+    """Encoder / decoder architecture; the downsampling factor is
+    stem_stride * 2^(len(channel_mult) - 1)."""
 
     image_size: int = 64
     in_channels: int = 3
@@ -68,7 +69,12 @@ class VQVAEConfig(hub_config.VQVAEConfig):
     ):
         super().__init__(
             architecture=to_dict(from_dict(ModelConfig, dict(architecture or {}), "model")),
-            quantizer=to_dict(from_dict(QuantizerConfig, dict(quantizer or {}), "quantizer")),
+            # a config.json of vqgpt 0.1 has old key names: read as today's, silently
+            quantizer=to_dict(
+                from_dict(
+                    QuantizerConfig, hub_config.upgrade_quantizer_keys(quantizer or {}), "quantizer"
+                )
+            ),
             **kwargs,
         )
 
@@ -135,7 +141,5 @@ class VQVAE(VQVAEBase):
         check_pixels(pixel_values, self.config.architecture)
         z_e = self.encoder(pixel_values)
         zero = z_e.new_zeros((), dtype=torch.float32)
-        q = QuantizerOutput(
-            z_e, z_e.new_zeros((0,), dtype=torch.long), zero, zero, zero, zero, zero
-        )
+        q = QuantizerOutput(z_e, z_e.new_zeros((0,), dtype=torch.long), zero, zero, zero)
         return VQVAEOutput(reconstruction=self.decoder(z_e), codes=q.codes, quantizer=q)

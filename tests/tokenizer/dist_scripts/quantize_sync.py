@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import vqgpt.tokenizer.quantize as quantize
+from vqgpt.config import from_dict
 from vqgpt.tokenizer.quantize import QuantizerConfig, VectorQuantizer
 
 STEPS = 6
@@ -67,8 +68,11 @@ def count_restarts(counter: dict[str, int], mode: str):
 
 def run(mode: str, rank: int, counter: dict[str, int]) -> dict[str, torch.Tensor]:
     overrides, broadcast_buffers = MODES[mode]
-    cfg = QuantizerConfig.from_preset(
-        "default", codebook_size=16, restart_after_steps=2, kmeans_iters=3, **overrides
+    cfg = from_dict(
+        QuantizerConfig,
+        dict(
+            preset="default", codebook_size=16, restart_after_steps=2, kmeans_iters=3, **overrides
+        ),
     )
     torch.manual_seed(100 + rank)  # different inits: only the sync can make them agree
     model = Tiny(cfg)

@@ -29,9 +29,26 @@ QUANTIZER_DEFAULTS: dict[str, Any] = {
     "codebook_size": 1024,  # K
     "codebook_dim": None,  # factorised codes: searched in this many dims (proj_in / proj_out)
     "l2_normalize": False,  # codes and inputs on the unit sphere (cosine search)
-    "levels": 1,  # residual quantisation depth
+    "num_quantizers": 1,  # residual quantisation depth (codes per position)
     "chunk_size": 256,  # rows per block of the nearest-code search
 }
+
+
+# keys of vqgpt 0.1 (before the layout issue), read as their new names wherever a config is loaded
+RENAMED_QUANTIZER_KEYS: dict[str, str] = {
+    "levels": "num_quantizers",  # "levels" also meant the encoder's resolution levels
+    "warmup_steps": "bypass_steps",  # "warmup" also meant the LR warm-up (train.warmup_steps)
+}
+
+
+def upgrade_quantizer_keys(quantizer: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a `quantizer` section with 0.1's key names mapped to today's."""
+    out = dict(quantizer)
+    for old, new in RENAMED_QUANTIZER_KEYS.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
 
 
 def downsample_factor(architecture: dict[str, Any]) -> int:
@@ -57,12 +74,12 @@ class VQVAEConfig(PretrainedConfig):
         **kwargs: Any,
     ):
         self.architecture = {**ARCHITECTURE_DEFAULTS, **(architecture or {})}
-        self.quantizer = {**QUANTIZER_DEFAULTS, **(quantizer or {})}
+        self.quantizer = {**QUANTIZER_DEFAULTS, **upgrade_quantizer_keys(quantizer or {})}
         arch, quant = self.architecture, self.quantizer
         if arch["stem_stride"] not in (1, 2):
             raise ValueError(f"architecture.stem_stride must be 1 or 2, got {arch['stem_stride']}")
-        if quant["l2_normalize"] and quant["levels"] > 1:
-            raise ValueError("quantizer: l2_normalize with levels > 1 is not supported")
+        if quant["l2_normalize"] and quant["num_quantizers"] > 1:
+            raise ValueError("quantizer: l2_normalize with num_quantizers > 1 is not supported")
         super().__init__(**kwargs)
 
     @property

@@ -263,7 +263,7 @@ class VectorQuantizer(nn.Module):
     def __init__(self, dim: int, quant: dict):
         super().__init__()
         self.dim = dim
-        self.levels = quant["levels"]
+        self.num_quantizers = quant["num_quantizers"]
         self.codebook_size = quant["codebook_size"]
         self.chunk_size = quant["chunk_size"]
         self.l2_normalize = quant["l2_normalize"]
@@ -274,12 +274,13 @@ class VectorQuantizer(nn.Module):
         else:
             self.proj_in = self.proj_out = None
         self.codebooks = nn.ModuleList(
-            Codebook(search_dim, self.codebook_size, self.l2_normalize) for _ in range(self.levels)
+            Codebook(search_dim, self.codebook_size, self.l2_normalize)
+            for _ in range(self.num_quantizers)
         )
 
     @torch.no_grad()
     def search(self, z_e: Tensor) -> Tensor:
-        """z_e [B, D, h, w] -> codes [B, h, w] (levels == 1) or [B, h, w, L]."""
+        """z_e [B, D, h, w] -> codes [B, h, w] (one quantizer) or [B, h, w, L] (L residual ones)."""
         if z_e.ndim != 4 or z_e.shape[1] != self.dim:
             raise ValueError(f"z_e must be [B, {self.dim}, h, w], got {tuple(z_e.shape)}")
         b, _, h, w = z_e.shape
@@ -290,8 +291,10 @@ class VectorQuantizer(nn.Module):
                 codes = nearest_code(residual, vectors, self.chunk_size)  # (N,)
                 residual = residual - F.embedding(codes, vectors)
                 all_codes.append(codes)
-            codes = torch.stack(all_codes, dim=-1).reshape(b, h, w, self.levels)  # (B, h, w, L)
-        return codes[..., 0] if self.levels == 1 else codes
+            codes = torch.stack(all_codes, dim=-1).reshape(
+                b, h, w, self.num_quantizers
+            )  # (B, h, w, L)
+        return codes[..., 0] if self.num_quantizers == 1 else codes
 
     def lookup(self, codes: Tensor) -> Tensor:
         """codes [B, h, w] (or [B, h, w, L]) -> quantized vectors [B, D, h, w]."""
