@@ -132,8 +132,7 @@ def run_job(job: Job) -> Measurement:
 
     from vqgpt.lm.loss import lm_loss
     from vqgpt.lm.model import LMConfig, build_lm, flops_per_token, forward_hidden
-    from vqgpt.lm.train import build_optimizer
-    from vqgpt.training import TrainConfig
+    from vqgpt.training import TrainConfig, build_optimizer
 
     row, device = job.row, torch.device(job.device)
     image_offset = TEXT_VOCAB + 2

@@ -82,6 +82,27 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     )
 
 
+def build_optimizer(
+    model: torch.nn.Module, tc: TrainConfig, betas: tuple[float, float] | None = None
+) -> torch.optim.Optimizer:
+    """AdamW at `tc.learning_rate` (betas: `tc.betas` unless given) for both stages.
+
+    Weight decay `tc.weight_decay` on matrices and kernels only (ndim >= 2: linear and conv
+    weights, embeddings, a gradient-trained codebook); norms' gains and every bias are not
+    decayed (nanoGPT's and most GPT recipes' rule). Fused where this torch build supports it.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    betas = betas or tc.betas
+    try:
+        return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=betas, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=betas)
+
+
 def start_run(recipe: Any, tc: TrainConfig, project: str) -> Accelerator:
     """Seed, build the Accelerator, write <run>/config.yaml, start any tracker."""
     set_seed(tc.seed)

@@ -18,6 +18,7 @@ from vqgpt.lm.pretokenize import PretokenizeConfig, pretokenize
 from vqgpt.lm.sequences import SequenceConfig
 from vqgpt.training import (
     TrainConfig,
+    build_optimizer,
     optimizer_step,
     resume_run,
     run_loop,
@@ -46,20 +47,6 @@ def load_lm_recipe(
 ) -> LMRecipe:
     """Read an LM recipe YAML, `patch` (a partial recipe) merged over it, then dotted overrides."""
     return load_config(LMRecipe, path, overrides, patch)
-
-
-def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, decay on matrices only, fused where this torch build supports it."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": tc.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    try:
-        return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=tc.betas, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=tc.betas)
 
 
 def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
@@ -160,4 +147,4 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
     return final
 
 
-__all__ = ["LMRecipe", "build_optimizer", "load_lm_recipe", "train_lm"]
+__all__ = ["LMRecipe", "load_lm_recipe", "train_lm"]

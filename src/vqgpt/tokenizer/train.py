@@ -19,6 +19,7 @@ from vqgpt.tokenizer.quantize import QuantizerConfig
 from vqgpt.tokenizer.vqvae import VQVAE, ModelConfig, VQVAEConfig
 from vqgpt.training import (
     TrainConfig,
+    build_optimizer,
     optimizer_step,
     resume_run,
     run_loop,
@@ -80,16 +81,14 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
 
     model = VQVAE(VQVAEConfig.build(recipe.model, recipe.quantizer))
     loss_fn = VQLoss(recipe.loss)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=tc.learning_rate, betas=tc.betas, weight_decay=tc.weight_decay
-    )
+    optimizer = build_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     disc_optimizer = None
     if loss_fn.discriminator is not None:
-        disc_optimizer = torch.optim.AdamW(
-            loss_fn.discriminator.parameters(), lr=tc.learning_rate, betas=(0.5, 0.9)
-        )
+        # taming's GAN betas; the same decay rule as the autoencoder (it was AdamW's implicit
+        # 0.01 on every parameter before)
+        disc_optimizer = build_optimizer(loss_fn.discriminator, tc, betas=(0.5, 0.9))
         loss_fn.discriminator, disc_optimizer = accelerator.prepare(
             loss_fn.discriminator, disc_optimizer
         )
