@@ -12,7 +12,6 @@ give ranks different batch sizes).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -22,13 +21,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from einops import rearrange
-from PIL import Image, ImageOps
+from PIL import Image
 
 from vqgpt.config import ConfigError
-from vqgpt.errors import VqgptError
 from vqgpt.data.images import IMAGE_EXTENSIONS, ImageTransform, load_rgb
 from vqgpt.data.shapes import ShapesConfig, shapes_dataset
+from vqgpt.errors import VqgptError
 
 logger = logging.getLogger(__name__)
 
@@ -392,5 +390,4 @@ __all__ = [
     "load_rgb",
     "photos_dataset",
     "standardize_columns",
-    "to_pil",
 ]
