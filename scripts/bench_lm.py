@@ -7,8 +7,9 @@
 Rows, all on the same batch and the same initial weights:
   plain HF      GPT2LMHeadModel, eager attention, float32, `model(ids, labels=ids).loss` (full
                 [B, T, V] logits), torch.optim.AdamW (fused=False), vocabulary not padded
-  shipped full  train_lm's step: forward_hidden + lm_loss("full") + fused AdamW + grad clipping,
-                through Accelerate, SDPA attention, vocabulary padded to a multiple of 64
+  shipped full  train_lm's step: LMWithLoss (the loss inside the wrapped forward, lm_loss("full"))
+                + the builder's AdamW + grad clipping, through Accelerate, SDPA attention,
+                vocabulary padded to a multiple of 64
   shipped split the same with lm_loss("split"): image targets over the K image rows only
 On CUDA also both shipped rows under bf16 autocast (Accelerate mixed precision); `--compile`
 adds torch.compile'd variants of every shipped row.
@@ -130,8 +131,8 @@ def run_job(job: Job) -> Measurement:
     """Build the model and optimizer of `job.row`, run warmup + timed steps, measure them."""
     from accelerate import Accelerator
 
-    from vqgpt.lm.loss import lm_loss
-    from vqgpt.lm.model import LMConfig, build_lm, flops_per_token, forward_hidden
+    from vqgpt.lm.loss import LMWithLoss
+    from vqgpt.lm.model import LMConfig, build_lm, flops_per_token
     from vqgpt.training import TrainConfig, build_optimizer
 
     row, device = job.row, torch.device(job.device)
@@ -171,18 +172,14 @@ def run_job(job: Job) -> Measurement:
     else:
         tc = TrainConfig(output_dir="unused", mixed_precision=row.precision)
         accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=row.precision)
-        raw = model.to(device)
+        raw = LMWithLoss(model.to(device), row.loss, image_offset, job.codebook_size)
         optimizer = build_optimizer(raw, tc)
         wrapped = torch.compile(raw) if row.compile else raw
         wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
         wrapped.train()
 
         def step() -> torch.Tensor:
-            hidden = forward_hidden(wrapped, ids, mask)
-            with accelerator.autocast():  # as train_lm: the output layer runs under autocast too
-                out = lm_loss(
-                    hidden, raw.lm_head.weight, ids, None, row.loss, image_offset, job.codebook_size
-                )
+            out = wrapped(ids, mask, ids)  # as train_lm: the whole loss under autocast
             accelerator.backward(out.loss)
             if tc.grad_clip:
                 accelerator.clip_grad_norm_(wrapped.parameters(), tc.grad_clip)

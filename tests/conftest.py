@@ -49,7 +49,7 @@ def _tiny_tokenizer_recipe(out_dir: Path, **sections) -> dict:
         "eval": dict(max_images=16, batch_size=16, grid_images=4),
     }
     for key, value in sections.items():
-        recipe[key].update(value)
+        recipe.setdefault(key, {}).update(value)
     return recipe
 
 
@@ -74,11 +74,40 @@ def _run_cli(
     timeout: int = 300,
     cwd: Path | None = None,
 ):
-    """Run `python -m vqgpt.cli ARGS` (or through an accelerate launcher) and return the result."""
+    """Run `python -m vqgpt.cli ARGS` (or through an accelerate launcher) and return the result.
+
+    On a timeout every process of the run prints its stacks (SIGUSR1: `vqgpt.cli` registers
+    faulthandler for it) before it is killed, and the failure shows them.
+    """
     cmd = (launcher or [sys.executable]) + ["-m", "vqgpt.cli", *args]
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, env=_cli_env(), timeout=timeout, cwd=cwd
+    return _run(cmd, check=check, timeout=timeout, cwd=cwd)
+
+
+def _run(
+    cmd: list[str], check: bool = True, timeout: int = 300, cwd: Path | None = None, env=None
+) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd)` in a new process group; on a timeout, stacks, then a kill."""
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or _cli_env(),
+        cwd=cwd,
+        start_new_session=True,
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGUSR1)  # every rank dumps its stacks to stderr
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"{' '.join(cmd)} timed out after {timeout} s; stacks and output:\n{out[-3000:]}\n"
+            f"{err[-20000:]}"
+        ) from None
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({result.returncode})\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
@@ -141,7 +170,7 @@ def _tiny_lm_recipe(tokenizer_run: Path, out_dir: Path, codes_dir: Path, **secti
         "eval": dict(max_images=8, batch_size=8, baseline_images=32),
     }
     for key, value in sections.items():
-        recipe[key].update(value)
+        recipe.setdefault(key, {}).update(value)
     return recipe
 
 
@@ -275,3 +304,16 @@ def run_without_vqgpt():
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def run_command():
+    """(cmd, check=True, timeout=300, cwd=None, env=None) -> CompletedProcess; on a timeout every
+    process prints its stacks before it is killed."""
+    return _run
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """() -> a TCP port nobody listens on now (a rendezvous for processes launched together)."""
+    return _free_port

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -289,8 +291,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leave_process_group() -> None:
+    """After a command under `accelerate launch`: wait for every rank, then destroy the process
+    group, so no rank exits while another still needs it (and none hangs in its destructor)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `vqgpt` console script."""
+    # `kill -USR1 <pid>` prints every thread's stack: how a hung multi-process run shows where
+    # each rank waits (the tests send it on a timeout)
+    if hasattr(signal, "SIGUSR1"):
+        try:
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+        except (OSError, ValueError):  # a stderr with no file descriptor (captured, in-process)
+            pass
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -300,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # line, no traceback
         print(f"vqgpt {args.command}: error: {err}", file=sys.stderr)
         return 2
+    _leave_process_group()
     return 0
 
 

@@ -1,13 +1,20 @@
-"""The Accelerate training harness shared by both stages: config, schedule, checkpoints, metrics."""
+"""The Accelerate training harness shared by both stages: config, schedule, checkpoints, metrics.
+
+Several processes train like one (docs/design.md, "Several processes"): `train.batch_size` is the
+global micro-batch, split across the N processes (each gets batch_size / N examples of the same
+global batch, in rank order), the LR schedule advances once per optimizer step whatever N is,
+and logged metrics are global means (sums and weights all-reduced at log time).
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +37,7 @@ class TrainConfig:
 
     output_dir: str = "runs/tokenizer"
     seed: int = 0
-    batch_size: int = 32  # per process, per micro-batch
+    batch_size: int = 32  # examples per micro-batch over all processes (each gets batch_size / N)
     gradient_accumulation_steps: int = 1
     max_steps: int = 1000  # optimizer steps
     max_minutes: float | None = None  # wall-clock budget: stop early (and save) when reached
@@ -64,8 +71,22 @@ class TrainConfig:
             raise ConfigError("train.min_lr_ratio must be in [0, 1]")
 
 
+def check_launch() -> None:
+    """Refuse a launch config this machine cannot honour (instead of silently ignoring it)."""
+    for plugin in ("FSDP", "DEEPSPEED"):
+        asked = os.environ.get(f"ACCELERATE_USE_{plugin}", "false").lower() == "true"
+        if asked and not torch.cuda.is_available():
+            raise ConfigError(
+                f"the launch config asks for {plugin} (ACCELERATE_USE_{plugin}=true), which "
+                "Accelerate runs on GPUs only, and this machine has none; launch with "
+                "configs/accelerate/cpu_2proc.yaml (plain data parallel) or on a GPU machine"
+            )
+
+
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    """One Accelerator for the run: mixed precision, accumulation, seedable data order."""
+    """One Accelerator for the run: mixed precision, accumulation, split global batches,
+    seedable data order."""
+    check_launch()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     # One process may train several runs (`vqgpt demo`: the tokenizer, then the LM), each with its
@@ -78,8 +99,21 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=cfg.log_with,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # split_batches: a prepared DataLoader yields the global batch split across processes,
+        # and a prepared scheduler steps once per optimizer step (not once per process)
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
     )
+
+
+def local_batch_size(tc: TrainConfig, accelerator: Accelerator) -> int:
+    """This process's share of the global micro-batch `train.batch_size`."""
+    n = accelerator.num_processes
+    if tc.batch_size % n:
+        raise ConfigError(
+            f"train.batch_size={tc.batch_size} is the global micro-batch and must split evenly "
+            f"across the {n} processes; use a multiple of {n}"
+        )
+    return tc.batch_size // n
 
 
 def build_optimizer(
@@ -125,7 +159,7 @@ def resume_run(
             accelerator.print(
                 f"--resume {resume}: no checkpoint in {tc.output_dir}, starting fresh"
             )
-        return metrics, TrainerState()
+        return metrics, TrainerState(num_processes=accelerator.num_processes)
     state = load_checkpoint(accelerator, checkpoint)
     metrics.truncate_after(state.step)
     accelerator.print(f"resumed from {checkpoint} at step {state.step}")
@@ -158,6 +192,7 @@ class TrainerState:
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     elapsed_s: float = 0.0
+    num_processes: int = 1  # processes that wrote the checkpoint
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -214,10 +249,40 @@ def save_checkpoint(
     return final
 
 
+def resumed_iterator(batches: Iterable[Any]) -> Iterator[Any]:
+    """An iterator over `batches` (a resumed run's rest of an epoch) whose start draws nothing
+    from the global RNG that the checkpoint restored.
+
+    Starting a DataLoader iterator draws one number from the global RNG (the seed of its
+    workers). The uninterrupted run drew it at the start of the epoch, before the checkpoint; a
+    resumed run starting its iterator mid-epoch (or at the epoch's end, then again for the next
+    epoch) would draw again and shift every later random choice (dead-code restarts, dropout).
+    The RNG state is saved before the iterator starts and put back after its first batch.
+    """
+    with torch.random.fork_rng(devices=[]):
+        iterator = iter(batches)
+        first = next(iterator, _END)
+    return iter(()) if first is _END else itertools.chain([first], iterator)
+
+
+_END = object()
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
-    """Restore model, optimizer, scheduler and RNG states; return where the loop stood."""
+    """Restore model, optimizer, scheduler and RNG states; return where the loop stood.
+
+    A checkpoint resumes with the number of processes that wrote it (every process restores its
+    own RNG states); another number is a ConfigError, before anything is loaded.
+    """
+    state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    if state.num_processes != accelerator.num_processes:
+        raise ConfigError(
+            f"{path} was written by {state.num_processes} process(es); resume it with "
+            f"{state.num_processes} (accelerate launch --num_processes {state.num_processes}), "
+            f"not {accelerator.num_processes}, or start a new run"
+        )
     accelerator.load_state(str(path))
-    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    return state
 
 
 def save_final(accelerator: Accelerator, model: torch.nn.Module, output_dir: str | Path) -> Path:
@@ -234,6 +299,34 @@ def save_final(accelerator: Accelerator, model: torch.nn.Module, output_dir: str
     return final
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when the model's parameters are FSDP shards (FSDP1 wrapping or FSDP2 DTensors)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules()) or any(
+        isinstance(p, DTensor) for p in model.parameters()
+    )
+
+
+def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state as plain CPU tensors on the main process ({} on the others).
+
+    A collective under FSDP (every rank must call it): the shards are gathered with torch's
+    `get_model_state_dict(full_state_dict=True, cpu_offload=True)`, the API Accelerate's own FSDP
+    saving uses. Unsharded models (one process, data parallel) return their own state dict.
+    Keys are those of the unwrapped module.
+    """
+    if not is_sharded(model):
+        if not accelerator.is_main_process:
+            return {}
+        return dict(accelerator.unwrap_model(model).state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
 def out_of_time(accelerator: Accelerator, max_minutes: float | None, elapsed_s: float) -> bool:
     """True on every rank once any rank has spent the wall-clock budget (all stop at one step)."""
     if max_minutes is None:
@@ -245,8 +338,8 @@ def out_of_time(accelerator: Accelerator, max_minutes: float | None, elapsed_s: 
 @torch.no_grad()
 def replica_max_abs_diff(accelerator: Accelerator, model: torch.nn.Module) -> float:
     """Largest difference of any parameter or buffer between the ranks (0.0: replicas in sync)."""
-    if accelerator.num_processes == 1:
-        return 0.0
+    if accelerator.num_processes == 1 or is_sharded(model):
+        return 0.0  # sharded: each rank holds a different part, and there is one copy of each
     state = accelerator.unwrap_model(model).state_dict()
     flat = torch.cat([t.detach().float().flatten() for t in state.values()])
     gathered = accelerator.gather(flat[None])  # (num_processes, numel)
@@ -303,7 +396,38 @@ def read_metrics(output_dir: str | Path, kind: str | None = None) -> list[dict[s
 # the loop both stages run
 
 
-StepFn = Callable[[Any, int], dict[str, float]]
+Metric = float | tuple[float, float]  # a value, or (sum, weight) for a weighted mean
+StepFn = Callable[[Any, int], dict[str, Metric]]
+
+
+class Tally:
+    """What `train_step` returned over one log interval on this process: per key a sum and a
+    weight (a plain float counts as one value of weight 1), plus the summed "items"."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+        self.items = 0.0
+
+    def add(self, values: dict[str, Metric]) -> None:
+        """Count one micro-batch's values."""
+        for key, value in values.items():
+            if key == "items":
+                self.items += float(value)
+                continue
+            total, weight = value if isinstance(value, tuple) else (value, 1.0)
+            self.sums[key] = self.sums.get(key, 0.0) + float(total)
+            self.weights[key] = self.weights.get(key, 0.0) + float(weight)
+
+    def global_means(self, accelerator: Accelerator) -> tuple[dict[str, float], float]:
+        """(sum / weight per key, items) over every process: one all-reduce, a collective."""
+        keys = sorted(self.sums)
+        local = [self.sums[k] for k in keys] + [self.weights[k] for k in keys] + [self.items]
+        flat = torch.tensor(local, dtype=torch.float64, device=accelerator.device)
+        flat = accelerator.reduce(flat, reduction="sum").tolist()
+        n = len(keys)
+        means = {k: flat[i] / flat[n + i] if flat[n + i] else math.nan for i, k in enumerate(keys)}
+        return means, flat[-1]
 
 
 def optimizer_step(
@@ -313,11 +437,21 @@ def optimizer_step(
     scheduler: Any,
     loss: torch.Tensor,
     grad_clip: float | None,
+    unused: Sequence[torch.Tensor] = (),
 ) -> None:
-    """Backward, clip on the step that syncs gradients, optimizer and schedule step, zero grads."""
+    """Backward, clip on the step that syncs gradients, optimizer and schedule step, zero grads.
+
+    `unused`: parameters that took part in this step with weight 0 only (so data parallel reduces
+    every parameter, as it must, without find_unused_parameters' cost on every step); their zero
+    gradients are dropped before the update, which then leaves them untouched, as a parameter
+    without a gradient.
+    """
     accelerator.backward(loss)
-    if accelerator.sync_gradients and grad_clip:
-        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    if accelerator.sync_gradients:
+        for p in unused:
+            p.grad = None
+        if grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -342,9 +476,12 @@ def run_loop(
     `epoch_batches(epoch, skip)` gives this rank's micro-batches of `epoch` after the first
     `skip` (so a resumed run continues in the same data order). `train_step(batch, step)` runs
     forward, backward and the optimizer steps of one micro-batch inside `accumulate`, and returns
-    floats to average over the log interval; its key "items" (tokens, images) is summed instead
-    and logged as `<items_name>_per_s` (all processes together). `evaluate(step)` runs on every rank (do the work on the main one)
-    and may return a line to print. Returns the state after the last step.
+    metrics (a float, or (sum, weight)); each is logged as its mean over the log interval and
+    every process (`Tally`). Its key "items" (tokens, images) is summed instead and logged as
+    `<items_name>_per_s`, all processes together. `on_log(logged)` runs on every rank before the
+    record is written (a collective is allowed there). `evaluate(step)` runs on every rank (do
+    the work on the main one) and may return a line to print. Returns the state after the last
+    step.
     """
     bar = progress_bar(accelerator, tc.max_steps, state.step, desc)
     start = time.time() - state.elapsed_s
@@ -357,17 +494,12 @@ def run_loop(
 
     model.train()
     stop = state.step >= tc.max_steps
-    sums: dict[str, float] = {}
-    micro, items, clock = 0, 0.0, time.time()
+    tally, clock = Tally(), time.time()
     while not stop:
         for batch in epoch_batches(state.epoch, state.batches_in_epoch):
             state.batches_in_epoch += 1
             with accelerator.accumulate(model):
-                values = train_step(batch, state.step)
-            items += values.pop("items", 0.0)
-            for key, value in values.items():
-                sums[key] = sums.get(key, 0.0) + value
-            micro += 1
+                tally.add(train_step(batch, state.step))
             if not accelerator.sync_gradients:
                 continue
 
@@ -375,18 +507,17 @@ def run_loop(
             state.elapsed_s = time.time() - start
             bar.update(1)
             if state.step % tc.log_every == 0 or state.step == tc.max_steps:
-                logged = {k: v / micro for k, v in sums.items()}
-                rate = items * accelerator.num_processes / max(time.time() - clock, 1e-9)
-                logged[f"{items_name}_per_s"] = rate
+                logged, items = tally.global_means(accelerator)
+                logged[f"{items_name}_per_s"] = items / max(time.time() - clock, 1e-9)
                 logged["lr"] = scheduler.get_last_lr()[0]
                 logged["elapsed_s"] = round(state.elapsed_s, 1)
                 if on_log is not None:
                     on_log(logged)
                 metrics.log(state.step, logged)
-                first = next(iter(sums), None)
+                first = next(iter(tally.sums), None)
                 if first is not None:
                     bar.set_postfix({first: f"{logged[first]:.4f}"})
-                sums, micro, items, clock = {}, 0, 0.0, time.time()
+                tally, clock = Tally(), time.time()
                 stop = out_of_time(accelerator, tc.max_minutes, state.elapsed_s)
             stop = stop or state.step >= tc.max_steps
             if tc.save_every and (state.step % tc.save_every == 0 or stop):
@@ -414,6 +545,7 @@ def write_summary(
             "step": state.step,
             "elapsed_s": round(state.elapsed_s, 1),
             "num_processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type.value),
             "replica_max_abs_diff": drift,
         }
         evals = read_metrics(final.parent, kind="eval")

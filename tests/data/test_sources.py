@@ -142,15 +142,20 @@ def test_transform_round_trip_and_centre_crop():
     assert torch.equal(out[1], torch.ones(32, 32)) and (out[0] == -1).all()
 
 
-def test_random_crop_is_seeded_and_varies():
+def test_random_crop_is_a_function_of_its_seed():
+    """(seed, epoch, row) decides a crop: not the global RNG, the process, the worker."""
     image = rgb_noise(96, 64)
     t = ImageTransform(64, random_crop=True)
     torch.manual_seed(0)
-    a = [t(image) for _ in range(8)]
-    torch.manual_seed(0)
-    b = [t(image) for _ in range(8)]
+    a = [t(image, crop_seed=(0, 0, row)) for row in range(8)]
+    torch.manual_seed(123)  # the global RNG plays no part
+    b = [t(image, crop_seed=(0, 0, row)) for row in range(8)]
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    assert len({x.sum().item() for x in a}) > 1
+    assert len({x.sum().item() for x in a}) > 1  # rows get different crops
+    assert not torch.equal(t(image, crop_seed=(0, 1, 0)), a[0]) or not torch.equal(
+        t(image, crop_seed=(0, 2, 0)), a[0]
+    )  # and epochs
+    assert torch.equal(ImageTransform(64)(image), ImageTransform(64)(image, crop_seed=(5,)))
 
 
 def test_to_pil_rejects_wrong_shape():

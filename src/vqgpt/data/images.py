@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image
@@ -63,13 +64,19 @@ class ImageTransform:
         self.image_size = image_size
         self.random_crop = random_crop
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> float tensor [3, image_size, image_size] in [-1, 1]."""
+    def __call__(self, image: Image.Image, crop_seed: Sequence[int] = (0,)) -> torch.Tensor:
+        """RGB PIL image -> float tensor [3, image_size, image_size] in [-1, 1].
+
+        A random crop is a function of `crop_seed` (the dataset passes (seed, epoch, row)), not of
+        a global RNG: the same in one or N processes, with any number of DataLoader workers, and
+        after a resume.
+        """
         s = self.image_size
         image = resize_shorter_side(image, s)
-        if self.random_crop:  # torch's RNG: seeded per DataLoader worker
-            left = int(torch.randint(image.width - s + 1, ()).item())
-            top = int(torch.randint(image.height - s + 1, ()).item())
+        if self.random_crop:
+            rng = np.random.default_rng(list(crop_seed))
+            left = int(rng.integers(image.width - s + 1))
+            top = int(rng.integers(image.height - s + 1))
         else:
             left, top = center_offsets(image, s)
         return crop_to_tensor(image, left, top, s)

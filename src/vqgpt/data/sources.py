@@ -334,12 +334,18 @@ def find_readable(ds, image_column: str = "image") -> Readable:
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
-    """Good rows of a datasets.Dataset as {'pixel_values': [3, H, W], 'text': str}."""
+    """Good rows of a datasets.Dataset as {'pixel_values': [3, H, W], 'text': str}.
 
-    def __init__(self, hf_dataset, transform: ImageTransform) -> None:
+    Random crops (a transform with random_crop) are drawn per (seed, epoch, row): `set_epoch`
+    before each epoch.
+    """
+
+    def __init__(self, hf_dataset, transform: ImageTransform, seed: int = 0) -> None:
         import datasets
 
         self.transform = transform
+        self.seed = seed
+        self.epoch = 0
         self.indices, self.stats = find_readable(hf_dataset)
         if self.stats.total:
             logger.warning("%s", self.stats)
@@ -350,12 +356,17 @@ class ImageTextDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next crops are drawn for."""
+        self.epoch = epoch
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.ds[self.indices[i]]
         image = load_rgb(row["image"])
         if image is None:  # it decoded in the up-front pass: the file changed since
             raise DataError(f"row {self.indices[i]} became unreadable after the validation pass")
-        return {"pixel_values": self.transform(image), "text": row.get("text") or ""}
+        pixels = self.transform(image, crop_seed=(self.seed, self.epoch, self.indices[i]))
+        return {"pixel_values": pixels, "text": row.get("text") or ""}
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -366,10 +377,11 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def image_text_dataset(cfg: DataConfig, split: str, train: bool) -> ImageTextDataset:
-    """Load `split` and wrap it for training (random crop only when `train` and cfg.random_crop)."""
+def image_text_dataset(cfg: DataConfig, split: str, train: bool, seed: int = 0) -> ImageTextDataset:
+    """Load `split` and wrap it for training (random crop only when `train` and cfg.random_crop,
+    drawn from `seed`)."""
     transform = ImageTransform(cfg.image_size, random_crop=train and cfg.random_crop)
-    return ImageTextDataset(load_image_dataset(cfg, split), transform)
+    return ImageTextDataset(load_image_dataset(cfg, split), transform, seed)
 
 
 __all__ = [

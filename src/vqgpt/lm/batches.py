@@ -68,29 +68,51 @@ def joint_tokenizer(data: PretokenizeConfig, base: str | None = None) -> JointTo
 
 @dataclass
 class EpochBatches:
-    """This rank's batches of one epoch, and how many examples were too long to keep."""
+    """This rank's micro-batches of one epoch, and how many examples were too long to keep."""
 
     batches: list[dict[str, torch.Tensor]]
     skipped: int
 
 
 def build_epoch(
-    bank: ExampleBank, seq: SequenceConfig, epoch: int, batch_size: int, rank: int, world: int
+    bank: ExampleBank,
+    seq: SequenceConfig,
+    epoch: int,
+    batch_size: int,
+    rank: int,
+    world: int,
+    accumulation: int = 1,
 ) -> EpochBatches:
-    """Shuffle, pick tasks, pack and shard one epoch; deterministic in (seq.seed, epoch).
+    """Shuffle, pick tasks, pack and split one epoch; deterministic in (seq.seed, epoch).
 
-    Every rank builds the same windows and takes an equal contiguous share, so all ranks run the
-    same number of steps; a resumed run rebuilds the epoch and skips the batches already done.
+    Every rank builds the same windows. Global micro-batch g holds windows [g*B, (g+1)*B) of
+    `batch_size` B; rank r takes its rows [g*B + r*b, g*B + (r+1)*b), b = B / world: the union
+    over ranks is the micro-batch one process trains on. An epoch keeps a whole number of
+    optimizer steps (`accumulation` micro-batches each; the windows left over are dropped), so a
+    step never spans two epochs. Each micro-batch carries "normalizer": the summed loss weight of
+    its optimizer step's targets (every micro-batch of the step, every rank) / (world *
+    accumulation): the weighted mean of the whole step is what every configuration trains on.
+    A resumed run rebuilds the epoch and skips the micro-batches already done.
     """
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} does not split across {world} processes")
     rng = random.Random(f"vqgpt-lm-{seq.seed}-{epoch}")
     order = list(range(len(bank)))
     rng.shuffle(order)
     examples = [make_example(bank.codes[i], bank.text_ids[i], bank.layout, seq, rng) for i in order]
     fitted = fit(examples, bank.layout, seq)
-    per_rank = len(fitted.examples) // world
-    mine = fitted.examples[rank * per_rank : (rank + 1) * per_rank]
-    batches = [
-        collate(mine[i : i + batch_size], pad_id=bank.layout.eos_id)
-        for i in range(0, per_rank - batch_size + 1, batch_size)
-    ]
+    windows = fitted.examples
+    per_step = batch_size * accumulation
+    steps = len(windows) // per_step
+    b = batch_size // world
+    batches = []
+    for s in range(steps):
+        step_windows = windows[s * per_step : (s + 1) * per_step]
+        weight = sum(sum(w.loss_weights[1:]) for w in step_windows)  # the step's targets
+        normalizer = torch.tensor(max(weight, 1e-12) / (world * accumulation))
+        for m in range(accumulation):
+            start = s * per_step + m * batch_size + rank * b
+            batch = collate(windows[start : start + b], pad_id=bank.layout.eos_id)
+            batch["normalizer"] = normalizer
+            batches.append(batch)
     return EpochBatches(batches, fitted.skipped)

@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 import torch
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 
 from vqgpt.lm.sequences import IGNORE_INDEX
 
@@ -14,13 +14,27 @@ LOSS_MODES = ("split", "full")  # see lm_loss; `model.loss` in an LM recipe
 
 
 class LossOutput(NamedTuple):
-    """What `lm_loss` returns; every field but `loss` is detached."""
+    """What `lm_loss` returns; every field but `loss` is detached. Sums and counts (not only
+    means) so that means over several batches or processes are exact."""
 
-    loss: Tensor  # scalar: sum(w * ce) / sum(w) over targeted positions
+    loss: Tensor  # scalar: weighted_sum / normalizer (default weight_sum), what is trained
     per_position: Tensor  # [B, T-1] float32 unweighted CE, 0 where the target is ignored
-    image_loss: Tensor  # scalar: mean unweighted CE over image-code targets (0 if none)
-    text_loss: Tensor  # scalar: mean unweighted CE over text / special targets (0 if none)
-    weight_sum: Tensor  # scalar: sum(w) over targeted positions (to renormalise across ranks)
+    weighted_sum: Tensor  # scalar: sum(w * ce) over targeted positions
+    weight_sum: Tensor  # scalar: sum(w) over targeted positions
+    image_sum: Tensor  # scalar: unweighted CE summed over image-code targets
+    image_count: Tensor  # scalar: image-code targets
+    text_sum: Tensor  # scalar: unweighted CE summed over text / special targets
+    text_count: Tensor  # scalar: text / special targets
+
+    @property
+    def image_loss(self) -> Tensor:
+        """Mean unweighted CE over image-code targets (0 if none)."""
+        return self.image_sum / self.image_count.clamp_min(1)
+
+    @property
+    def text_loss(self) -> Tensor:
+        """Mean unweighted CE over text / special targets (0 if none)."""
+        return self.text_sum / self.text_count.clamp_min(1)
 
 
 class RowGroup(NamedTuple):
@@ -105,6 +119,7 @@ def lm_loss(
     image_offset: int,
     codebook_size: int,
     chunk_size: int = 4096,
+    normalizer: Tensor | float | None = None,
 ) -> LossOutput:
     """Next-token CE from final hidden states [B, T, C] without materialising [B, T, V] logits.
 
@@ -156,18 +171,57 @@ def lm_loss(
         flat, lm_head_weight, targets, weights, groups, chunk_size, need_grad
     )
     weight_sum = weights.sum()
-    loss = weighted_sum / weight_sum.clamp_min(torch.finfo(torch.float32).tiny)
-
-    def mean_over(mask: Tensor) -> Tensor:
-        return (ce * mask).sum() / mask.sum().clamp_min(1)
-
+    if normalizer is None:
+        normalizer = weight_sum.clamp_min(torch.finfo(torch.float32).tiny)
     return LossOutput(
-        loss=loss,
+        loss=weighted_sum / normalizer,
         per_position=rearrange(ce, "(b t) -> b t", b=batch),
-        image_loss=mean_over(is_image),
-        text_loss=mean_over(is_text),
+        weighted_sum=weighted_sum.detach(),
         weight_sum=weight_sum.detach(),
+        image_sum=(ce * is_image).sum(),
+        image_count=is_image.sum(),
+        text_sum=(ce * is_text).sum(),
+        text_count=is_text.sum(),
     )
 
 
-__all__ = ["LOSS_MODES", "LossOutput", "RowGroup", "lm_loss"]
+class LMWithLoss(nn.Module):
+    """A causal LM (GPT-2) with `lm_loss` inside its `forward`.
+
+    Data-parallel and sharding wrappers (DDP, FSDP1, FSDP2) run their hooks around `forward`:
+    computed here, the loss reads the output layer while it is whole (under FSDP it is a shard
+    outside the forward). `lm` is the Hugging Face model itself, saved with `save_pretrained`.
+    """
+
+    def __init__(self, lm: nn.Module, mode: str, image_offset: int, codebook_size: int) -> None:
+        super().__init__()
+        if mode not in LOSS_MODES:
+            raise ValueError(f"lm_loss mode must be one of {list(LOSS_MODES)}, got {mode!r}")
+        self.lm = lm
+        self.mode = mode
+        self.image_offset = image_offset
+        self.codebook_size = codebook_size
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        loss_weights: Tensor | None = None,
+        normalizer: Tensor | float | None = None,
+    ) -> LossOutput:
+        """`lm_loss` of the batch ([B, T] each) from the LM's final hidden states."""
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        return lm_loss(
+            hidden.last_hidden_state,
+            self.lm.get_output_embeddings().weight,
+            labels,
+            loss_weights,
+            self.mode,
+            self.image_offset,
+            self.codebook_size,
+            normalizer=normalizer,
+        )
+
+
+__all__ = ["LOSS_MODES", "LMWithLoss", "LossOutput", "RowGroup", "lm_loss"]

@@ -7,18 +7,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from transformers import GPT2LMHeadModel
 
 from vqgpt.config import ConfigError, load_config
 from vqgpt.lm.batches import ExampleBank, build_epoch, joint_tokenizer
 from vqgpt.lm.evaluate import LMEvalConfig, evaluate_lm
-from vqgpt.lm.loss import lm_loss
-from vqgpt.lm.model import LMConfig, build_lm, flops_per_token, forward_hidden, peak_flops
+from vqgpt.lm.loss import LMWithLoss
+from vqgpt.lm.model import LMConfig, build_lm, flops_per_token, peak_flops
 from vqgpt.lm.pipeline import save_pipeline
 from vqgpt.lm.pretokenize import PretokenizeConfig, pretokenize
 from vqgpt.lm.sequences import SequenceConfig
 from vqgpt.training import (
+    Metric,
     TrainConfig,
     build_optimizer,
+    full_state_dict,
+    is_sharded,
     optimizer_step,
     resume_run,
     run_loop,
@@ -49,6 +54,22 @@ def load_lm_recipe(
     return load_config(LMRecipe, path, overrides, patch)
 
 
+def gather_lm(accelerator: Accelerator, model: torch.nn.Module) -> GPT2LMHeadModel | None:
+    """The trained GPT-2 as a plain (unsharded, unwrapped) model on the main process, None on
+    the others. A collective under FSDP: every rank calls it; the shards are gathered into a new
+    model on the CPU (`training.full_state_dict`). Without FSDP the main process's own module is
+    returned, no copy."""
+    wrapped: LMWithLoss = accelerator.unwrap_model(model)
+    if not is_sharded(model):
+        return wrapped.lm if accelerator.is_main_process else None
+    state = full_state_dict(accelerator, model)
+    if not accelerator.is_main_process:
+        return None
+    lm = GPT2LMHeadModel(wrapped.lm.config)
+    lm.load_state_dict({k.removeprefix("lm."): v for k, v in state.items()})
+    return lm.eval()
+
+
 def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
     """Train (or resume) the stage-two GPT-2; returns the <run>/final folder."""
     tc = recipe.train
@@ -66,12 +87,14 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
     if accelerator.is_main_process and recipe.eval.max_images > 0:
         eval_bank = ExampleBank.load(recipe.data, recipe.data.images.eval_split, tokenizer)
 
-    model = build_lm(recipe.model, layout.vocab_size, seq.max_length)
-    model.config.t2i_prefix_length = seq.t2i_prefix_length  # decoding builds prompts from it
+    lm = build_lm(recipe.model, layout.vocab_size, seq.max_length)
+    lm.config.t2i_prefix_length = seq.t2i_prefix_length  # decoding builds prompts from it
+    # the loss runs inside the wrapped module's forward (data parallel and FSDP see it there)
+    model = LMWithLoss(lm, recipe.model.loss, layout.image_offset, layout.codebook_size)
     optimizer = build_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    raw_model = accelerator.unwrap_model(model)
+    raw_model = accelerator.unwrap_model(model).lm
 
     metrics, state = resume_run(accelerator, tc, resume)
 
@@ -79,43 +102,49 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
     peak = peak_flops(accelerator.device)
 
     def evaluate(step: int) -> str | None:
-        if eval_bank is None:
+        if recipe.eval.max_images <= 0:
             return None
-        result = evaluate_lm(raw_model, eval_bank, bank, seq, recipe.eval)
+        plain = gather_lm(accelerator, model)  # every rank: a collective under FSDP
+        if eval_bank is None or plain is None:
+            return None
+        result = evaluate_lm(plain.to(accelerator.device), eval_bank, bank, seq, recipe.eval)
         metrics.log(step, result.to_log(), kind="eval")
         return result.summary()
 
     def epoch_batches(epoch: int, skip: int) -> list[dict[str, torch.Tensor]]:
         built = build_epoch(
-            bank, seq, epoch, tc.batch_size, accelerator.process_index, accelerator.num_processes
+            bank,
+            seq,
+            epoch,
+            tc.batch_size,
+            accelerator.process_index,
+            accelerator.num_processes,
+            tc.gradient_accumulation_steps,
         )
         if not built.batches:
             raise ConfigError(
-                f"one epoch of {len(bank)} examples packs into fewer windows than one batch of "
-                f"{tc.batch_size} x {accelerator.num_processes} processes: lower train.batch_size"
+                f"one epoch of {len(bank)} examples packs into fewer windows than one optimizer "
+                f"step of train.batch_size={tc.batch_size} x gradient_accumulation_steps="
+                f"{tc.gradient_accumulation_steps}: lower them"
             )
         if epoch == 0 and skip == 0 and built.skipped:
             accelerator.print(f"sequences: {built.skipped} example(s) too long, skipped")
         return built.batches[skip:]
 
-    def train_step(batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+    def train_step(batch: dict[str, torch.Tensor], step: int) -> dict[str, Metric]:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        hidden = forward_hidden(model, batch["input_ids"], batch["attention_mask"])
-        with accelerator.autocast():  # the output layer is most of the compute: bf16 too
-            loss = lm_loss(
-                hidden,
-                raw_model.lm_head.weight,
-                batch["labels"],
-                batch["loss_weights"],
-                recipe.model.loss,
-                layout.image_offset,
-                layout.codebook_size,
-            )
+        loss = model(  # the step's weighted mean, whatever the processes and accumulation
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            batch["loss_weights"],
+            batch["normalizer"],
+        )
         optimizer_step(accelerator, model, optimizer, scheduler, loss.loss, tc.grad_clip)
         return {
-            "loss": float(loss.loss.detach()),
-            "image_loss": float(loss.image_loss),
-            "text_loss": float(loss.text_loss),
+            "loss": (float(loss.weighted_sum), float(loss.weight_sum)),
+            "image_loss": (float(loss.image_sum), float(loss.image_count)),
+            "text_loss": (float(loss.text_sum), float(loss.text_count)),
             "items": float(batch["attention_mask"].sum()),
         }
 
@@ -140,8 +169,9 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
         on_log=add_mfu,
     )
     final = out / "final"
-    if accelerator.is_main_process:
-        save_pipeline(final, raw_model, bank.tokenizer, bank.image_tokenizer_dir)
+    plain = gather_lm(accelerator, model)  # every rank: a collective under FSDP
+    if plain is not None:
+        save_pipeline(final, plain, bank.tokenizer, bank.image_tokenizer_dir)
     write_summary(accelerator, model, final, state)
     accelerator.end_training()
     return final

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -92,9 +93,17 @@ def hinge_g_loss(logits_fake: Tensor) -> Tensor:
 
 
 def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor) -> Tensor:
-    """taming's gradient balance ||d rec / d W|| / (||d g / d W|| + 1e-4), clamped to [0, 1e4]."""
+    """taming's gradient balance ||d rec / d W|| / (||d g / d W|| + 1e-4), clamped to [0, 1e4].
+
+    With several processes the gradients are averaged over them first (each loss is a mean over
+    the process's share of the batch), so the weight is the one of the whole global batch.
+    """
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        both = torch.stack([rec_grad, g_grad])
+        dist.all_reduce(both)
+        rec_grad, g_grad = both / dist.get_world_size()
     weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
     return weight.clamp(0.0, 1e4).detach()
 
@@ -403,8 +412,9 @@ class VQLoss(nn.Module):
                 "check uses_discriminator(step) first"
             )
         assert self.discriminator is not None
-        logits_real = self.discriminator(pixels.detach())
-        logits_fake = self.discriminator(reconstruction.detach())
+        # one forward for both (a data-parallel module must see one forward per backward)
+        both = self.discriminator(torch.cat([pixels.detach(), reconstruction.detach()]))
+        logits_real, logits_fake = both.chunk(2)
         disc = hinge_d_loss(logits_real, logits_fake)
         parts = dict(disc=disc, logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
         return LossRecord(disc, {k: v.detach() for k, v in parts.items()})

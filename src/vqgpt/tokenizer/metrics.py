@@ -131,7 +131,8 @@ class CodebookStats:
     histogram: Tensor  # (K,) int64 counts
 
 
-def _histogram(codes: Tensor, codebook_size: int) -> Tensor:
+def code_histogram(codes: Tensor, codebook_size: int) -> Tensor:
+    """Counts (K,) int64, on the CPU, of every entry of `codes` (any shape) in [0, K)."""
     flat = codes.reshape(-1).long()
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= codebook_size):
         raise ValueError(
@@ -156,7 +157,7 @@ def stats_from_histogram(histogram: Tensor) -> CodebookStats:
 def codebook_stats(codes: Tensor, codebook_size: int) -> CodebookStats:
     """Stats of every entry of `codes` pooled (any shape); for one residual quantizer pass
     codes[..., q]."""
-    return stats_from_histogram(_histogram(codes, codebook_size))
+    return stats_from_histogram(code_histogram(codes, codebook_size))
 
 
 class CodebookUsage:
@@ -181,7 +182,7 @@ class CodebookUsage:
         if codes.ndim != 4:
             raise ValueError(f"codes must be (B, h, w) or (B, h, w, L), got {tuple(codes.shape)}")
         per_quantizer = rearrange(codes, "b h w l -> l (b h w)")
-        batch = torch.stack([_histogram(q, self.codebook_size) for q in per_quantizer])
+        batch = torch.stack([code_histogram(q, self.codebook_size) for q in per_quantizer])
         if self.counts is None:
             self.counts = batch
         elif self.counts.shape != batch.shape:
@@ -218,6 +219,7 @@ __all__ = [
     "CodebookUsage",
     "ReconstructionMeter",
     "ReconstructionScores",
+    "code_histogram",
     "codebook_stats",
     "psnr",
     "ssim",

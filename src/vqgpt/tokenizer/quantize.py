@@ -1,13 +1,16 @@
 """Vector quantizer: nearest-code search, EMA codebooks, k-means init, dead-code restarts, RVQ.
 
-Math (docs/design.md, "Quantizer math"): `z_q = e[k]`, `k = argmin_i ||z_e - e_i||^2`; codebook loss `||sg[z_e] - z_q||^2`
-(replaced by EMA updates when `ema` is on); commitment `||z_e - sg[z_q]||^2` weighted by `beta`;
-straight-through `z_q = z_e + (z_q - z_e).detach()`. All arithmetic runs in float32.
+Math (docs/design.md, "Quantizer math"): `z_q = e[k]`, `k = argmin_i ||z_e - e_i||^2`; codebook
+loss `||sg[z_e] - z_q||^2` (replaced by EMA updates when `ema` is on); commitment
+`||z_e - sg[z_q]||^2` weighted by `beta`; straight-through `z_q = z_e + (z_q - z_e).detach()`.
+All arithmetic runs in float32.
 
 Multi-process: when `torch.distributed` is initialised, every codebook change made in a training
-forward is identical on all ranks: EMA statistics and code counts are all-reduced, the k-means
-init and the restart choices are made on rank 0 and broadcast. This holds whether or not DDP also
-broadcasts buffers, so every rank must run the training forward the same number of times.
+forward is identical on all ranks, and equal to what one process with the whole global batch
+would make: EMA statistics and code counts are all-reduced; k-means init and restart choices are
+made on rank 0 from every rank's rows (gathered in rank order, i.e. in the order of the global
+batch) and broadcast. This holds whether or not DDP also broadcasts buffers, so every rank must
+run the training forward the same number of times with the same number of rows.
 """
 
 from __future__ import annotations
@@ -117,6 +120,16 @@ def _broadcast_(t: Tensor) -> Tensor:
     if _dist_ready():
         dist.broadcast(t, src=0)
     return t
+
+
+def _gather_rows(t: Tensor) -> Tensor:
+    """Every rank's rows of `t` (the same shape on each), concatenated in rank order: the rows one
+    process would hold with the whole global batch. `t` itself without a process group."""
+    if not _dist_ready() or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +257,9 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def kmeans_init_(self, x: Tensor) -> None:
-        """Set the codes by k-means on `x` (rank 0's batch; broadcast to every rank)."""
+        """Set the codes by k-means on `x` (every rank's rows; computed on rank 0, broadcast)."""
         k = self.cfg.codebook_size
+        x = _gather_rows(x)
         centroids = torch.empty(k, x.shape[1], device=x.device)
         counts = torch.empty(k, device=x.device)
         if _is_rank0():
@@ -309,6 +323,7 @@ class Codebook(nn.Module):
         if num_dead == 0:
             return
         fresh = torch.empty(num_dead, x.shape[1], device=x.device)
+        x, codes = _gather_rows(x), _gather_rows(codes)  # every rank's rows, drawn from on rank 0
         if _is_rank0():
             error = (x.float() - self.vectors[codes]).pow(2).sum(dim=1)  # (N,)
             weights = error + 1e-12 * error.max().clamp(min=1e-12)  # every vector stays possible

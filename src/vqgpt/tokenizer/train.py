@@ -14,14 +14,17 @@ from vqgpt.config import load_config
 from vqgpt.data.sources import DataConfig, collate, image_text_dataset
 from vqgpt.tokenizer.evaluate import EvalConfig, evaluate_tokenizer
 from vqgpt.tokenizer.losses import LossConfig, VQLoss
-from vqgpt.tokenizer.metrics import codebook_stats
+from vqgpt.tokenizer.metrics import code_histogram, stats_from_histogram
 from vqgpt.tokenizer.quantize import QuantizerConfig
 from vqgpt.tokenizer.vqvae import VQVAE, ModelConfig, VQVAEConfig
 from vqgpt.training import (
+    Metric,
     TrainConfig,
     build_optimizer,
+    local_batch_size,
     optimizer_step,
     resume_run,
+    resumed_iterator,
     run_loop,
     save_final,
     start_run,
@@ -62,14 +65,16 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
     accelerator = start_run(recipe, tc, "vqgpt-tokenizer")
     out = Path(tc.output_dir)
 
-    train_set = image_text_dataset(recipe.data, recipe.data.train_split, train=True)
+    local_batch_size(tc, accelerator)  # the global batch must split evenly
+    train_set = image_text_dataset(recipe.data, recipe.data.train_split, train=True, seed=tc.seed)
     if train_set.stats.total:
         accelerator.print(f"train data: {train_set.stats}")
-    if len(train_set) < tc.batch_size * accelerator.num_processes:
+    if len(train_set) < tc.batch_size:
         raise ValueError(
             f"train split has {len(train_set)} usable images, fewer than one batch "
-            f"({tc.batch_size} x {accelerator.num_processes} processes)"
+            f"(train.batch_size={tc.batch_size})"
         )
+    # the global batch (Accelerate splits it across processes), in the seedable sampler's order
     loader = DataLoader(
         train_set,
         batch_size=tc.batch_size,
@@ -111,15 +116,24 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
 
     def epoch_batches(epoch: int, skip: int):
         loader.set_epoch(epoch)
-        return skip_first_batches(loader, skip) if skip else loader
+        train_set.set_epoch(epoch)  # random crops are drawn per (seed, epoch, row)
+        return resumed_iterator(skip_first_batches(loader, skip)) if skip else loader
 
-    def train_step(batch: dict, step: int) -> dict[str, float]:
+    # codes seen since the last log (the perplexity logged is that of all of them, every rank's)
+    histogram = torch.zeros(raw_model.codebook_size, dtype=torch.float64)
+    quantizer_params = [p for p in raw_model.quantizer.parameters() if p.requires_grad]
+
+    def train_step(batch: dict, step: int) -> dict[str, Metric]:
         pixels = batch["pixel_values"]
-        output = model(pixels, bypass_quantizer=step < recipe.quantizer.bypass_steps)
+        bypass = step < recipe.quantizer.bypass_steps
+        output = model(pixels, bypass_quantizer=bypass)
         record = loss_fn.autoencoder_loss(
             pixels, output.reconstruction, output.quantizer.loss, step, raw_model.last_layer
         )
-        optimizer_step(accelerator, model, optimizer, scheduler, record.total, tc.grad_clip)
+        # bypassed, the quantizer's parameters only get zero gradients (so that every process
+        # reduces every parameter); dropped before the update, as if they had none
+        unused = quantizer_params if bypass else ()
+        optimizer_step(accelerator, model, optimizer, scheduler, record.total, tc.grad_clip, unused)
         if disc_optimizer is not None and loss_fn.uses_discriminator(step):
             disc_record = loss_fn.discriminator_loss(pixels, output.reconstruction.detach(), step)
             disc_optimizer.zero_grad(set_to_none=True)  # drop the generator step's grads
@@ -127,11 +141,17 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
             disc_optimizer.step()
             disc_optimizer.zero_grad(set_to_none=True)
             record.parts.update(disc_record.parts)
-        values = record.to_log()
+        n = float(len(pixels))
+        values: dict[str, Metric] = {k: (v * n, n) for k, v in record.to_log().items()}
         first = output.codes if output.codes.ndim < 4 else output.codes[..., 0]  # (B, h, w)
-        values["perplexity"] = codebook_stats(first, raw_model.codebook_size).perplexity
-        values["items"] = float(len(pixels))
+        histogram.add_(code_histogram(first, raw_model.codebook_size))
+        values["items"] = n
         return values
+
+    def add_perplexity(logged: dict[str, float]) -> None:
+        counts = accelerator.reduce(histogram.to(accelerator.device), reduction="sum").cpu()
+        logged["perplexity"] = stats_from_histogram(counts).perplexity
+        histogram.zero_()
 
     state = run_loop(
         accelerator,
@@ -145,6 +165,7 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
         evaluate,
         desc="tokenizer",
         items_name="images",
+        on_log=add_perplexity,
     )
     final = save_final(accelerator, model, out)
     write_summary(accelerator, model, final, state)

@@ -141,5 +141,11 @@ class VQVAE(VQVAEBase):
         check_pixels(pixel_values, self.config.architecture)
         z_e = self.encoder(pixel_values)
         zero = z_e.new_zeros((), dtype=torch.float32)
-        q = QuantizerOutput(z_e, z_e.new_zeros((0,), dtype=torch.long), zero, zero, zero)
+        touched = zero
+        if self.training:  # every trainable quantizer parameter enters the loss with weight 0:
+            # data parallel then reduces each one as on any other step (no unused parameters)
+            for p in self.quantizer.parameters():
+                if p.requires_grad:
+                    touched = touched + 0.0 * p.float().sum()
+        q = QuantizerOutput(z_e, z_e.new_zeros((0,), dtype=torch.long), touched, zero, zero)
         return VQVAEOutput(reconstruction=self.decoder(z_e), codes=q.codes, quantizer=q)

@@ -1,0 +1,189 @@
+"""N processes train like one (docs/design.md, "Several processes"), in both stages.
+
+Each comparison runs the real CLI: one process with the global batch, then two processes (gloo)
+with the same recipe; the LR at every optimizer step must be equal and the logged losses equal up
+to reduction order. Plus: parameters a step leaves unused never crash, a checkpoint resumes
+bit-exactly in one and in two processes, another process count is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vqgpt.training import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def curve(run: Path, key: str) -> dict[int, tuple[float, float]]:
+    """step -> (lr, key) from a run's metrics.jsonl."""
+    return {r["step"]: (r["lr"], r[key]) for r in read_metrics(run, "train")}
+
+
+def assert_same_training(one: Path, other: Path, key: str, rel: float) -> None:
+    a, b = curve(one, key), curve(other, key)
+    assert sorted(a) == sorted(b) and a
+    for step in a:
+        assert b[step][0] == a[step][0], f"lr at step {step}: {b[step][0]} vs {a[step][0]}"
+        assert b[step][1] == pytest.approx(a[step][1], rel=rel), f"{key} at step {step}"
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "final" / "eval.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# stage one
+
+
+@pytest.fixture(scope="module")
+def one_process_tokenizer(tmp_path_factory, run_cli, tiny_tokenizer_recipe, write_yaml):
+    """The reference: one process, global batch 8 (the tiny recipe, 6 steps, warm-up 2)."""
+    out = tmp_path_factory.mktemp("tok1") / "run"
+    cfg = write_yaml(out.parent / "r.yaml", tiny_tokenizer_recipe(out, train=dict(save_every=0)))
+    run_cli("train-tokenizer", "--config", str(cfg))
+    return out
+
+
+def test_tokenizer_in_two_processes_trains_like_one(
+    one_process_tokenizer, tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml, accelerate_launcher
+):
+    out = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "r.yaml", tiny_tokenizer_recipe(out, train=dict(save_every=0)))
+    run_cli("train-tokenizer", "--config", str(cfg), launcher=accelerate_launcher)
+    info = summary(out)
+    assert (info["num_processes"], info["replica_max_abs_diff"]) == (2, 0.0)
+    # the LR schedule of one process (it ran 2x too fast with two), and the same losses: same
+    # batches, k-means and restarts on every rank's rows, global means logged
+    assert_same_training(one_process_tokenizer, out, "total", rel=1e-4)
+    lrs = [lr for lr, _ in curve(out, "total").values()]
+    assert lrs[:2] == [lrs[0], lrs[0]] and lrs[2] < lrs[1]  # warm-up 2 steps, then cosine
+
+
+@pytest.mark.parametrize(
+    "name, sections",
+    [
+        # the projections (and a gradient-trained codebook) sit out the bypass steps
+        ("bypass-factorised", dict(quantizer=dict(bypass_steps=2, codebook_dim=4))),
+        ("bypass-seed", dict(quantizer=dict(preset="seed", bypass_steps=2))),
+        # the discriminator joins at step 2 (and runs one forward per backward)
+        ("gan-start-step", dict(loss=dict(adversarial_weight=0.1, adversarial_start_step=2))),
+    ],
+)
+def test_steps_that_leave_parameters_unused_train_in_two_processes(
+    tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml, accelerate_launcher, name, sections
+):
+    out = tmp_path / "run"
+    recipe = tiny_tokenizer_recipe(out, train=dict(save_every=0, max_steps=4), **sections)
+    run_cli("train-tokenizer", "--config", str(write_yaml(tmp_path / "r.yaml", recipe)),
+            launcher=accelerate_launcher)  # fmt: skip
+    assert summary(out)["num_processes"] == 2 and summary(out)["replica_max_abs_diff"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# resume: bit-exact from any checkpoint, in one and two processes
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_resume_is_bit_exact_from_mid_epoch_and_epoch_boundaries(
+    processes, tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml, accelerate_launcher
+):
+    """12 steps of 8 per epoch, dead-code restarts every 2 unused steps; resumed from steps 4
+    (mid-epoch), 8 (the epoch boundary) and 10, each into a new folder: the same losses after
+    the checkpoint and the same final weights, byte for byte."""
+    launcher = accelerate_launcher if processes == 2 else None
+    train = dict(max_steps=12, save_every=1, keep_checkpoints=12)
+    full = tmp_path / "full"
+    cfg = write_yaml(tmp_path / "full.yaml", tiny_tokenizer_recipe(full, train=train))
+    run_cli("train-tokenizer", "--config", str(cfg), launcher=launcher)
+    reference = {r["step"]: r["total"] for r in read_metrics(full, "train")}
+    for step in (4, 8, 10):
+        out = tmp_path / f"from_{step}"
+        cfg = write_yaml(tmp_path / f"{step}.yaml", tiny_tokenizer_recipe(out, train=train))
+        checkpoint = full / "checkpoints" / f"step_{step}"
+        result = run_cli(
+            "train-tokenizer", "--config", str(cfg), "--resume", str(checkpoint), launcher=launcher
+        )
+        assert f"at step {step}" in result.stdout + result.stderr
+        resumed = {r["step"]: r["total"] for r in read_metrics(out, "train")}
+        assert sorted(resumed) == list(range(step + 1, 13))
+        assert all(resumed[s] == reference[s] for s in resumed), (step, resumed, reference)
+        assert sha(out / "final" / "model.safetensors") == sha(full / "final" / "model.safetensors")
+
+
+def test_resume_with_another_process_count_is_refused(
+    tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml, accelerate_launcher
+):
+    out = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "r.yaml", tiny_tokenizer_recipe(out, train=dict(max_steps=2)))
+    run_cli("train-tokenizer", "--config", str(cfg))
+    shutil.rmtree(out / "final")
+    result = run_cli(
+        "train-tokenizer", "--config", str(cfg), "--resume", "latest",
+        launcher=accelerate_launcher, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "written by 1 process(es); resume it with 1" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# stage two
+
+
+def test_lm_in_two_processes_and_with_accumulation_trains_like_one(
+    tiny_tokenizer_run, tmp_path, run_cli, tiny_lm_recipe, write_yaml, accelerate_launcher
+):
+    codes = tmp_path / "codes"  # pretokenized once, shared
+    runs = {}
+    for name, train, launcher in (
+        ("one", dict(batch_size=4), None),
+        ("two", dict(batch_size=4), accelerate_launcher),
+        ("two-accumulate", dict(batch_size=2, gradient_accumulation_steps=2), accelerate_launcher),
+    ):
+        out = tmp_path / name
+        recipe = tiny_lm_recipe(tiny_tokenizer_run, out, codes, train=dict(save_every=0, **train))
+        cfg = write_yaml(tmp_path / f"{name}.yaml", recipe)
+        run_cli("train-lm", "--config", str(cfg), launcher=launcher)
+        runs[name] = out
+    for name in ("two", "two-accumulate"):
+        assert summary(runs[name])["num_processes"] == 2
+        assert_same_training(runs["one"], runs[name], "loss", rel=1e-4)
+        assert_same_training(runs["one"], runs[name], "image_loss", rel=1e-4)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_lm_resume_is_bit_exact_with_dropout(
+    processes, tiny_tokenizer_run, tmp_path, run_cli, tiny_lm_recipe, write_yaml,
+    accelerate_launcher,
+):  # fmt: skip
+    """Dropout 0.1 (drawn from the RNG a checkpoint restores); resumed from steps 4 and 8 (an
+    epoch is 8 steps): the same losses after the checkpoint, the same final weights."""
+    launcher = accelerate_launcher if processes == 2 else None
+    codes = tmp_path / "codes"
+
+    def recipe(out: Path) -> Path:
+        train = dict(max_steps=12, save_every=1, keep_checkpoints=12)
+        cfg = tiny_lm_recipe(tiny_tokenizer_run, out, codes, train=train, model=dict(dropout=0.1))
+        return write_yaml(out.parent / f"{out.name}.yaml", cfg)
+
+    full = tmp_path / "full"
+    run_cli("train-lm", "--config", str(recipe(full)), launcher=launcher)
+    reference = {r["step"]: r["loss"] for r in read_metrics(full, "train")}
+    for step in (4, 8):
+        out = tmp_path / f"from_{step}"
+        checkpoint = full / "checkpoints" / f"step_{step}"
+        run_cli("train-lm", "--config", str(recipe(out)), "--resume", str(checkpoint),
+                launcher=launcher)  # fmt: skip
+        resumed = {r["step"]: r["loss"] for r in read_metrics(out, "train")}
+        assert sorted(resumed) == list(range(step + 1, 13))
+        assert all(resumed[s] == reference[s] for s in resumed), (step, resumed, reference)
+        assert sha(out / "final" / "model.safetensors") == sha(full / "final" / "model.safetensors")
