@@ -166,7 +166,7 @@ def compare(name: str, one: Path, other: Path, key: str, weights: str) -> dict:
         "run": name,
         "lr_equal": all(a[s][0] == b[s][0] for s in steps),
         "max_rel_loss_diff": max(abs(b[s][1] - a[s][1]) / abs(a[s][1]) for s in steps),
-        "max_weight_diff": max(float((wb[k] - wa[k]).abs().max()) for k in wa),
+        "max_weight_diff": max(float((wb[k].double() - wa[k].double()).abs().max()) for k in wa),
         "s_per_step": per_step,
         "steps": len(steps),
     }

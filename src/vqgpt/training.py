@@ -510,7 +510,7 @@ def run_loop(
                 logged, items = tally.global_means(accelerator)
                 logged[f"{items_name}_per_s"] = items / max(time.time() - clock, 1e-9)
                 logged["lr"] = scheduler.get_last_lr()[0]
-                logged["elapsed_s"] = round(state.elapsed_s, 1)
+                logged["elapsed_s"] = round(state.elapsed_s, 3)
                 if on_log is not None:
                     on_log(logged)
                 metrics.log(state.step, logged)
