@@ -2,6 +2,8 @@
 
     python scripts/bench_processes.py              # 50 optimizer steps per run
     python scripts/bench_processes.py --steps 12   # a quick look
+    python scripts/bench_processes.py --unused     # step time: weight-0 participation of unused
+                                                   # parameters vs find_unused_parameters=True
 
 Runs the real CLI on this machine's CPUs (gloo, OMP_NUM_THREADS=1 per process) on tiny recipes
 (32 px shapes, 8x8 codes, K=32; a 2-layer GPT-2), each run against the one-process run at the
@@ -189,11 +191,62 @@ def fsdp_row(tokenizer: Path, where: Path, steps: int) -> dict:
     }
 
 
+def cli_with_find_unused(argv: list[str]) -> None:
+    """vqgpt's CLI with DDP's find_unused_parameters=True (the alternative, for timing only)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    init = Accelerator.__init__
+
+    def patched(self, *args, **kwargs):
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+        init(self, *args, **kwargs)
+
+    Accelerator.__init__ = patched
+    from vqgpt.cli import main as cli_main
+
+    raise SystemExit(cli_main(argv))
+
+
+def unused_table(steps: int, repeats: int = 2) -> None:
+    """Seconds per step of 2 processes (tiny factorised tokenizer) with the quantizer bypassed on
+    no step or on every step, vqgpt's weight-0 participation vs find_unused_parameters."""
+    print(f"2 processes, tiny tokenizer with factorised codes, {steps} steps, mean s / step over "
+          f"steps 11..{steps}, {repeats} repeats\n")  # fmt: skip
+    print("| bypass_steps | weight-0 participation (ships) | find_unused_parameters=True |")
+    print("|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for bypass in (0, steps):
+            cells = []
+            for how in ("vqgpt", "find_unused"):
+                times = []
+                for rep in range(repeats):
+                    out = Path(tmp) / f"{how}_{bypass}_{rep}"
+                    recipe = tokenizer_recipe(out, steps)
+                    recipe["quantizer"].update(bypass_steps=bypass, codebook_dim=4)
+                    cfg = out.with_suffix(".yaml")
+                    cfg.write_text(yaml.safe_dump(recipe))
+                    target = (["-m", "vqgpt.cli"] if how == "vqgpt"
+                              else [__file__, "--as-cli-with-find-unused"])  # fmt: skip
+                    cmd = [*two_processes(), *target, "train-tokenizer", "--config", str(cfg)]
+                    subprocess.run(cmd, check=True, env=env(), capture_output=True)
+                    r = {m["step"]: m["elapsed_s"] for m in read_metrics(out, "train")}
+                    times.append((r[steps] - r[10]) / (steps - 10))
+                cells.append(", ".join(f"{t:.4f}" for t in times))
+            print(f"| {bypass} | {cells[0]} | {cells[1]} |")
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--as-cli-with-find-unused":
+        cli_with_find_unused(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--unused", action="store_true", help="the unused-parameter table only")
     args = parser.parse_args()
     n = args.steps
+    if args.unused:
+        unused_table(n)
+        return
     rows: list[tuple[str, dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)

@@ -165,8 +165,9 @@ def test_lm_resume_is_bit_exact_with_dropout(
     processes, tiny_tokenizer_run, tmp_path, run_cli, tiny_lm_recipe, write_yaml,
     accelerate_launcher,
 ):  # fmt: skip
-    """Dropout 0.1 (drawn from the RNG a checkpoint restores); resumed from steps 4 and 8 (an
-    epoch is 8 steps): the same losses after the checkpoint, the same final weights."""
+    """Dropout 0.1 (drawn from the RNG a checkpoint restores); resumed from steps 4, 8 (the
+    epoch boundary: an epoch is 8 steps) and 10: the same losses after the checkpoint, the same
+    final weights."""
     launcher = accelerate_launcher if processes == 2 else None
     codes = tmp_path / "codes"
 
@@ -178,7 +179,7 @@ def test_lm_resume_is_bit_exact_with_dropout(
     full = tmp_path / "full"
     run_cli("train-lm", "--config", str(recipe(full)), launcher=launcher)
     reference = {r["step"]: r["loss"] for r in read_metrics(full, "train")}
-    for step in (4, 8):
+    for step in (4, 8, 10):
         out = tmp_path / f"from_{step}"
         checkpoint = full / "checkpoints" / f"step_{step}"
         run_cli("train-lm", "--config", str(recipe(out)), "--resume", str(checkpoint),

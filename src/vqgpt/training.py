@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -224,6 +225,18 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder")
     return path
+
+
+class _TiedWeightsNote(logging.Filter):
+    """Drops Accelerate's "Removed shared tensor {'lm.lm_head.weight'} while saving" on every
+    checkpoint: GPT-2's output layer is tied to its input embedding, stored once, and tied again
+    on load (resume is bit-exact: tests/test_processes.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
 
 
 def save_checkpoint(
