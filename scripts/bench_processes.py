@@ -38,6 +38,7 @@ from vqgpt.training import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+SHAPES = dict(num_images=64, num_test_images=16, image_size=32)  # 8 steps of 8 per epoch
 FSDP_SCRIPT = ROOT / "tests" / "lm" / "dist_scripts" / "fsdp_lm_train.py"
 
 
@@ -57,26 +58,21 @@ def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
+def train_section(out: Path, steps: int, batch: int, accumulate: int) -> dict:
+    """Both stages: log every step, no evaluation or checkpoints, one thread per process."""
+    return dict(output_dir=str(out), batch_size=batch, gradient_accumulation_steps=accumulate,
+                max_steps=steps, warmup_steps=5, log_every=1, eval_every=0, save_every=0,
+                num_threads=1)  # fmt: skip
+
+
 def tokenizer_recipe(out: Path, steps: int, batch: int = 8, accumulate: int = 1) -> dict:
     return {
         "model": dict(
             image_size=32, base_channels=8, channel_mult=[1, 2], latent_dim=8, norm_groups=4
         ),
         "quantizer": dict(codebook_size=32, restart_after_steps=2),
-        "data": dict(
-            source="shapes", shapes=dict(num_images=64, num_test_images=16, image_size=32)
-        ),
-        "train": dict(
-            output_dir=str(out),
-            batch_size=batch,
-            gradient_accumulation_steps=accumulate,
-            max_steps=steps,
-            warmup_steps=5,
-            log_every=1,
-            eval_every=0,
-            save_every=0,
-            num_threads=1,
-        ),  # fmt: skip
+        "data": dict(source="shapes", shapes=SHAPES),
+        "train": train_section(out, steps, batch, accumulate),
         "eval": dict(max_images=16, batch_size=16, grid_images=4),
     }
 
@@ -88,23 +84,11 @@ def lm_recipe(out: Path, tokenizer: Path, codes: Path, steps: int, batch: int = 
             tokenizer=str(tokenizer),
             output_dir=str(codes),
             batch_size=32,
-            images=dict(
-                source="shapes", shapes=dict(num_images=64, num_test_images=16, image_size=32)
-            ),
+            images=dict(source="shapes", shapes=SHAPES),
         ),  # fmt: skip
         "sequences": dict(max_length=160, caption_dropout=0.2),
         "model": dict(preset="tiny"),
-        "train": dict(
-            output_dir=str(out),
-            batch_size=batch,
-            gradient_accumulation_steps=accumulate,
-            max_steps=steps,
-            warmup_steps=5,
-            log_every=1,
-            eval_every=0,
-            save_every=0,
-            num_threads=1,
-        ),  # fmt: skip
+        "train": train_section(out, steps, batch, accumulate),
         "eval": dict(max_images=0),
     }
 
