@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -11,12 +13,18 @@ from collections.abc import Callable, Sequence
 from vqgpt.errors import VqgptError
 
 
+def _say(line: str) -> None:
+    """Print once per launch: on the first process only (`RANK` is set by `accelerate launch`)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line)
+
+
 def _train_tokenizer(args: argparse.Namespace) -> None:
     from vqgpt.tokenizer.train import load_recipe, train_tokenizer
 
     recipe = load_recipe(args.config, args.overrides)
     final = train_tokenizer(recipe, resume=args.resume)
-    print(f"tokenizer saved to {final}")
+    _say(f"tokenizer saved to {final}")
 
 
 def _train_lm(args: argparse.Namespace) -> None:
@@ -24,7 +32,7 @@ def _train_lm(args: argparse.Namespace) -> None:
 
     recipe = load_lm_recipe(args.config, args.overrides)
     final = train_lm(recipe, resume=args.resume)
-    print(f"pipeline saved to {final}")
+    _say(f"pipeline saved to {final}")
 
 
 def _pretokenize(args: argparse.Namespace) -> None:
@@ -292,13 +300,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _leave_process_group() -> None:
-    """After a command under `accelerate launch`: wait for every rank, then destroy the process
-    group, so no rank exits while another still needs it (and none hangs in its destructor)."""
+    """After a command under `accelerate launch`: wait for every rank, then end this process at
+    once (`os._exit`), without tearing the gloo process group down.
+
+    Tearing the group down (Accelerate's `end_training`, `destroy_process_group`, or the
+    interpreter's exit) can deadlock: `~ProcessGroupGloo` joins its worker threads while holding
+    the GIL, and a worker freeing a finished collective that holds Python tensors waits for the
+    GIL (gdb: `AsyncBarrierWork` -> `AsyncAllgatherWork` -> `decref_pyobject`; pytorch/pytorch
+    #190489 describes the same race). The trainers keep the group (`training.finish_run`); past
+    the barrier nothing is left to communicate and the run's files are written, so the process
+    ends here with streams and logs flushed.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

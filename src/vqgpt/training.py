@@ -8,11 +8,13 @@ and logged metrics are global means (sums and weights all-reduced at log time).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -20,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -137,8 +140,25 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=betas or tc.betas)
 
 
-def start_run(recipe: Any, tc: TrainConfig, project: str) -> Accelerator:
-    """Seed, build the Accelerator, write <run>/config.yaml, start any tracker."""
+def holds_a_run(output_dir: str | Path) -> bool:
+    """True when `output_dir` holds what a training run writes (metrics, checkpoints, final/)."""
+    out = Path(output_dir)
+    return (
+        (out / "metrics.jsonl").is_file() or (out / "final").is_dir() or bool(list_checkpoints(out))
+    )
+
+
+def start_run(recipe: Any, tc: TrainConfig, project: str, resume: str | None = None) -> Accelerator:
+    """Seed, build the Accelerator, write <run>/config.yaml, start any tracker.
+
+    Raises ConfigError when a fresh run (no `resume`) would write into a folder that already
+    holds a run: its metrics would mix and its checkpoints would be resumed later by mistake.
+    """
+    if resume is None and holds_a_run(tc.output_dir):
+        raise ConfigError(
+            f"{tc.output_dir} already holds a training run; continue it with --resume latest, "
+            "or set another train.output_dir (or delete the folder) to start a new one"
+        )
     set_seed(tc.seed)
     accelerator = build_accelerator(tc)
     if accelerator.is_main_process:
@@ -160,6 +180,7 @@ def resume_run(
             accelerator.print(
                 f"--resume {resume}: no checkpoint in {tc.output_dir}, starting fresh"
             )
+        metrics.truncate_after(0)  # a run killed before its first checkpoint logged steps
         return metrics, TrainerState(num_processes=accelerator.num_processes)
     state = load_checkpoint(accelerator, checkpoint)
     metrics.truncate_after(state.step)
@@ -279,6 +300,23 @@ def resumed_iterator(batches: Iterable[Any]) -> Iterator[Any]:
 
 
 _END = object()
+
+
+@contextlib.contextmanager
+def rng_untouched() -> Iterator[None]:
+    """Run a block (an evaluation) without moving torch's, numpy's or Python's global RNG.
+
+    Training continues with the random state it had before the block, as a run resumed from a
+    checkpoint taken just before an evaluation does (the checkpoint is saved first, and the
+    resumed run does not evaluate again): so resume stays bit-exact at evaluation steps. Without
+    it a DataLoader started in the evaluation draws the seed of its workers from the global RNG.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+    random.setstate(py_state)
+    np.random.set_state(np_state)
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
@@ -500,7 +538,8 @@ def run_loop(
     start = time.time() - state.elapsed_s
 
     def run_eval() -> None:
-        line = evaluate(state.step)
+        with rng_untouched():
+            line = evaluate(state.step)
         if line:
             bar.write(f"step {state.step}: {line}")
         accelerator.wait_for_everyone()
@@ -546,6 +585,20 @@ def run_loop(
     bar.close()
     run_eval()
     return state
+
+
+def finish_run(accelerator: Accelerator) -> None:
+    """Close the run's trackers, and keep the process group (the CLI leaves it when the command
+    ends: `cli._leave_process_group`).
+
+    Not `Accelerator.end_training`: it also destroys the process group while the run's DDP
+    modules still hold it, and the last of them to be freed then tears gloo down in a destructor
+    that can deadlock with a worker thread freeing finished collectives (gdb on a hung rank:
+    `~Reducer` -> `~ProcessGroupGloo` joining a worker that waits for the GIL in
+    `AsyncBarrierWork` -> `AsyncAllgatherWork` -> `decref_pyobject`).
+    """
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def write_summary(

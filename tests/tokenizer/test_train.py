@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -63,6 +64,41 @@ def test_resume_latest_without_checkpoint_starts_fresh(
     result = run_cli("train-tokenizer", "--config", str(cfg), "--resume", "latest")
     assert "starting fresh" in result.stdout + result.stderr
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_resume_from_a_checkpoint_at_an_evaluation_step_is_bit_exact(
+    tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml
+):
+    """A checkpoint is written before its step's evaluation, and a run resumed from it does not
+    evaluate that step again: the evaluation must leave the training RNG (dead-code restarts)
+    where it was."""
+    train = dict(max_steps=8, save_every=1, keep_checkpoints=8, eval_every=4)
+    full, out = tmp_path / "full", tmp_path / "resumed"
+    run_cli("train-tokenizer", "--config",
+            str(write_yaml(tmp_path / "full.yaml", tiny_tokenizer_recipe(full, train=train))))  # fmt: skip
+    cfg = write_yaml(tmp_path / "resumed.yaml", tiny_tokenizer_recipe(out, train=train))
+    run_cli("train-tokenizer", "--config", str(cfg), "--resume", str(full / "checkpoints/step_4"))
+    reference, resumed = losses(full), losses(out)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert all(resumed[s] == reference[s] for s in resumed), (resumed, reference)
+
+    def sha(run):
+        return hashlib.sha256((run / "final" / "model.safetensors").read_bytes()).hexdigest()
+
+    assert sha(out) == sha(full)
+
+
+def test_a_new_run_into_a_folder_holding_a_run_is_refused(
+    tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml
+):
+    out = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "r.yaml", tiny_tokenizer_recipe(out, train=dict(max_steps=2)))
+    run_cli("train-tokenizer", "--config", str(cfg))
+    written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = run_cli("train-tokenizer", "--config", str(cfg), "train.seed=1", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "already holds a training run; continue it with --resume latest" in result.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written  # nothing lost
 
 
 @pytest.mark.slow

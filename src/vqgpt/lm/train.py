@@ -22,6 +22,7 @@ from vqgpt.training import (
     Metric,
     TrainConfig,
     build_optimizer,
+    finish_run,
     full_state_dict,
     is_sharded,
     optimizer_step,
@@ -73,7 +74,7 @@ def gather_lm(accelerator: Accelerator, model: torch.nn.Module) -> GPT2LMHeadMod
 def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
     """Train (or resume) the stage-two GPT-2; returns the <run>/final folder."""
     tc = recipe.train
-    accelerator = start_run(recipe, tc, "vqgpt-lm")
+    accelerator = start_run(recipe, tc, "vqgpt-lm", resume)
     out = Path(tc.output_dir)
 
     codes = pretokenize(recipe.data)  # no work when the codes are cached already
@@ -173,7 +174,7 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
     if plain is not None:
         save_pipeline(final, plain, bank.tokenizer, bank.image_tokenizer_dir)
     write_summary(accelerator, model, final, state)
-    accelerator.end_training()
+    finish_run(accelerator)
     return final
 
 

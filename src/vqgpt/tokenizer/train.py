@@ -21,6 +21,7 @@ from vqgpt.training import (
     Metric,
     TrainConfig,
     build_optimizer,
+    finish_run,
     local_batch_size,
     optimizer_step,
     resume_run,
@@ -62,7 +63,7 @@ def load_recipe(
 def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
     """Train (or resume) a VQ-VAE; returns the <run>/final folder."""
     tc = recipe.train
-    accelerator = start_run(recipe, tc, "vqgpt-tokenizer")
+    accelerator = start_run(recipe, tc, "vqgpt-tokenizer", resume)
     out = Path(tc.output_dir)
 
     local_batch_size(tc, accelerator)  # the global batch must split evenly
@@ -169,5 +170,5 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
     )
     final = save_final(accelerator, model, out)
     write_summary(accelerator, model, final, state)
-    accelerator.end_training()
+    finish_run(accelerator)
     return final
