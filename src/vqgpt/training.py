@@ -293,7 +293,7 @@ def resumed_iterator(batches: Iterable[Any]) -> Iterator[Any]:
     epoch) would draw again and shift every later random choice (dead-code restarts, dropout).
     The RNG state is saved before the iterator starts and put back after its first batch.
     """
-    with torch.random.fork_rng(devices=[]):
+    with rng_untouched():
         iterator = iter(batches)
         first = next(iterator, _END)
     return iter(()) if first is _END else itertools.chain([first], iterator)

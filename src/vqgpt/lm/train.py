@@ -25,6 +25,7 @@ from vqgpt.training import (
     finish_run,
     full_state_dict,
     is_sharded,
+    local_batch_size,
     optimizer_step,
     resume_run,
     run_loop,
@@ -76,6 +77,7 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
     tc = recipe.train
     accelerator = start_run(recipe, tc, "vqgpt-lm", resume)
     out = Path(tc.output_dir)
+    local_batch_size(tc, accelerator)  # the global batch must split evenly
 
     codes = pretokenize(recipe.data)  # no work when the codes are cached already
     if codes.did_work:
