@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import logging
 import os
 import signal
 import sys
@@ -299,28 +298,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _leave_process_group() -> None:
-    """After a command under `accelerate launch`: wait for every rank, then end this process at
-    once (`os._exit`), without tearing the gloo process group down.
-
-    Tearing the group down (Accelerate's `end_training`, `destroy_process_group`, or the
-    interpreter's exit) can deadlock: `~ProcessGroupGloo` joins its worker threads while holding
-    the GIL, and a worker freeing a finished collective that holds Python tensors waits for the
-    GIL (gdb: `AsyncBarrierWork` -> `AsyncAllgatherWork` -> `decref_pyobject`; pytorch/pytorch
-    #190489 describes the same race). The trainers keep the group (`training.finish_run`); past
-    the barrier nothing is left to communicate and the run's files are written, so the process
-    ends here with streams and logs flushed.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(0)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `vqgpt` console script."""
     # `kill -USR1 <pid>` prints every thread's stack: how a hung multi-process run shows where
@@ -339,7 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # line, no traceback
         print(f"vqgpt {args.command}: error: {err}", file=sys.stderr)
         return 2
-    _leave_process_group()
+    from vqgpt.distributed import leave_process_group
+
+    leave_process_group()
     return 0
 
 

@@ -589,7 +589,7 @@ def run_loop(
 
 def finish_run(accelerator: Accelerator) -> None:
     """Close the run's trackers, and keep the process group (the CLI leaves it when the command
-    ends: `cli._leave_process_group`).
+    ends: `distributed.leave_process_group`).
 
     Not `Accelerator.end_training`: it also destroys the process group while the run's DDP
     modules still hold it, and the last of them to be freed then tears gloo down in a destructor

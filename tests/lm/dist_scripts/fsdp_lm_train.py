@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from vqgpt.distributed import leave_process_group
 from vqgpt.lm.loss import LMWithLoss
 from vqgpt.lm.model import LMConfig, build_lm
 from vqgpt.lm.pipeline import save_pipeline
@@ -165,5 +166,4 @@ if rank == 0:
         "shard_files": sorted(p.name for p in (out / "sharded").iterdir()),
     }
     (out / "result.json").write_text(json.dumps(record, indent=1))
-accelerator.wait_for_everyone()
-dist.destroy_process_group()
+leave_process_group()  # barrier + os._exit: no gloo teardown (see its docstring)

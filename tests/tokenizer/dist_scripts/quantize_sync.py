@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import vqgpt.tokenizer.quantize as quantize
 from vqgpt.config import from_dict
+from vqgpt.distributed import leave_process_group
 from vqgpt.tokenizer.quantize import QuantizerConfig, VectorQuantizer
 
 STEPS = 6
@@ -106,8 +107,7 @@ def main() -> None:
     result = {mode: run(mode, rank, counter) for mode in MODES}
     result["restarts"] = counter
     torch.save(result, out_dir / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()  # barrier + os._exit: no gloo teardown (see its docstring)
 
 
 if __name__ == "__main__":
