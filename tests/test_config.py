@@ -1,14 +1,14 @@
 """Config mechanics: YAML <-> dataclass, overrides, unknown keys, presets, every shipped YAML loads."""
 
-from pathlib import Path
 
 import pytest
 import yaml
 
 from vqgpt.config import ConfigError, apply_overrides, from_dict, load_config, merge, to_dict
+from vqgpt.recipes import packaged_dir
 from vqgpt.tokenizer.quantize import QuantizerConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = packaged_dir()  # configs/ in a checkout links there
 
 
 def test_unknown_key_is_an_error_naming_it():

@@ -48,7 +48,8 @@ def test_quick_demo_runs_end_to_end_and_reuses_stages(tmp_path, repo_root, run_c
 def test_demo_configs_hold_the_demos_settings(repo_root):
     full = load_demo_config(repo_root / "configs" / "demo" / "full.yaml")
     quick = load_demo_config(repo_root / "configs" / "demo" / "quick.yaml", ["eval.rerank=3"])
-    assert Path(full.tokenizer_recipe).resolve() == repo_root / "configs/tokenizer/shapes.yaml"
+    shipped = (repo_root / "configs/tokenizer/shapes.yaml").resolve()  # the packaged recipe
+    assert Path(full.tokenizer_recipe).resolve() == shipped
     recipe = load_recipe(full.tokenizer_recipe, patch=full.tokenizer)
     assert (recipe.data.shapes.num_images, recipe.data.num_images) == (40000, 10000)
     assert (recipe.train.max_steps, recipe.train.mixed_precision) == (1800, "bf16")

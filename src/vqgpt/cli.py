@@ -142,13 +142,14 @@ def _eval(args: argparse.Namespace) -> None:
     from vqgpt.config import from_dict
     from vqgpt.data.sources import DataConfig
     from vqgpt.eval.report import write_report
+    from vqgpt.files import read_text
     from vqgpt.lm.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(args.model)
     size = pipe.image_tokenizer.config.arch.image_size
     data = from_dict(DataConfig, {"source": args.data, "image_size": size})
     folder = write_report(pipe, data, Path(args.out), eval_config(args), runs={}, timings={})
-    print((folder / "report.md").read_text())
+    print(read_text(folder / "report.md"))
 
 
 def _reconstruct(args: argparse.Namespace) -> None:

@@ -1,23 +1,126 @@
-"""Dataclass configs: YAML <-> dataclass, dotted overrides, unknown keys are errors."""
+"""Dataclass configs: YAML <-> dataclass, dotted overrides, unknown keys are errors.
+
+YAML is read with the YAML 1.2 core schema (`parse_yaml`): only true/false are booleans, so
+`mixed_precision: no` is the text "no", not False (YAML 1.1's yes/no/on/off/y/n booleans are
+what every YAML 1.1 reader gets wrong). A string field takes the text as written even where it
+looks like a number (`revision: 1.10` is "1.10", not 1.1): the parser keeps the source text of
+every plain scalar that became a bool or a number, and `from_dict` uses it for `str` fields.
+A value of the wrong type is an error that names where it came from: the override `key=value`,
+or the recipe file and key.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import yaml
 
 from vqgpt.errors import VqgptError
+from vqgpt.files import read_text, write_text
+from vqgpt.recipes import find_config, packaged_recipes
 
 T = TypeVar("T")
 
 
 class ConfigError(VqgptError, ValueError):
-    """A config file or override that does not fit its dataclass."""
+    """A config file or override that does not fit its dataclass.
+
+    `key` is the dotted key (e.g. 'train.batch_size') the error is about, when there is one.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML 1.2 core schema
+
+BOOL_TAG, INT_TAG, FLOAT_TAG = (f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float"))
+_FLOAT = re.compile(
+    r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$"
+    r"|^[-+]?[0-9]+[eE][-+]?[0-9]+$"
+    r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+)
+
+
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with the YAML 1.2 core schema's scalars: booleans are true/false
+    (yes, no, on, off, y, n stay text), integers are decimal, no sexagesimal numbers, no dates."""
+
+    yaml_implicit_resolvers: dict = {}
+
+    def construct_decimal_int(self, node: yaml.ScalarNode) -> int:
+        return int(self.construct_scalar(node))  # "010" is 10 (YAML 1.1 read it as octal 8)
+
+
+for _tag, _regexp, _first in (
+    (BOOL_TAG, r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    (INT_TAG, r"^[-+]?[0-9]+$", "-+0123456789"),
+    (FLOAT_TAG, _FLOAT.pattern, "-+0123456789."),
+    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("tag:yaml.org,2002:merge", r"^(?:<<)$", ["<"]),
+):
+    Yaml12Loader.add_implicit_resolver(_tag, re.compile(_regexp), list(_first))
+Yaml12Loader.add_constructor(INT_TAG, Yaml12Loader.construct_decimal_int)
+
+TEXT_TAGS = (BOOL_TAG, INT_TAG, FLOAT_TAG)  # plain scalars whose text a str field takes
+
+
+class ParsedYaml(NamedTuple):
+    """A YAML document and the source text of its plain booleans and numbers."""
+
+    data: Any
+    texts: dict[str, str]  # dotted key ('train.betas[0]') -> the scalar as written
+
+
+def _plain_texts(node: yaml.Node, where: str, out: dict[str, str]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                _plain_texts(value, f"{where}.{key.value}" if where else key.value, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            _plain_texts(value, f"{where}[{i}]", out)
+    elif node.style is None and node.tag in TEXT_TAGS:
+        out[where] = node.value
+
+
+def parse_yaml(text: str, where: str = "<text>") -> ParsedYaml:
+    """`text` read with the YAML 1.2 core schema, with the text of its plain bools and numbers.
+
+    Raises ConfigError naming `where` (a file) and the position when `text` is not YAML.
+    """
+    try:
+        data = yaml.load(text, Loader=Yaml12Loader)  # a SafeLoader
+        node = yaml.compose(text, Loader=Yaml12Loader)
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem}; {_mark(err)})") from None
+    texts: dict[str, str] = {}
+    if node is not None:
+        _plain_texts(node, "", texts)
+    return ParsedYaml(data, texts)
+
+
+def _mark(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "position unknown"
+
+
+def load_yaml(path: str | Path) -> Any:
+    """The YAML document in the file `path` (UTF-8, BOM removed, YAML 1.2 core schema).
+
+    Raises FileNotFoundError when `path` does not exist, ConfigError naming it when it is not
+    YAML, FileReadError when it is not UTF-8.
+    """
+    return parse_yaml(read_text(path), str(path)).data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,31 +141,34 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
+def _coerce(tp: Any, value: Any, where: str, texts: dict[str, str]) -> Any:
     if value is None:
         return None
     tp = _unwrap_optional(tp)
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, where)
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}", key=where)
+        return from_dict(tp, value, where, texts)
     origin = typing.get_origin(tp)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}", key=where)
         args = typing.get_args(tp)
         inner = args[0] if args else Any
-        items = [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(inner, v, f"{where}[{i}]", texts) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if tp is str and isinstance(value, (bool, int, float)) and where in texts:
+        return texts[where]  # the text as written: `revision: 1.10` is "1.10"
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
         try:
             return float(value)  # YAML reads "1e-4" as a string
         except ValueError as err:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from err
+            raise ConfigError(f"{where}: expected a number, got {value!r}", key=where) from err
     if tp in (int, float, str, bool) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        hint = " (write true or false)" if tp is bool else ""
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}{hint}", key=where)
     return value
 
 
@@ -74,7 +180,10 @@ def _renamed(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
         if old not in data:
             continue
         if new in data:
-            raise ConfigError(f"{prefix}{old} and {prefix}{new} are one setting: give only {new}")
+            raise ConfigError(
+                f"{prefix}{old} and {prefix}{new} are one setting: give only {new}",
+                key=f"{prefix}{old}",
+            )
         warnings.warn(
             f"{prefix}{old} is now called {prefix}{new}; the old name still works",
             FutureWarning,
@@ -84,12 +193,17 @@ def _renamed(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     return data
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+def from_dict(
+    cls: type[T], data: dict[str, Any], where: str = "", texts: dict[str, str] | None = None
+) -> T:
     """Build dataclass `cls` from a mapping; unknown keys are errors naming the key.
 
     A class may declare `PRESETS` ({name: fields}, chosen by a `preset` key, explicit keys win)
-    and `RENAMED` ({old key: new key}, old names still read, with a FutureWarning).
+    and `RENAMED` ({old key: new key}, old names still read, with a FutureWarning). `texts`
+    ({dotted key: text}, from `parse_yaml`) gives `str` fields the text of a bool or number.
+    Raises ConfigError naming the key for unknown keys, wrong types and invalid values.
     """
+    texts = texts if texts is not None else {}
     data = _renamed(cls, data, where)
     hints = typing.get_type_hints(cls)
     presets = getattr(cls, "PRESETS", None)
@@ -97,7 +211,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         name = data["preset"]
         if name not in presets:
             raise ConfigError(
-                f"{where or cls.__name__}: preset {name!r} is unknown; known: {sorted(presets)}"
+                f"{where or cls.__name__}: preset {name!r} is unknown; known: {sorted(presets)}",
+                key=f"{where}.preset" if where else "preset",
             )
         data = {**presets[name], **data}  # explicit keys win over the preset
     names = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -106,15 +221,20 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         prefix = f"{where}." if where else ""
         raise ConfigError(
             f"unknown config key(s) {', '.join(prefix + k for k in unknown)} for {cls.__name__}; "
-            f"known keys: {', '.join(sorted(names))}"
+            f"known keys: {', '.join(sorted(names))}",
+            key=prefix + unknown[0],
         )
-    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    kwargs = {
+        k: _coerce(hints[k], v, f"{where}.{k}" if where else k, texts) for k, v in data.items()
+    }
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
+            if err.key is None:
+                err.key = where  # a validation in __post_init__: the section it checked
             raise
-        raise ConfigError(f"{where or cls.__name__}: {err}") from err
+        raise ConfigError(f"{where or cls.__name__}: {err}", key=where) from err
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -130,21 +250,65 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested mapping, in place."""
+def _forget(texts: dict[str, str], key: str) -> None:
+    """Drop the texts of `key` and of everything under it (a new value replaced them)."""
+    for k in [k for k in texts if k == key or k.startswith((f"{key}.", f"{key}["))]:
+        del texts[k]
+
+
+def _forget_patch(texts: dict[str, str], patch: dict[str, Any], where: str = "") -> None:
+    for key, value in patch.items():
+        full = f"{where}.{key}" if where else str(key)
+        if isinstance(value, dict):
+            _forget_patch(texts, value, full)
+        else:
+            _forget(texts, full)
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], texts: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML 1.2) to a nested mapping, in place.
+
+    `texts` (the `parse_yaml` texts of `data`) is updated with each value's text. Returns
+    {dotted key: the override as given}, for errors that name the override.
+    Raises ConfigError for an override without `=` or one that goes through a non-section.
+    """
+    given: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
+        key = key.strip()
+        value, value_texts = parse_yaml(raw, f"override {item!r}")
         node = data
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
+                raise ConfigError(f"override {item!r}: {part} is not a section", key=key)
         node[parts[-1]] = value
-    return data
+        if texts is not None:
+            _forget(texts, key)
+            texts.update(
+                {
+                    key + k if k.startswith("[") else (f"{key}.{k}" if k else key): t
+                    for k, t in value_texts.items()
+                }
+            )
+        given[key] = item
+    return given
+
+
+def _blame(err: ConfigError, path: Path | None, given: dict[str, str]) -> str:
+    """Where a config error's value came from: the override, the file, or both."""
+    key = err.key or ""
+    for k, item in given.items():
+        if key and (key == k or key.startswith((f"{k}.", f"{k}["))):
+            return f"override {item!r}"
+    below = [item for k, item in given.items() if not key or k.startswith(f"{key}.")]
+    parts = ([str(path)] if path is not None else []) + [f"override {item!r}" for item in below]
+    return " + ".join(parts)
 
 
 def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -165,35 +329,51 @@ def load_config(
     patch: dict[str, Any] | None = None,
 ) -> T:
     """Read YAML `path` (or nothing), `merge` the mapping `patch` over it, apply dotted
-    overrides, build `cls`."""
+    overrides, build `cls`.
+
+    `path` is a file, else the packaged recipe it names (`vqgpt.recipes.find_config`).
+    Raises ConfigError when the file does not exist or does not fit `cls`; the message names
+    where the value came from (the override `key=value`, or the file and key).
+    """
     data: dict[str, Any] = {}
+    texts: dict[str, str] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        found = find_config(path)
+        if found is None:
+            raise ConfigError(
+                f"config file {path} does not exist, and it names no packaged recipe "
+                f"(packaged: {', '.join(packaged_recipes())})"
+            )
+        path = found
+        data, texts = parse_yaml(read_text(path), str(path))
+        data = {} if data is None else data
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     data = merge(data, patch or {})
-    apply_overrides(data, list(overrides or []))
+    _forget_patch(texts, patch or {})
+    given = apply_overrides(data, list(overrides or []), texts)
     try:
-        return from_dict(cls, data)
+        return from_dict(cls, data, texts=texts)
     except ConfigError as err:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{err}") from None
+        where = _blame(err, path, given)
+        raise ConfigError(f"{where}: {err}" if where else str(err), key=err.key) from None
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write a dataclass config as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write a dataclass config as YAML (UTF-8; strings YAML 1.1 would misread are quoted)."""
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
 
 __all__ = [
     "ConfigError",
+    "ParsedYaml",
+    "Yaml12Loader",
     "apply_overrides",
     "from_dict",
     "load_config",
+    "load_yaml",
     "merge",
+    "parse_yaml",
     "save_config",
     "to_dict",
 ]

@@ -3,12 +3,14 @@
 Stages (each skipped when its output is complete, so a second run reuses finished work; a stage
 killed half-way resumes from its latest checkpoint):
 1. data: the shapes train/test splits written as image folders (PNG + metadata.jsonl);
-2. tokenizer: stage one (configs/tokenizer/shapes.yaml) trained on that folder;
-3. lm: pretokenisation + stage two (configs/lm/shapes.yaml);
+2. tokenizer: stage one (the packaged recipe tokenizer/shapes.yaml) trained on that folder;
+3. lm: pretokenisation + stage two (lm/shapes.yaml);
 4. report: held-out evaluation, generated and captioned grids, loss curves, report.md.
 
 What each stage changes in its recipe, and the report's evaluation, are a `DemoConfig` in
-configs/demo/full.yaml (`vqgpt demo`) and configs/demo/quick.yaml (`vqgpt demo --quick`).
+demo/full.yaml (`vqgpt demo`) and demo/quick.yaml (`vqgpt demo --quick`): recipes shipped
+inside the package (vqgpt/configs/, `configs/` in a checkout), so the demo runs from any folder
+and writes under ./runs/demo (or `--out`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from vqgpt.config import load_config, merge
 from vqgpt.eval.pipeline import PipelineEvalConfig
 from vqgpt.eval.report import write_report
 from vqgpt.lm.pipeline import Pipeline
+from vqgpt.recipes import find_config
 
-DEMO_CONFIGS = {"full": "configs/demo/full.yaml", "quick": "configs/demo/quick.yaml"}
+DEMO_CONFIGS = {"full": "demo/full.yaml", "quick": "demo/quick.yaml"}  # packaged recipes
 
 
 @dataclass
@@ -31,7 +34,7 @@ class DemoConfig:
     """Where the demo writes, which recipes it runs with which changes, how it evaluates."""
 
     output_dir: str = "runs/demo"
-    tokenizer_recipe: str = "../tokenizer/shapes.yaml"  # relative to the demo config's folder
+    tokenizer_recipe: str = "../tokenizer/shapes.yaml"  # see load_demo_config
     tokenizer: dict[str, Any] = field(default_factory=dict)  # partial recipe, merged over it
     lm_recipe: str = "../lm/shapes.yaml"
     lm: dict[str, Any] = field(default_factory=dict)
@@ -39,11 +42,18 @@ class DemoConfig:
 
 
 def load_demo_config(path: str | Path, overrides: list[str] | None = None) -> DemoConfig:
-    """Read a demo config; its recipe paths are resolved against the file's folder."""
+    """Read a demo config (a file, else a packaged one: `vqgpt.recipes.find_config`).
+
+    A recipe path in it is taken relative to the demo config's folder when that file exists
+    there, else as any `--config` is (a file from the current folder, else a packaged recipe).
+    Raises ConfigError when the demo config does not exist or does not fit DemoConfig.
+    """
     cfg = load_config(DemoConfig, path, overrides)
-    folder = Path(path).parent
-    cfg.tokenizer_recipe = str(folder / cfg.tokenizer_recipe)
-    cfg.lm_recipe = str(folder / cfg.lm_recipe)
+    folder = (find_config(path) or Path(path)).parent
+    for name in ("tokenizer_recipe", "lm_recipe"):
+        beside = folder / getattr(cfg, name)
+        if beside.is_file():
+            setattr(cfg, name, str(beside))
     return cfg
 
 
@@ -59,9 +69,6 @@ def run_demo(cfg: DemoConfig) -> Path:
     from vqgpt.tokenizer.train import load_recipe, train_tokenizer
 
     out = Path(cfg.output_dir)
-    for path in (cfg.tokenizer_recipe, cfg.lm_recipe):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: recipe not found (run the demo from the repo root)")
     timings: dict[str, float] = {}
 
     start = _stage("1/4 data: shapes as image folders")

@@ -31,8 +31,10 @@ from tqdm.auto import tqdm
 
 from vqgpt.config import ConfigError, save_config
 from vqgpt.distributed import multi_cpu_run
+from vqgpt.files import FileReadError, read_json, read_json_lines, write_text
 
 CHECKPOINT_PREFIX = "step_"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -274,7 +276,7 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)))
+        write_text(tmp / "trainer_state.json", json.dumps(asdict(state)))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in list_checkpoints(output_dir)[: -keep or None] if keep else []:
@@ -324,8 +326,9 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
 
     A checkpoint resumes with the number of processes that wrote it (every process restores its
     own RNG states); another number is a ConfigError, before anything is loaded.
+    Raises FileReadError naming trainer_state.json when it is missing, cut short or not a state.
     """
-    state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+    state = read_trainer_state(path)
     if state.num_processes != accelerator.num_processes:
         raise ConfigError(
             f"{path} was written by {state.num_processes} process(es); resume it with "
@@ -334,6 +337,30 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
         )
     accelerator.load_state(str(path))
     return state
+
+
+def read_trainer_state(checkpoint: Path) -> TrainerState:
+    """The TrainerState saved in `checkpoint`.
+
+    Raises FileReadError naming the file when it is missing, not JSON (cut short) or lacks fields.
+    """
+    path = checkpoint / "trainer_state.json"
+    damaged = (
+        f"the checkpoint {checkpoint} is damaged: resume from an earlier one "
+        "(--resume <run>/checkpoints/step_<N>) or delete this folder"
+    )
+    if not path.is_file():
+        raise FileReadError(f"{path} is missing: {damaged}")
+    try:
+        data = read_json(path)
+    except FileReadError as err:
+        raise FileReadError(f"{err}; {damaged}") from None
+    try:
+        return TrainerState(**data)
+    except TypeError:
+        raise FileReadError(
+            f"{path} does not hold a trainer state ({data!r:.80}); {damaged}"
+        ) from None
 
 
 def save_final(accelerator: Accelerator, model: torch.nn.Module, output_dir: str | Path) -> Path:
@@ -419,7 +446,7 @@ class MetricsLog:
         if not self.accelerator.is_main_process:
             return
         record = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
-        with self.path.open("a") as fh:
+        with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         self.accelerator.log({f"{kind}/{k}": v for k, v in values.items()}, step=step)
 
@@ -427,20 +454,33 @@ class MetricsLog:
         """Drop records past `step` (a resumed run logs those steps again)."""
         if not self.accelerator.is_main_process or not self.path.is_file():
             return
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        kept = [row for row in read_metrics(self.path.parent) if row["step"] <= step]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        write_text(tmp, "".join(json.dumps(row) + "\n" for row in kept))
         os.replace(tmp, self.path)
 
 
 def read_metrics(output_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """The records of <run>/metrics.jsonl, optionally of one kind."""
+    """The records of <run>/metrics.jsonl, optionally of one kind.
+
+    A last line cut short (disk full, power loss) is left out with a warning; the next resume
+    rewrites the file without it.
+    Raises FileReadError naming the file and line for any other line that is not a record.
+    """
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if kind is None or r.get("kind") == kind]
+    log = read_json_lines(path)
+    if log.torn_tail is not None:
+        logger.warning(
+            "%s: the last line is cut short (%r), left out: the run stopped while writing it",
+            path,
+            log.torn_tail[:60],
+        )
+    for number, row in log.rows:
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise FileReadError(f"{path}:{number}: not a metrics record (no integer 'step')")
+    return [row for _, row in log.rows if kind is None or row.get("kind") == kind]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,5 +657,5 @@ def write_summary(
         evals = read_metrics(final.parent, kind="eval")
         if evals:
             summary.update({k: v for k, v in evals[-1].items() if k not in ("kind", "time")})
-        (final / "eval.json").write_text(json.dumps(summary, indent=2))
+        write_text(final / "eval.json", json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()

@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 
 from vqgpt.config import ConfigError
 from vqgpt.errors import VqgptError
+from vqgpt.files import read_text, write_text
 
 RGB = tuple[int, int, int]
 
@@ -286,7 +287,7 @@ MARKER = ".complete"
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    write_text(tmp, text)
     os.replace(tmp, path)
 
 
@@ -303,7 +304,7 @@ def write_image_folder(ds, out_dir: str | Path) -> Path:
         {"rows": len(lines), "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest()}
     )
     marker = out / MARKER
-    if marker.is_file() and marker.read_text() == stamp:
+    if marker.is_file() and read_text(marker) == stamp:
         return out
     out.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)

@@ -12,7 +12,6 @@ give ranks different batch sizes).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -27,6 +26,7 @@ from vqgpt.config import ConfigError
 from vqgpt.data.images import IMAGE_EXTENSIONS, ImageTransform, load_rgb
 from vqgpt.data.shapes import ShapesConfig, shapes_dataset
 from vqgpt.errors import VqgptError
+from vqgpt.files import read_json_lines
 
 logger = logging.getLogger(__name__)
 
@@ -202,13 +202,13 @@ def photos_dataset(cfg: PhotosConfig, split: str, image_size: int):  # -> datase
 
 def _read_metadata(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    log = read_json_lines(path)  # UTF-8 whatever the locale; FileReadError names file:line
+    if log.torn_tail is not None:
+        tail = log.torn_tail[:60]
+        raise DataError(
+            f"{path}: the last line is not valid JSON ({tail!r}): complete or remove it"
+        )
+    for number, row in log.rows:
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             raise DataError(f"{path}:{number}: each line needs a 'file_name' string")
         rows.append(row)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vqgpt.eval.pipeline import PipelineEvalConfig, evaluate_pipeline
 from vqgpt.figures import captioned_grid, plot_curves
+from vqgpt.files import write_text
 from vqgpt.lm.pipeline import Pipeline
 from vqgpt.tokenizer.evaluate import EvalConfig
 from vqgpt.training import read_metrics
@@ -30,7 +31,7 @@ def write_report(
     """Evaluate, draw the grids and curves, write report.md and metrics.json into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     result = evaluate_pipeline(pipe, data, cfg, tokenizer_eval=EvalConfig(max_images=500))
-    (folder / "metrics.json").write_text(json.dumps(result.to_json(), indent=2))
+    write_text(folder / "metrics.json", json.dumps(result.to_json(), indent=2))
 
     images, refs, preds = (
         zip(*result.caption_samples, strict=True) if result.caption_samples else ([], [], [])
@@ -84,5 +85,5 @@ def write_report(
         "",
     ]
     lines += ["## Training curves", ""] + [f"![{k}]({v})" for k, v in curves.items()] + [""]
-    (folder / "report.md").write_text("\n".join(lines))
+    write_text(folder / "report.md", "\n".join(lines))
     return folder

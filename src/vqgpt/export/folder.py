@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import yaml
-
+from vqgpt.config import load_yaml
 from vqgpt.errors import VqgptError
 from vqgpt.export.card import model_card
 from vqgpt.export.hub.configuration_vqgpt import token_grid, upgrade_quantizer_keys
+from vqgpt.files import read_json, write_text
 from vqgpt.lm.pipeline import IMAGE_TOKENIZER_DIR, resolve_pipeline_dir
 from vqgpt.lm.vocab import LAYOUT_FILE, VocabLayout
 from vqgpt.tokenizer.codec import resolve_model_dir
@@ -99,7 +99,7 @@ class ExportResult(NamedTuple):
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def find_run_parts(path: str | Path) -> RunParts:
@@ -128,7 +128,7 @@ def find_run_parts(path: str | Path) -> RunParts:
     recipe: dict = {}
     for folder in run_dirs:
         if (folder / "config.yaml").is_file():
-            recipe = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+            recipe = load_yaml(folder / "config.yaml") or {}
             break
     return RunParts(image_tokenizer, pipeline, recipe, run_dirs)
 
@@ -161,7 +161,7 @@ def _data_source(parts: RunParts) -> str | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _copy_code(names: tuple[str, ...], folder: Path) -> None:
@@ -262,7 +262,7 @@ def export_run(cfg: ExportConfig) -> ExportResult:
         card = model_card(
             name, cfg.push_to_hub or str(out), image_config, layout, metrics, _data_source(parts)
         )
-        (tmp / "README.md").write_text(card)
+        write_text(tmp / "README.md", card)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

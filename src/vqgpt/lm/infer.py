@@ -13,6 +13,7 @@ from PIL import Image
 
 from vqgpt.data.images import ImageTransform, list_images, load_rgb, to_pil
 from vqgpt.figures import captioned_grid
+from vqgpt.files import read_text, write_text
 from vqgpt.lm.generate import generate_captions, generate_image_codes
 from vqgpt.lm.pipeline import Pipeline
 from vqgpt.lm.sampling import SamplingConfig
@@ -58,7 +59,7 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
         path = Path(prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts {path}: no such file")
-        out += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        out += [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if not out:
         raise ValueError("no prompts: give them as arguments or with --prompts FILE")
     return out
@@ -84,7 +85,7 @@ def generate_to_folder(
     out.mkdir(parents=True, exist_ok=True)
     images = generate_images(pipe, prompts, n, sampling)
     result = GenerateResult()
-    with (out / "prompts.jsonl").open("w") as fh:
+    with (out / "prompts.jsonl").open("w", encoding="utf-8") as fh:
         for k, image in enumerate(images):
             p, j = divmod(k, n)
             path = out / f"{p:03d}_{j}.png"
@@ -118,7 +119,7 @@ def caption_files(
             f"{r['file']}\t{r['caption'] if r['caption'] is not None else '<' + r['error'] + '>'}"
         )
     if out:
-        Path(out).write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_text(out, "".join(json.dumps(r) + "\n" for r in records))
     skipped = sum(r["caption"] is None for r in records)
     if skipped:
         print(f"{skipped} unreadable file(s) skipped", file=sys.stderr)

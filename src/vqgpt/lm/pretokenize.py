@@ -38,6 +38,7 @@ from vqgpt.config import ConfigError, to_dict
 from vqgpt.data.images import ImageTransform, load_rgb
 from vqgpt.data.sources import DataConfig, DataError, SkipStats, load_image_dataset
 from vqgpt.distributed import process_state
+from vqgpt.files import read_json, read_text, write_text
 from vqgpt.tokenizer.codec import load_tokenizer_model, resolve_model_dir
 from vqgpt.tokenizer.vqvae import VQVAE
 
@@ -192,7 +193,7 @@ def read_split_info(output_dir: str | Path, split: str) -> SplitInfo | None:
     if not path.is_file():
         return None
     try:
-        return SplitInfo.from_json(path.read_text())
+        return SplitInfo.from_json(read_text(path))
     except (ValueError, TypeError, KeyError):  # an older or damaged record: treat as unfinished
         return None
 
@@ -312,14 +313,14 @@ def _pretokenize_split(
     shutil.rmtree(shard, ignore_errors=True)
     shards.mkdir(parents=True, exist_ok=True)
     _shard_dataset(ds, encoded, model).save_to_disk(str(shard))
-    (shards / f"rank{rank:05d}.json").write_text(json.dumps(asdict(encoded.stats)))
+    write_text(shards / f"rank{rank:05d}.json", json.dumps(asdict(encoded.stats)))
     state.wait_for_everyone()
 
     if state.is_main_process:
         parts = [datasets.load_from_disk(str(shards / f"rank{r:05d}")) for r in range(world)]
         skipped = load_stats
         for r in range(world):
-            skipped.merge(SkipStats(**json.loads((shards / f"rank{r:05d}.json").read_text())))
+            skipped.merge(SkipStats(**read_json(shards / f"rank{r:05d}.json")))
         merged = datasets.concatenate_datasets(parts)
         shutil.rmtree(tmp, ignore_errors=True)
         merged.save_to_disk(str(tmp))
@@ -333,7 +334,7 @@ def _pretokenize_split(
             tokenizer_fingerprint=fingerprint,
             source=source,
         )
-        (tmp / MARKER).write_text(info.to_json())  # last: its presence means complete
+        write_text(tmp / MARKER, info.to_json())  # last: its presence means complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         shutil.rmtree(shards, ignore_errors=True)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from vqgpt.config import ConfigError, from_dict, to_dict
 from vqgpt.export.hub.processing_vqgpt import BOI_TOKEN, EOI_TOKEN, EOS_TOKEN, TokenLayout
+from vqgpt.files import read_json, write_text
 
 LAYOUT_FILE = "vqgpt_vocab.json"
 IMAGE_TOKEN_PREFIX = "<|img_"
@@ -260,7 +261,7 @@ class JointTokenizer:
                 f"{path} is not a vqgpt joint tokenizer: {LAYOUT_FILE} is missing. Build one "
                 f"with JointTokenizer.build(codebook_size, grid) and save_pretrained it there."
             )
-        layout = VocabLayout.from_dict(json.loads(layout_file.read_text()), str(layout_file))
+        layout = VocabLayout.from_dict(read_json(layout_file), str(layout_file))
         if codebook_size is not None:
             layout.check_compatible(codebook_size, grid)
         elif grid is not None:
@@ -273,13 +274,13 @@ class JointTokenizer:
         path.mkdir(parents=True, exist_ok=True)
         written = [Path(p) for p in self.hf.save_pretrained(str(path))]
         config_file = path / "tokenizer_config.json"
-        config = json.loads(config_file.read_text())
+        config = read_json(config_file)
         if config.get("tokenizer_class") == "TokenizersBackend":
             # transformers 5 names its fast class TokenizersBackend; 4.x only knows the alias
             config["tokenizer_class"] = "PreTrainedTokenizerFast"
-            config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+            write_text(config_file, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         layout_file = path / LAYOUT_FILE
-        layout_file.write_text(json.dumps(self.layout.to_dict(), indent=2) + "\n")
+        write_text(layout_file, json.dumps(self.layout.to_dict(), indent=2) + "\n")
         return [*written, layout_file]
 
     def _check_ids(self) -> None:

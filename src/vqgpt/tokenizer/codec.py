@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from vqgpt.data.images import ImageTransform, list_images, load_rgb, to_pil
 from vqgpt.figures import save_reconstruction_grid
+from vqgpt.files import read_json
 from vqgpt.tokenizer.vqvae import VQVAE
 
 
@@ -27,7 +28,7 @@ def resolve_model_dir(path: str | Path) -> Path:
         path / "final" / "image_tokenizer",
     ):
         config = candidate / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("model_type") == "vqgpt_vqvae":
+        if config.is_file() and read_json(config).get("model_type") == "vqgpt_vqvae":
             return candidate
     raise FileNotFoundError(
         f"{path}: no image tokenizer here (a config.json with model_type vqgpt_vqvae in it, in "
@@ -87,7 +88,7 @@ def encode_files(
     model = load_tokenizer_model(model_path)
     transform = ImageTransform(model.config.arch.image_size, random_crop=False)
     result = CodecResult()
-    sink = open(out, "w") if out else sys.stdout  # noqa: SIM115 - closed below
+    sink = open(out, "w", encoding="utf-8") if out else sys.stdout  # noqa: SIM115 - closed below
     try:
         for names, pixels in _batches(list_images(inputs), transform, batch_size, result):
             for name, codes in zip(names, model.encode(pixels), strict=True):
