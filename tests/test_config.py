@@ -1,5 +1,6 @@
 """Config mechanics: YAML <-> dataclass, overrides, unknown keys, presets, every shipped YAML loads."""
 
+from dataclasses import dataclass, field
 
 import pytest
 import yaml
@@ -106,3 +107,107 @@ def test_renamed_quantizer_keys_still_load_with_a_warning(tmp_path):
     assert (cfg.num_quantizers, cfg.bypass_steps) == (2, 5)
     with pytest.raises(ConfigError, match="give only num_quantizers"):
         from_dict(QuantizerConfig, {"levels": 2, "num_quantizers": 2})
+
+
+# ---------------------------------------------------------------------------------------------
+# a string field takes the text as written; a wrong type names where the value came from
+
+
+@dataclass
+class _Section:
+    name: str = ""
+    flag: bool = False
+    count: int = 0
+    ratio: float = 0.0
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Recipe:
+    section: _Section = field(default_factory=_Section)
+
+
+# YAML 1.1 reads these as booleans, numbers or dates; a str field keeps what the user typed
+TEXTS = ["no", "off", "on", "y", "n", "yes", "No", "OFF", "true", "False", "1.10", "010", "1e3"]
+TEXTS += ["2024-01-01", "1_000", "0x1F", "12:30", ".5"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_a_string_field_takes_the_text_as_written_in_a_file(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"section:\n  name: {text}\n  names: [{text}, x]\n")
+    cfg = load_config(_Recipe, path)
+    assert (cfg.section.name, cfg.section.names) == (text, [text, "x"])
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_a_string_field_takes_the_text_as_written_in_an_override(text):
+    cfg = load_config(_Recipe, None, [f"section.name={text}", f"section.names=[{text}]"])
+    assert (cfg.section.name, cfg.section.names) == (text, [text])
+
+
+def test_mixed_precision_no_from_an_override_and_a_recipe(tmp_path, tiny_tokenizer_recipe):
+    from vqgpt.tokenizer.train import load_recipe
+
+    recipe = tiny_tokenizer_recipe(tmp_path / "run")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe).replace("num_threads: 1", "mixed_precision: no"))
+    assert load_recipe(path).train.mixed_precision == "no"
+    for value in ("no", "bf16"):
+        assert load_recipe(path, [f"train.mixed_precision={value}"]).train.mixed_precision == value
+    with pytest.raises(ConfigError, match=r"^override 'train.mixed_precision=off': train.mixed"):
+        load_recipe(path, ["train.mixed_precision=off", "train.seed=3"])  # checked, and blamed
+
+
+def test_yaml_12_keeps_booleans_and_numbers_where_they_belong(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("section:\n  flag: TRUE\n  count: 010\n  ratio: 1e-4\n")
+    cfg = load_config(_Recipe, path, ["section.ratio=2e-3"])
+    assert (cfg.section.flag, cfg.section.count, cfg.section.ratio) == (True, 10, 2e-3)
+    # a value the file gave as a number, then replaced by a patch: the text of the file is gone
+    cfg = load_config(_Recipe, None, ["section.name=1.10", "section.name=abc"])
+    assert cfg.section.name == "abc"
+
+
+def test_a_wrong_type_in_an_override_names_the_override(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("section:\n  count: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(_Recipe, path, ["section.count=many"])
+    assert str(err.value).startswith("override 'section.count=many': section.count: expected int")
+    assert str(path) not in str(err.value)  # the file is not to blame
+    with pytest.raises(ConfigError, match=r"^override 'section.flag=yes': .*write true or false"):
+        load_config(_Recipe, path, ["section.flag=yes"])
+    with pytest.raises(ConfigError, match=r"^override 'section.colour=red': unknown config key"):
+        load_config(_Recipe, path, ["section.colour=red"])
+
+
+def test_a_wrong_type_in_a_file_names_the_file_and_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("section:\n  count: many\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: section.count: expected int, got 'many'"):
+        load_config(_Recipe, path, ["section.name=x"])
+    path.write_text("section:\n  count: [1\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: not valid YAML .*line 3"):
+        load_config(_Recipe, path)
+
+
+def test_an_invalid_value_checked_by_its_section_names_its_source(tmp_path):
+    path = tmp_path / "q.yaml"
+    path.write_text("codebook_size: 1\n")
+    with pytest.raises(ConfigError, match=rf"^{path} \+ override 'ema=false': .*codebook_size"):
+        load_config(QuantizerConfig, path, ["ema=false"])  # the file's value or the override
+    path.write_text("ema: true\n")
+    with pytest.raises(ConfigError, match=r"^override 'codebook_size=1': .*codebook_size"):
+        load_config(QuantizerConfig, path, ["codebook_size=1", "ema=false"])
+
+
+def test_the_cli_names_a_bad_override_in_one_line(tmp_path, run_cli, tiny_tokenizer_recipe):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_tokenizer_recipe(tmp_path / "run")))
+    result = run_cli("train-tokenizer", "--config", str(path), "train.batch_size=no", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "vqgpt train-tokenizer: error: override 'train.batch_size=no': train.batch_size: "
+        "expected int, got 'no'"
+    ]

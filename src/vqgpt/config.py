@@ -306,8 +306,14 @@ def _blame(err: ConfigError, path: Path | None, given: dict[str, str]) -> str:
     for k, item in given.items():
         if key and (key == k or key.startswith((f"{k}.", f"{k}["))):
             return f"override {item!r}"
-    below = [item for k, item in given.items() if not key or k.startswith(f"{key}.")]
-    parts = ([str(path)] if path is not None else []) + [f"override {item!r}" for item in below]
+    below = {k: item for k, item in given.items() if not key or k.startswith(f"{key}.")}
+    # a section's own check (__post_init__) names the field it rejects
+    named = [
+        i for k, i in below.items() if re.search(rf"\b{re.escape(k.rsplit('.')[-1])}\b", str(err))
+    ]
+    if named:
+        return " + ".join(f"override {item!r}" for item in named)
+    parts = ([str(path)] if path is not None else []) + [f"override {i!r}" for i in below.values()]
     return " + ".join(parts)
 
 
