@@ -13,9 +13,10 @@ from vqgpt.tokenizer.train import load_recipe
 
 
 @pytest.mark.slow
-def test_quick_demo_runs_end_to_end_and_reuses_stages(tmp_path, repo_root, run_cli):
-    out = tmp_path / "demo"
-    run_cli("demo", "--quick", "--out", str(out), timeout=900, cwd=repo_root)
+def test_quick_demo_runs_end_to_end_and_reuses_stages(tmp_path, run_cli):
+    # from a folder outside the checkout: the recipes are package data, the run goes to ./runs/demo
+    out = tmp_path / "runs" / "demo"
+    run_cli("demo", "--quick", timeout=900, cwd=tmp_path)
     report = out / "report"
     text = (report / "report.md").read_text()
     guided = f"cfg={SamplingConfig().cfg_scale:g}"  # scored beside cfg=1
@@ -41,7 +42,9 @@ def test_quick_demo_runs_end_to_end_and_reuses_stages(tmp_path, repo_root, run_c
     assert 0.0 <= metrics["caption"]["exact_match"] <= 1.0
     assert metrics["tokenizer"]["num_images"] > 0
 
-    again = run_cli("demo", "--quick", "--out", str(out), timeout=900, cwd=repo_root)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()  # --out: the same run, reused from another folder
+    again = run_cli("demo", "--quick", "--out", str(out), timeout=900, cwd=elsewhere)
     assert again.stdout.count("exists: reusing it") == 2
 
 

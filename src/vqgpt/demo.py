@@ -34,9 +34,9 @@ class DemoConfig:
     """Where the demo writes, which recipes it runs with which changes, how it evaluates."""
 
     output_dir: str = "runs/demo"
-    tokenizer_recipe: str = "../tokenizer/shapes.yaml"  # see load_demo_config
+    tokenizer_recipe: str = "tokenizer/shapes.yaml"  # a packaged recipe; see load_demo_config
     tokenizer: dict[str, Any] = field(default_factory=dict)  # partial recipe, merged over it
-    lm_recipe: str = "../lm/shapes.yaml"
+    lm_recipe: str = "lm/shapes.yaml"
     lm: dict[str, Any] = field(default_factory=dict)
     eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
 
@@ -51,9 +51,10 @@ def load_demo_config(path: str | Path, overrides: list[str] | None = None) -> De
     cfg = load_config(DemoConfig, path, overrides)
     folder = (find_config(path) or Path(path)).parent
     for name in ("tokenizer_recipe", "lm_recipe"):
-        beside = folder / getattr(cfg, name)
-        if beside.is_file():
-            setattr(cfg, name, str(beside))
+        given = getattr(cfg, name)
+        beside = folder / given
+        found = beside if beside.is_file() else find_config(given)
+        setattr(cfg, name, str(found or given))  # not found: load_recipe says so
     return cfg
 
 
