@@ -1,11 +1,16 @@
-"""The harness both stages share: the one optimizer builder."""
+"""The harness both stages share: the one optimizer builder; resume from what a killed run left."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import pytest
 from torch import nn
 
+from vqgpt.files import FileReadError
 from vqgpt.tokenizer.vqvae import VQVAE, VQVAEConfig
-from vqgpt.training import TrainConfig, build_optimizer
+from vqgpt.training import TrainConfig, build_optimizer, read_metrics, read_trainer_state
 
 ARCH = dict(image_size=16, base_channels=8, channel_mult=[1, 2], latent_dim=8, norm_groups=4)
 
@@ -27,3 +32,97 @@ def test_both_stages_decay_matrices_and_kernels_only():
     assert decayed | {id(p) for p in no_decay["params"]} == every
     gan = build_optimizer(model.decoder, TrainConfig(), betas=(0.5, 0.9))
     assert gan.param_groups[0]["betas"] == (0.5, 0.9)
+
+
+# ---------------------------------------------------------------------------------------------
+# resume reads what a killed run left: a torn last metrics line is dropped, other damage named
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory, run_cli, tiny_tokenizer_recipe, write_yaml):
+    """A stage-one run stopped at step 2 with checkpoint step_2 (copied by each test)."""
+    out = tmp_path_factory.mktemp("two_steps") / "run"
+    recipe = tiny_tokenizer_recipe(out, train=dict(max_steps=2))
+    run_cli("train-tokenizer", "--config", str(write_yaml(out.parent / "r.yaml", recipe)))
+    return out
+
+
+def _copy_run(run: Path, tmp_path: Path, tiny_tokenizer_recipe, write_yaml) -> tuple[Path, Path]:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    recipe = tiny_tokenizer_recipe(out, train=dict(max_steps=4))
+    return out, write_yaml(tmp_path / "r.yaml", recipe)
+
+
+def test_resume_drops_a_torn_last_metrics_line_with_a_warning(
+    two_step_run, tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml
+):
+    out, cfg = _copy_run(two_step_run, tmp_path, tiny_tokenizer_recipe, write_yaml)
+    with (out / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 3, "kind": "train", "to')  # the write a full disk cut short
+    # mixed_precision=no: the text, not YAML 1.1's False (issue 18, fault 3)
+    args = ("--config", str(cfg), "--resume", "latest", "train.mixed_precision=no")
+    result = run_cli("train-tokenizer", *args)
+    assert "resumed from" in result.stdout + result.stderr
+    assert f"{out / 'metrics.jsonl'}: the last line is cut short" in result.stderr
+    text = (out / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and '"to\n' not in text
+    assert [r["step"] for r in read_metrics(out, "train")] == [1, 2, 3, 4]
+
+
+def test_resume_names_a_damaged_metrics_line(
+    two_step_run, tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml
+):
+    out, cfg = _copy_run(two_step_run, tmp_path, tiny_tokenizer_recipe, write_yaml)
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[0] = lines[0][:20] + "\n"  # a damaged first line, complete lines after it
+    (out / "metrics.jsonl").write_text("".join(lines))
+    result = run_cli("train-tokenizer", "--config", str(cfg), "--resume", "latest", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{out / 'metrics.jsonl'}:1: not valid JSON" in result.stderr
+
+
+def test_resume_names_a_truncated_trainer_state(
+    two_step_run, tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml
+):
+    out, cfg = _copy_run(two_step_run, tmp_path, tiny_tokenizer_recipe, write_yaml)
+    state = out / "checkpoints" / "step_2" / "trainer_state.json"
+    state.write_text(state.read_text()[:15])
+    result = run_cli("train-tokenizer", "--config", str(cfg), "--resume", "latest", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{state}: not valid JSON" in result.stderr and "is damaged" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "text, steps",
+    [
+        ('{"step": 1, "kind": "train"}\n{"step": 2, "kind": "train"}', [1, 2]),  # no newline
+        ('{"step": 1, "kind": "train"}\n{"step": 2, "kind": "tr', [1]),  # torn
+        ('{"step": 1, "kind": "train"}\n\0\0\0\0\0\0', [1]),  # power loss: zeros at the end
+        ("", []),
+    ],
+)
+def test_read_metrics_keeps_complete_lines_and_drops_a_torn_one(tmp_path, text, steps):
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert [r["step"] for r in read_metrics(tmp_path)] == steps
+
+
+def test_read_metrics_names_file_and_line_of_other_damage(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\ngarbage\n{"step": 3}\n')
+    with pytest.raises(FileReadError, match=r"metrics.jsonl:2: not valid JSON"):
+        read_metrics(tmp_path)
+    path.write_text('{"step": 1}\n["a", "list"]\n')
+    with pytest.raises(FileReadError, match=r"metrics.jsonl:2: not a metrics record"):
+        read_metrics(tmp_path)
+
+
+def test_a_trainer_state_without_its_fields_is_named(tmp_path):
+    (tmp_path / "trainer_state.json").write_text('{"stp": 3}')
+    with pytest.raises(FileReadError, match=r"trainer_state.json does not hold a trainer state"):
+        read_trainer_state(tmp_path)
+    (tmp_path / "trainer_state.json").unlink()
+    with pytest.raises(FileReadError, match=r"trainer_state.json is missing"):
+        read_trainer_state(tmp_path)
