@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from vqgpt.config import ConfigError, save_config
 from vqgpt.distributed import multi_cpu_run
 from vqgpt.files import FileReadError, read_json, read_json_lines, write_text
+from vqgpt.recipes import packaged_recipe
 
 CHECKPOINT_PREFIX = "step_"
 logger = logging.getLogger(__name__)
@@ -85,7 +86,8 @@ def check_launch() -> None:
             raise ConfigError(
                 f"the launch config asks for {plugin} (ACCELERATE_USE_{plugin}=true), which "
                 "Accelerate runs on GPUs only, and this machine has none; launch with "
-                "configs/accelerate/cpu_2proc.yaml (plain data parallel) or on a GPU machine"
+                f"{packaged_recipe('accelerate/cpu_2proc.yaml')} (plain data parallel) or on a "
+                "GPU machine"
             )
 
 
