@@ -97,12 +97,15 @@ def parse_yaml(text: str, where: str = "<text>") -> ParsedYaml:
 
     Raises ConfigError naming `where` (a file) and the position when `text` is not YAML.
     """
+    loader = Yaml12Loader(text)
     try:
-        data = yaml.load(text, Loader=Yaml12Loader)  # a SafeLoader
-        node = yaml.compose(text, Loader=Yaml12Loader)
+        node = loader.get_single_node()  # the tree keeps each scalar's text and style
+        data = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as err:
-        problem = str(err).splitlines()[0]
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{where}: not valid YAML ({problem}; {_mark(err)})") from None
+    finally:
+        loader.dispose()
     texts: dict[str, str] = {}
     if node is not None:
         _plain_texts(node, "", texts)
@@ -163,7 +166,7 @@ def _coerce(tp: Any, value: Any, where: str, texts: dict[str, str]) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):
         try:
-            return float(value)  # YAML reads "1e-4" as a string
+            return float(value)  # a number given as text ("1e-4" quoted, or from code)
         except ValueError as err:
             raise ConfigError(f"{where}: expected a number, got {value!r}", key=where) from err
     if tp in (int, float, str, bool) and not isinstance(value, tp):

@@ -26,7 +26,7 @@ from vqgpt.config import ConfigError
 from vqgpt.data.images import IMAGE_EXTENSIONS, ImageTransform, load_rgb
 from vqgpt.data.shapes import ShapesConfig, shapes_dataset
 from vqgpt.errors import VqgptError
-from vqgpt.files import read_json_lines
+from vqgpt.files import FileReadError, read_json_lines
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,10 @@ def photos_dataset(cfg: PhotosConfig, split: str, image_size: int):  # -> datase
 
 def _read_metadata(path: Path) -> list[dict[str, Any]]:
     rows = []
-    log = read_json_lines(path)  # UTF-8 whatever the locale; FileReadError names file:line
+    try:
+        log = read_json_lines(path)  # UTF-8 whatever the locale, a BOM dropped
+    except FileReadError as err:
+        raise DataError(str(err)) from None  # names the file and line
     if log.torn_tail is not None:
         tail = log.torn_tail[:60]
         raise DataError(
