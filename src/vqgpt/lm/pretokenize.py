@@ -35,7 +35,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from vqgpt.config import ConfigError, to_dict
-from vqgpt.data.images import ImageTransform, load_rgb
+from vqgpt.data.images import ImageTransform, read_image
 from vqgpt.data.sources import DataConfig, DataError, SkipStats, load_image_dataset
 from vqgpt.distributed import process_state
 from vqgpt.tokenizer.codec import load_tokenizer_model, resolve_model_dir
@@ -80,7 +80,7 @@ class SplitInfo:
 
     split: str
     rows: int  # rows written
-    skipped: SkipStats  # images left out (unreadable, missing)
+    skipped: SkipStats  # images left out, per reason
     grid: list[int]  # codes shape of one image: [h, w] or [h, w, L]
     codebook_size: int
     tokenizer: str  # the path it was given (for people; the fingerprint decides)
@@ -246,10 +246,10 @@ def encode_rows(
         for start in range(rows.start, rows.stop, batch_size):
             stop = min(start + batch_size, rows.stop)
             for i, value in zip(range(start, stop), images[start:stop]["image"], strict=True):
-                image = load_rgb(value)
+                image, skip = read_image(value)
                 if image is None:
                     name = value.get("path") if isinstance(value, dict) else None
-                    stats.add("unreadable", str(name or f"row {i}"))
+                    stats.add_skip(skip, str(name or f"row {i}"))
                     continue
                 kept.append(i)
                 pending.append(transform(image))
