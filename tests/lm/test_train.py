@@ -155,3 +155,17 @@ def test_commands_that_produce_nothing_fail(lm_run, tmp_path, run_cli):
     again = run_cli("generate", *model, "a blue square", "--out", str(out), check=False)
     assert "000_0.png already exists" in _error_line(again, "generate")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_eval_prints_only_its_report_on_stdout(lm_run, tmp_path, run_cli):
+    # issue 18: fault 6 (the report is the data; nothing else on stdout) and fault 7 (no image)
+    out = tmp_path / "eval"
+    model = ["--model", str(lm_run)]
+    result = run_cli("eval", *model, "--num-images", "2", "--out", str(out))
+    assert result.stdout == (out / "report.md").read_text() + "\n"
+    assert "#" not in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "bad.png").write_bytes(b"")
+    again = run_cli("eval", *model, "--data", str(empty), "--out", str(out), check=False)
+    assert "no readable images" in _error_line(again, "eval")

@@ -263,10 +263,10 @@ def folder_dataset(folder: str | Path, split: str, stats: SkipStats | None = Non
         else:
             paths.append(str(path.resolve()))
             texts.append(text)
+    if not paths:  # the error says what was skipped
+        raise DataError(f"no readable images in {root} ({stats})")
     if stats.total:
         logger.warning("image folder %s: %s", root, stats)
-    if not paths:
-        raise DataError(f"no readable images in {root} ({stats})")
     return datasets.Dataset.from_dict(
         {"image": paths, "text": texts}, features=_image_text_features()
     )

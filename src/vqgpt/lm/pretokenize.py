@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -277,6 +278,18 @@ def _shard_dataset(ds, encoded: EncodedRows, model: VQVAE):
 # the job
 
 
+def _note(state: PartialState, text: str) -> None:
+    """A message on stderr, from the main process only."""
+    if state.is_main_process:
+        print(text, file=sys.stderr)
+
+
+def _check_rows(info: SplitInfo) -> None:
+    """A split none of whose images could be read is an error, not an empty success."""
+    if info.rows == 0:
+        raise DataError(f"split {info.split!r}: no image could be read ({info.skipped})")
+
+
 def _pretokenize_split(
     state: PartialState,
     model: VQVAE,
@@ -297,7 +310,8 @@ def _pretokenize_split(
         and done.tokenizer_fingerprint == fingerprint
         and done.source == source
     ):
-        state.print(f"{split}: already pretokenized in {final} ({done.rows} rows), nothing to do")
+        _note(state, f"{split}: already pretokenized in {final} ({done.rows} rows), nothing to do")
+        _check_rows(done)
         return SplitResult(split, final, done.rows, done.skipped, already_done=True)
 
     # Every rank loads the split (folder sources count missing / unreadable files here, the same
@@ -338,11 +352,12 @@ def _pretokenize_split(
         os.replace(tmp, final)
         shutil.rmtree(shards, ignore_errors=True)
         if skipped.total:
-            state.print(f"{split}: {skipped}")
+            _note(state, f"{split}: {skipped}")
     state.wait_for_everyone()
     info = read_split_info(out, split)
     if info is None:
         raise DataError(f"{final}: rank 0 did not finish writing the split")
+    _check_rows(info)
     return SplitResult(split, final, info.rows, info.skipped, already_done=False)
 
 
