@@ -328,3 +328,26 @@ def test_standardize_columns():
     assert out["text"] == [""]
     with pytest.raises(DataError, match="'txt'"):
         standardize_columns(ds, "img", "txt")
+
+
+def test_training_skip_counts_say_why(monkeypatch):
+    # issue 18, fault 8: the training view counts skips per reason, too large included
+    features = datasets.Features(image=datasets.Image(), text=datasets.Value("string"))
+    good = png_bytes(rgb_noise(8, 8))
+    rows = {
+        "image": [
+            {"bytes": good, "path": None},
+            {"bytes": b"", "path": "empty.png"},
+            {"bytes": good[:60], "path": "cut.png"},
+            {"bytes": png_bytes(rgb_noise(20, 20)), "path": "big.png"},
+        ],
+        "text": ["", "", "", ""],
+    }
+    monkeypatch.setenv("VQGPT_MAX_IMAGE_PIXELS", "100")  # 8x8 fits, 20x20 does not
+    readable = find_readable(datasets.Dataset.from_dict(rows, features=features))
+    assert readable.indices == [0]
+    assert readable.stats.counts == {"empty": 1, "truncated": 1, "too_large": 1}
+    text = str(readable.stats)
+    assert "empty file: 1, truncated: 1, too large: 1" in text
+    assert "big.png (too large: 20x20 = 400 pixels, over the limit of 100" in text
+    assert "VQGPT_MAX_IMAGE_PIXELS" in text
