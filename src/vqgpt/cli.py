@@ -319,7 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--caption-rerank", type=int, default=None, help="also score captions reranked from N"
     )
-    p.add_argument("--out", required=True, help="folder for metrics.json, report.md, grids")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder for metrics.json, report.md and grids (an earlier eval's are replaced)",
+    )
     commands["eval"] = _eval
 
     p = sub.add_parser("export", help="a run -> a Hugging Face Hub folder (loads without vqgpt)")
