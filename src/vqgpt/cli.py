@@ -289,7 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--beams", type=int, default=None, help="beam search width (1 = greedy)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy/beam")
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="caption length limit; above the model's room (n_positions - h*w - 4) it is capped, "
+        "with a note",
+    )
     p.add_argument("--rerank", type=int, default=None, help=CAPTION_RERANK_HELP)
     p.add_argument(
         "--out",
