@@ -1,4 +1,10 @@
-"""The `vqgpt` command line: each subcommand parses, loads a config, calls one function."""
+"""The `vqgpt` command line: each subcommand parses, loads a config, calls one function.
+
+Data (JSON lines of `encode` and `caption`, the report of `eval`) goes to stdout, messages
+(counts, skipped inputs, "saved to") to stderr, so `vqgpt encode x.png > codes.jsonl` holds only
+records. A command that produced nothing exits 2 with one line saying why; some inputs skipped is
+still a success, with the skips on stderr.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +13,22 @@ import faulthandler
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from vqgpt.errors import VqgptError
 
 
 def _say(line: str) -> None:
-    """Print once per launch: on the first process only (`RANK` is set by `accelerate launch`)."""
+    """A message on stderr, once per launch: on the first process only (`RANK` is set by
+    `accelerate launch`)."""
     if os.environ.get("RANK", "0") == "0":
-        print(line)
+        _note(line)
+
+
+def _note(text: str) -> None:
+    """A message (not data): stderr."""
+    print(text, file=sys.stderr)
 
 
 def _train_tokenizer(args: argparse.Namespace) -> None:
@@ -42,7 +55,7 @@ def _pretokenize(args: argparse.Namespace) -> None:
     recipe = load_lm_recipe(args.config, args.overrides)
     result = pretokenize(recipe.data)
     if process_state().is_main_process:  # under `accelerate launch`: one summary
-        print(result.summary())
+        _note(result.summary())
 
 
 def _given(args: argparse.Namespace, **fields: str) -> dict:
@@ -91,14 +104,18 @@ def _generate(args: argparse.Namespace) -> None:
     from vqgpt.lm.infer import generate_to_folder, read_prompts
 
     prompts = read_prompts(args.prompts, args.prompts_file)
+    blank = sum(not p.strip() for p in args.prompts)
+    if blank:
+        _note(f"{blank} blank prompt(s) left out")
     result = generate_to_folder(args.model, prompts, args.n, generate_sampling(args), args.out)
-    print(result.summary())
+    _note(result.summary())
 
 
 def _caption(args: argparse.Namespace) -> None:
     from vqgpt.lm.infer import caption_files
 
-    caption_files(args.model, args.inputs, caption_sampling(args), args.out)
+    result = caption_files(args.model, args.inputs, caption_sampling(args), args.out)
+    _note(result.summary())
 
 
 RERANK_HELP = (
@@ -117,6 +134,31 @@ CAPTION_RERANK_HELP = (
 DEFAULTS_EPILOG = (
     "Options left out take vqgpt's sampling defaults; print them with: python -c \"from "
     'vqgpt.lm.sampling import SamplingConfig; print(SamplingConfig())"'
+)
+
+
+INPUTS_EPILOG = (
+    "Folders are searched for image files; a file given twice is done once. Files that cannot "
+    "be read are skipped, with the reason on stderr (too large: raise the limit with "
+    "VQGPT_MAX_IMAGE_PIXELS); none readable exits 2."
+)
+
+RECON_EPILOG = INPUTS_EPILOG + (
+    " Output names: the input's file name, suffix kept, + '_recon.png' (twin.png -> "
+    "twin.png_recon.png, twin.bmp -> twin.bmp_recon.png); a file name met again (the same name "
+    "in two folders) gets -2, -3, ... in input order (twin.png_recon-2.png). index.json maps "
+    "each input to its output and lists the skipped inputs."
+)
+
+RECON_OUT_HELP = (
+    "output folder (new, or without files of these names: existing files are never replaced)"
+)
+
+ENCODE_OUT_HELP = "output .jsonl, replaced if it exists (default: stdout)"
+
+GENERATE_OUT_HELP = (
+    "output folder: <prompt#>_<sample#>.png, prompts.jsonl (file -> prompt), grid.png; existing "
+    "files of these names are never replaced"
 )
 
 
@@ -156,14 +198,14 @@ def _reconstruct(args: argparse.Namespace) -> None:
     from vqgpt.tokenizer.codec import reconstruct_files
 
     result = reconstruct_files(args.model, args.inputs, args.out, batch_size=args.batch_size)
-    print(result.summary())
+    _note(result.summary())
 
 
 def _encode(args: argparse.Namespace) -> None:
     from vqgpt.tokenizer.codec import encode_files
 
     result = encode_files(args.model, args.inputs, args.out, batch_size=args.batch_size)
-    print(result.summary())
+    _note(result.summary())
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -182,7 +224,7 @@ def _export(args: argparse.Namespace) -> None:
     except PushError as err:
         print(f"vqgpt export: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(f"exported to {result.folder}" + (f", pushed to {result.url}" if result.url else ""))
+    _note(f"exported to {result.folder}" + (f", pushed to {result.url}" if result.url else ""))
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -216,11 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     commands["train-lm"] = _train_lm
 
-    for name, fn, helptext, out_help in (
-        ("reconstruct", _reconstruct, "images -> tokens -> images", "output folder"),
-        ("encode", _encode, "images -> code ids (JSON lines)", "output .jsonl (default stdout)"),
+    for name, fn, helptext, out_help, epilog in (
+        ("reconstruct", _reconstruct, "images -> tokens -> images", RECON_OUT_HELP, RECON_EPILOG),
+        ("encode", _encode, "images -> code ids (JSON lines)", ENCODE_OUT_HELP, INPUTS_EPILOG),
     ):
-        p = sub.add_parser(name, help=helptext)
+        p = sub.add_parser(name, help=helptext, epilog=epilog)
         p.add_argument("--model", required=True, help="a run folder or its final/ folder")
         p.add_argument("inputs", nargs="+", help="image files or folders")
         p.add_argument("--out", required=name == "reconstruct", default=None, help=out_help)
@@ -237,18 +279,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (1 = off)")
     p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     p.add_argument("--rerank", type=int, default=None, help=RERANK_HELP)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help=GENERATE_OUT_HELP)
     _add_sampling_args(p)
     commands["generate"] = _generate
 
-    p = sub.add_parser("caption", help="images -> captions", epilog=DEFAULTS_EPILOG)
+    p = sub.add_parser(
+        "caption", help="images -> captions", epilog=INPUTS_EPILOG + " " + DEFAULTS_EPILOG
+    )
     p.add_argument("--model", required=True, help="an LM run folder or its final/ folder")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--beams", type=int, default=None, help="beam search width (1 = greedy)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy/beam")
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="caption length limit; above the model's room (n_positions - h*w - 4) it is capped, "
+        "with a note",
+    )
     p.add_argument("--rerank", type=int, default=None, help=CAPTION_RERANK_HELP)
-    p.add_argument("--out", default=None, help="write JSON lines here too")
+    p.add_argument(
+        "--out",
+        default=None,
+        help='write the JSON lines {"file", "caption"} here instead of stdout (replaced if it '
+        "exists)",
+    )
     _add_sampling_args(p)
     commands["caption"] = _caption
 
@@ -271,7 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--caption-rerank", type=int, default=None, help="also score captions reranked from N"
     )
-    p.add_argument("--out", required=True, help="folder for metrics.json, report.md, grids")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder for metrics.json, report.md and grids (an earlier eval's are replaced)",
+    )
     commands["eval"] = _eval
 
     p = sub.add_parser("export", help="a run -> a Hugging Face Hub folder (loads without vqgpt)")
@@ -299,6 +358,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_notes(command: str) -> None:
+    """vqgpt's own warnings (a capped max_new_tokens, ...) as one stderr line each."""
+    default = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        if f"{os.sep}vqgpt{os.sep}" in filename:
+            return f"vqgpt {command}: note: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `vqgpt` console script."""
     # `kill -USR1 <pid>` prints every thread's stack: how a hung multi-process run shows where
@@ -310,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
     parser = build_parser()
     args = parser.parse_args(argv)
+    _one_line_notes(args.command)
     try:
         args._commands[args.command](args)
     except (VqgptError, FileNotFoundError, ValueError) as err:

@@ -235,8 +235,13 @@ def test_folder_of_bad_files(tmp_path):
 
     stats = SkipStats()
     ds = load_image_dataset(DataConfig(source=str(tmp_path)), "train", stats)
-    assert stats.unreadable == len(bad) and stats.missing == 0
-    assert sorted(n.rsplit("/", 1)[-1] for n in stats.examples) == sorted(bad)
+    # each skip says what was wrong, not just "unreadable"
+    assert stats.counts == {"empty": 1, "not_an_image": 2, "truncated": 1}
+    assert stats.total == len(bad) and stats.missing == stats.unreadable == 0
+    names = {n.split(" (")[0].rsplit("/", 1)[-1]: n for n in stats.examples}
+    assert sorted(names) == sorted(bad)
+    assert "(empty file" in names["empty.png"] and "(truncated" in names["truncated.png"]
+    assert "truncated: 1" in str(stats) and "not an image: 2" in str(stats)
     assert len(ds) == len(good) + 1
     assert "skipped 4 image(s)" in str(stats)
 
@@ -265,8 +270,10 @@ def test_training_view_skips_bad_rows():
     }
     ds = datasets.Dataset.from_dict(rows, features=features)
     readable = find_readable(ds)
-    assert readable.indices == [0, 2] and readable.stats.unreadable == 1
-    assert readable.stats.examples == ["bad.png"]
+    assert readable.indices == [0, 2] and readable.stats.counts == {"not_an_image": 1}
+    assert readable.stats.examples == [
+        "bad.png (not an image (no image format recognises the data))"
+    ]
     data = ImageTextDataset(ds, ImageTransform(16))
     loader = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=collate)
     (batch,) = list(loader)
@@ -321,3 +328,26 @@ def test_standardize_columns():
     assert out["text"] == [""]
     with pytest.raises(DataError, match="'txt'"):
         standardize_columns(ds, "img", "txt")
+
+
+def test_training_skip_counts_say_why(monkeypatch):
+    # issue 18, fault 8: the training view counts skips per reason, too large included
+    features = datasets.Features(image=datasets.Image(), text=datasets.Value("string"))
+    good = png_bytes(rgb_noise(8, 8))
+    rows = {
+        "image": [
+            {"bytes": good, "path": None},
+            {"bytes": b"", "path": "empty.png"},
+            {"bytes": good[:60], "path": "cut.png"},
+            {"bytes": png_bytes(rgb_noise(20, 20)), "path": "big.png"},
+        ],
+        "text": ["", "", "", ""],
+    }
+    monkeypatch.setenv("VQGPT_MAX_IMAGE_PIXELS", "100")  # 8x8 fits, 20x20 does not
+    readable = find_readable(datasets.Dataset.from_dict(rows, features=features))
+    assert readable.indices == [0]
+    assert readable.stats.counts == {"empty": 1, "truncated": 1, "too_large": 1}
+    text = str(readable.stats)
+    assert "empty file: 1, truncated: 1, too large: 1" in text
+    assert "big.png (too large: 20x20 = 400 pixels, over the limit of 100" in text
+    assert "VQGPT_MAX_IMAGE_PIXELS" in text

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from vqgpt.lm.evaluate import group_masks
-from vqgpt.lm.sequences import SequenceConfig, build_caption, build_t2i, collate, pack
+from vqgpt.lm.evaluate import LMEvalConfig, eval_examples, evaluate_lm, group_masks
+from vqgpt.lm.sequences import (
+    SequenceConfig,
+    build_caption,
+    build_t2i,
+    collate,
+    pack,
+    token_budget,
+)
 from vqgpt.lm.vocab import VocabLayout
 
 LAYOUT = VocabLayout(codebook_size=8, grid=(2, 3), text_vocab_size=20)
@@ -32,3 +41,29 @@ def test_group_masks_select_each_task_and_kind():
     assert targets("caption/text") == [22, 23, 24, 25]
     assert targets("caption/image") == [] and targets("caption") == [22, 23, 24, 25]
     assert set(masks) == {f"{t}{k}" for t in ("t2i", "caption") for k in ("", "/image", "/text")}
+
+
+class _Bank:
+    """What `evaluate_lm` reads of an ExampleBank."""
+
+    def __init__(self, codes, text_ids) -> None:
+        self.codes, self.text_ids, self.layout = codes, text_ids, LAYOUT
+
+    def __len__(self) -> int:
+        return len(self.text_ids)
+
+
+def test_evaluation_of_captions_at_and_past_the_maximum_length(tiny_gpt2):
+    # held-out captions as long as the window allows, and longer: cut as training cuts them,
+    # never run past the position table (IndexError)
+    n_positions = 20
+    model = tiny_gpt2(LAYOUT, n_positions=n_positions)
+    budget = token_budget(n_positions, LAYOUT).caption
+    seq = SequenceConfig(max_length=n_positions)
+    codes = torch.stack([CODES, CODES.flip(0), CODES])
+    bank = _Bank(codes, [[3] * budget, [4] * (budget + 7), CAP])
+    examples = eval_examples(bank, seq, limit=3)
+    assert max(len(ex) for ex in examples) == n_positions
+    assert len(examples) == 6
+    result = evaluate_lm(model, bank, bank, seq, LMEvalConfig(batch_size=4, baseline_images=3))
+    assert math.isfinite(result.full["t2i"]) and math.isfinite(result.full["caption"])

@@ -68,6 +68,6 @@ def test_fsdp2_trains_like_one_process_resumes_from_both_checkpoints_and_samples
     assert len(list((tmp_path / "gen").glob("000_*.png"))) == 2
     images = sorted(map(str, (tmp_path / "gen").glob("000_*.png")))
     result = run_cli("caption", "--model", str(out / "final"), *images)
-    lines = result.stdout.strip().splitlines()
-    assert [line.split("\t")[0] for line in lines] == images
-    assert all(line.split("\t")[1].strip() for line in lines)  # a caption for each image
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["file"] for r in records] == images
+    assert all(r["caption"].strip() for r in records)  # a caption for each image

@@ -16,7 +16,7 @@ from vqgpt.lm.generate import (
     rerank_captions,
 )
 from vqgpt.lm.sampling import SamplingConfig, image_token_mask, text_token_mask
-from vqgpt.lm.sequences import SequenceConfig, build_t2i
+from vqgpt.lm.sequences import SequenceConfig, SequenceLengthError, build_t2i
 from vqgpt.lm.vocab import VocabLayout
 
 # a small text vocabulary keeps the model tiny: eos 99, boi 100, eoi 101, images 102..117
@@ -179,9 +179,9 @@ def test_rerank_captions_keeps_the_best_noisy_channel_candidate(model, random_co
 
 def test_image_edge_cases(model):
     assert generate_image_codes(model, LAYOUT, [], GREEDY).shape == (0, *LAYOUT.grid)
-    room = N_POSITIONS - LAYOUT.tokens_per_image - 2
+    room = N_POSITIONS - LAYOUT.tokens_per_image - 4  # eos caption boi codes eoi eos
     generate_image_codes(model, LAYOUT, [[1] * room], GREEDY)  # fits exactly
-    with pytest.raises(ValueError, match=f"n_positions={N_POSITIONS}.*at most {room}"):
+    with pytest.raises(SequenceLengthError, match=f"n_positions={N_POSITIONS}.*at most {room}"):
         generate_image_codes(model, LAYOUT, [[1] * (room + 1)], GREEDY)
     with pytest.raises(ValueError, match="text vocabulary"):
         generate_image_codes(model, LAYOUT, [[LAYOUT.boi_id]], GREEDY)
@@ -272,7 +272,7 @@ def test_caption_edge_cases(model, boost_logits, random_codes):
     codes = random_codes(LAYOUT, 2)  # captions have no unconditional branch: cfg_scale is ignored
     guided = generate_captions(model, LAYOUT, codes, replace(GREEDY, cfg_scale=3.0))
     assert guided == generate_captions(model, LAYOUT, codes, GREEDY)
-    room = N_POSITIONS - LAYOUT.tokens_per_image - 3
+    room = N_POSITIONS - LAYOUT.tokens_per_image - 4  # eos boi codes eoi caption eos
     eos = torch.zeros(N_COLS, dtype=torch.bool)
     eos[LAYOUT.eos_id] = True
     handle = boost_logits(model, eos, -1e4)
@@ -284,3 +284,81 @@ def test_caption_edge_cases(model, boost_logits, random_codes):
         assert len(out[0]) == room
     finally:
         handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# the length rule: whatever decoding makes can be re-scored within n_positions (issue 18, fault 9)
+
+
+def _no_eos(model, boost_logits):
+    """A hook that makes `<|endoftext|>` impossible: every caption runs to its length limit."""
+    eos = torch.zeros(N_COLS, dtype=torch.bool)
+    eos[LAYOUT.eos_id] = True
+    return boost_logits(model, eos, -1e4)
+
+
+BUDGET = N_POSITIONS - LAYOUT.tokens_per_image - 4  # token_budget(...).caption: 27
+
+
+def test_caption_rerank_at_the_maximum_length_rescoring_fits(model, boost_logits, random_codes):
+    # the issue's `caption --rerank 2 --max-new-tokens 61` on a 128-position model: the longest
+    # caption was re-scored one token past the position table (IndexError)
+    codes = random_codes(LAYOUT, 2, seed=21)
+    handle = _no_eos(model, boost_logits)
+    try:
+        for sampling in (
+            SamplingConfig(do_sample=False, rerank=2, max_new_tokens=BUDGET + 1, seed=1),
+            SamplingConfig(do_sample=True, rerank=3, max_new_tokens=99, seed=2),
+        ):
+            with pytest.warns(UserWarning, match=f"capped at {BUDGET}"):
+                got = generate_captions(model, LAYOUT, codes, sampling)
+            assert [len(c) for c in got] == [BUDGET, BUDGET]
+            for target in ("caption", "image"):
+                assert pair_logprobs(model, LAYOUT, codes, got, target).isfinite().all()
+    finally:
+        handle.remove()
+
+
+def test_beam_search_at_the_maximum_length_can_be_rescored(model, boost_logits, random_codes):
+    codes = random_codes(LAYOUT, 2, seed=22)
+    handle = _no_eos(model, boost_logits)
+    try:
+        beams = SamplingConfig(do_sample=False, num_beams=3, max_new_tokens=BUDGET)
+        got = generate_captions(model, LAYOUT, codes, beams)
+        assert [len(c) for c in got] == [BUDGET, BUDGET]
+        assert pair_logprobs(model, LAYOUT, codes, got, "caption").isfinite().all()
+        reranked = generate_captions(model, LAYOUT, codes, replace(beams, rerank=2, seed=4))
+        assert [len(c) for c in reranked] == [BUDGET, BUDGET]
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("prefix", [None, 12])
+def test_best_of_n_images_with_a_prompt_that_fills_the_budget(tiny_gpt2, prefix):
+    # best-of-N scores each drawn image in the captioning direction: the longest prompt must fit
+    model = tiny_gpt2(LAYOUT, seed=5)
+    model.config.t2i_prefix_length = prefix
+    room = BUDGET if prefix is None else prefix - 1
+    best_of = SamplingConfig(seed=3, rerank=2)
+    codes = generate_image_codes(model, LAYOUT, [[7] * room, [3]], best_of)
+    assert codes.shape == (2, *LAYOUT.grid)
+    with pytest.raises(SequenceLengthError, match=f"at most {room} caption tokens"):
+        generate_image_codes(model, LAYOUT, [[7] * (room + 1)], best_of)
+
+
+def test_scoring_a_pair_too_long_is_a_clear_error(model, random_codes):
+    codes = random_codes(LAYOUT, 1, seed=23)
+    assert pair_logprobs(model, LAYOUT, codes, [[5] * BUDGET], "caption").isfinite().all()
+    for target in ("caption", "image"):
+        with pytest.raises(SequenceLengthError, match=f"n_positions={N_POSITIONS}"):
+            pair_logprobs(model, LAYOUT, codes, [[5] * (BUDGET + 1)], target)
+
+
+def test_a_model_too_short_for_an_image_and_a_caption(tiny_gpt2, random_codes):
+    short = tiny_gpt2(LAYOUT, n_positions=LAYOUT.tokens_per_image + 4)  # room for no caption
+    with pytest.raises(SequenceLengthError, match="no room for a caption"):
+        generate_captions(short, LAYOUT, random_codes(LAYOUT, 1), GREEDY)
+    assert generate_image_codes(short, LAYOUT, [[]], GREEDY).shape == (1, *LAYOUT.grid)
+    shorter = tiny_gpt2(LAYOUT, n_positions=LAYOUT.tokens_per_image + 3)
+    with pytest.raises(SequenceLengthError, match="cannot hold one image"):
+        generate_image_codes(shorter, LAYOUT, [[]], GREEDY)

@@ -14,14 +14,17 @@ from vqgpt.lm.sequences import (
     PAD_TASK,
     Example,
     SequenceConfig,
+    SequenceLengthError,
     build_caption,
     build_document,
     build_t2i,
+    check_length,
     collate,
     fit,
     make_example,
     pack,
     t2i_prefix,
+    token_budget,
     truncate,
 )
 from vqgpt.lm.vocab import VocabLayout
@@ -320,3 +323,19 @@ def test_collate_pads_and_masks():
     assert batch["attention_mask"].tolist() == [[1] * 10 + [0] * 6, [1] * 13 + [0] * 3]
     assert batch["task_ids"].tolist() == [[0] * 10 + [PAD_TASK] * 6, [1] * 13 + [PAD_TASK] * 3]
     assert batch["loss_weights"][1].tolist() == window.loss_weights
+
+
+def test_token_budget_is_what_the_longest_training_examples_take():
+    n_positions = 30
+    budget = token_budget(n_positions, LAYOUT)
+    assert budget.caption == budget.t2i_caption == n_positions - LAYOUT.tokens_per_image - 4
+    caption = [5] * budget.caption
+    cfg = SequenceConfig(max_length=n_positions)
+    for build in (build_t2i, build_caption):  # the longest caption fills the table exactly
+        assert len(build(CODES, caption, LAYOUT, cfg)) == n_positions
+    assert token_budget(n_positions, LAYOUT, t2i_prefix_length=4).t2i_caption == 3
+    with pytest.raises(SequenceLengthError, match="cannot hold one image"):
+        token_budget(LAYOUT.tokens_per_image + 3, LAYOUT)
+    check_length(n_positions, n_positions, "x")
+    with pytest.raises(SequenceLengthError, match="x has 31 tokens"):
+        check_length(n_positions + 1, n_positions, "x")

@@ -66,7 +66,7 @@ def test_two_process_run_trains_and_saves_once(
     )
     cfg = write_yaml(tmp_path / "r.yaml", recipe)
     result = run_cli("train-lm", "--config", str(cfg), launcher=accelerate_launcher)
-    assert "pipeline saved to" in result.stdout
+    assert "pipeline saved to" in result.stderr
     assert not (out / "final.tmp").exists()
     # one writer: every step logged once, not once per rank
     assert [r["step"] for r in read_metrics(out, "train")] == [1, 2, 3]
@@ -83,9 +83,10 @@ def test_generate_and_caption_commands_write_their_files(lm_run, tmp_path, run_c
     out = tmp_path / "gen"
     args = ["--model", str(lm_run), first, "--prompts", str(prompts), "-n", "2", "--cfg", "2"]
     result = run_cli("generate", *args, "--rerank", "2", "--seed", "3", "--out", str(out))
-    assert "6 image(s) written" in result.stdout
+    assert "6 image(s) written" in result.stderr and result.stdout == ""
     rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == [first] * 2 + [listed[0]] * 2 + [listed[1]] * 2
+    assert len({r["file"] for r in rows}) == 6  # a file per image, none shared
     size = Pipeline.from_pretrained(lm_run).image_tokenizer.config.arch.image_size
     assert all(Image.open(out / r["file"]).size == (size, size) for r in rows)
     assert (out / "grid.png").is_file()
@@ -96,7 +97,75 @@ def test_generate_and_caption_commands_write_their_files(lm_run, tmp_path, run_c
         "caption", "--model", str(lm_run), str(out), "--out", str(captions), "--rerank", "2"
     )
     records = [json.loads(line) for line in captions.read_text().splitlines()]
-    by_name = {Path(r["file"]).name: r for r in records}
-    assert by_name["broken.png"]["caption"] is None and "1 unreadable" in result.stderr
-    assert all(isinstance(by_name[r["file"]]["caption"], str) for r in rows)
-    assert len(result.stdout.strip().splitlines()) == len(records) == len(rows) + 2  # + grid
+    assert result.stdout == ""  # --out takes the records instead of stdout
+    assert [Path(r["file"]).name for r in records] == sorted(r["file"] for r in rows) + ["grid.png"]
+    assert all(isinstance(r["caption"], str) for r in records)
+    assert "7 image(s) captioned, 1 skipped (not an image: 1)" in result.stderr
+    assert f"skipped {out / 'broken.png'}: not an image" in result.stderr
+
+
+def _error_line(result, command: str) -> str:
+    """The one stderr line of a failed command (exit 2, no traceback)."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"vqgpt {command}: error: "), lines[0]
+    return lines[0]
+
+
+def test_caption_stdout_is_json_lines_and_a_max_length_rerank_fits(lm_run, tmp_path, run_cli):
+    # issue 18: fault 6 (data on stdout, messages on stderr) and fault 9 (`caption --rerank 2
+    # --max-new-tokens` past the budget re-scored one token past the position table)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (220, 20, 20)).save(folder / "red.png")
+    Image.new("RGB", (48, 40), (20, 20, 220)).save(folder / "blue.jpg")
+    pipe = Pipeline.from_pretrained(lm_run)
+    budget = pipe.lm.config.n_positions - pipe.layout.tokens_per_image - 4
+    model = ["--model", str(lm_run)]
+    for options in (["--rerank", "2"], ["--beams", "2", "--rerank", "2"], ["--sample"]):
+        result = run_cli("caption", *model, str(folder), "--max-new-tokens", "999", *options)
+        records = [json.loads(line) for line in result.stdout.splitlines()]
+        assert [Path(r["file"]).name for r in records] == ["blue.jpg", "red.png"], options
+        assert all(isinstance(r["caption"], str) for r in records)
+        assert f"vqgpt caption: note: max_new_tokens=999 capped at {budget}" in result.stderr
+        assert "2 image(s) captioned" in result.stderr
+
+
+def test_commands_that_produce_nothing_fail(lm_run, tmp_path, run_cli):
+    # issue 18, fault 7: no images, nothing readable, only blank prompts: exit 2, one line
+    model = ["--model", str(lm_run)]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = _error_line(run_cli("caption", *model, str(empty), check=False), "caption")
+    assert f"no image files in {empty}" in line
+    (empty / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    line = _error_line(run_cli("caption", *model, str(empty), check=False), "caption")
+    assert "none of the 1 image(s) could be read" in line and "bad.png" in line
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    for prompts in (["", "  "], ["--prompts", str(blank)]):
+        result = run_cli("generate", *model, *prompts, "--out", str(tmp_path / "g"), check=False)
+        assert "no prompts (every prompt given is blank)" in _error_line(result, "generate")
+    assert not (tmp_path / "g").exists()
+    # fault 5: a second generate into the same folder replaces nothing
+    out = tmp_path / "gen"
+    run_cli("generate", *model, "a red circle", "", "-n", "1", "--out", str(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = run_cli("generate", *model, "a blue square", "--out", str(out), check=False)
+    assert "000_0.png already exists" in _error_line(again, "generate")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_eval_prints_only_its_report_on_stdout(lm_run, tmp_path, run_cli):
+    # issue 18: fault 6 (the report is the data; nothing else on stdout) and fault 7 (no image)
+    out = tmp_path / "eval"
+    model = ["--model", str(lm_run)]
+    result = run_cli("eval", *model, "--num-images", "2", "--out", str(out))
+    assert result.stdout == (out / "report.md").read_text() + "\n"
+    assert "#" not in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "bad.png").write_bytes(b"")
+    again = run_cli("eval", *model, "--data", str(empty), "--out", str(out), check=False)
+    assert "no readable images" in _error_line(again, "eval")

@@ -1,8 +1,9 @@
 """Datasets in: built-in shapes, scikit-image photos, a local image folder, or a Hub dataset.
 
-Every source ends as a `datasets.Dataset` with an `image` and a `text` column. Unreadable images are
-skipped and counted in a `SkipStats`, never a crash; odd modes (L, LA, P, RGBA, CMYK, I;16, I, F, 1)
-become RGB in `load_rgb`.
+Every source ends as a `datasets.Dataset` with an `image` and a `text` column. Images that cannot
+be read are skipped and counted per reason in a `SkipStats` (missing, empty, not an image,
+truncated, too large, ...: `read_image`), never a crash; odd modes (L, LA, P, RGBA, CMYK, I;16, I,
+F, 1) become RGB.
 
 Bad rows and distributed training: `ImageTextDataset` makes one up-front, deterministic pass that
 decodes every image and keeps the indices of the good ones. Every rank computes the same list, so
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,7 +25,15 @@ import torch
 from PIL import Image
 
 from vqgpt.config import ConfigError
-from vqgpt.data.images import IMAGE_EXTENSIONS, ImageTransform, load_rgb
+from vqgpt.data.images import (
+    IMAGE_EXTENSIONS,
+    SKIP_REASONS,
+    ImageSkip,
+    ImageTransform,
+    describe_skips,
+    load_rgb,
+    read_image,
+)
 from vqgpt.data.shapes import ShapesConfig, shapes_dataset
 from vqgpt.errors import VqgptError
 from vqgpt.files import FileReadError, read_json_lines
@@ -113,39 +123,53 @@ class DataConfig:
 
 @dataclass
 class SkipStats:
-    """Counts of skipped images by reason, with the first few offending names."""
+    """Counts of skipped images per reason (`vqgpt.data.images.SKIP_REASONS`), with the first few
+    offending names and what was wrong with them."""
 
-    unreadable: int = 0  # not an image, corrupt, truncated, empty
-    missing: int = 0  # named in metadata.jsonl but not on disk
+    missing: int = 0  # named (in metadata.jsonl, on the command line) but not on disk
+    empty: int = 0  # a file of 0 bytes
+    not_an_image: int = 0  # no image format recognises the data
+    truncated: int = 0  # the data ends early
+    too_large: int = 0  # over max_image_pixels() (VQGPT_MAX_IMAGE_PIXELS raises it)
+    unsupported_mode: int = 0  # a pixel mode that cannot become RGB
+    unreadable: int = 0  # any other decoding failure (corrupt data)
     examples: list[str] = field(default_factory=list)
     max_examples: int = 10
 
     @property
+    def counts(self) -> Counter:
+        """Skipped images per reason (reasons with none left out)."""
+        return Counter({k: getattr(self, k) for k in SKIP_REASONS if getattr(self, k)})
+
+    @property
     def total(self) -> int:
         """All skipped images."""
-        return self.unreadable + self.missing
+        return sum(getattr(self, k) for k in SKIP_REASONS)
 
-    def add(self, reason: str, name: str) -> None:
-        """Count one skipped image under `reason` ("unreadable" or "missing")."""
-        if reason not in ("unreadable", "missing"):
-            raise ValueError(f"unknown skip reason {reason!r}")
+    def add(self, reason: str, name: str, detail: str | None = None) -> None:
+        """Count one skipped image under `reason` (a key of SKIP_REASONS)."""
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; known: {', '.join(SKIP_REASONS)}")
         setattr(self, reason, getattr(self, reason) + 1)
         if len(self.examples) < self.max_examples:
-            self.examples.append(name)
+            self.examples.append(f"{name} ({detail or SKIP_REASONS[reason]})")
+
+    def add_skip(self, skip: ImageSkip, name: str) -> None:
+        """Count one image `read_image` could not read."""
+        self.add(skip.reason, name, skip.detail)
 
     def merge(self, other: SkipStats) -> None:
         """Add another record's counts into this one."""
-        self.unreadable += other.unreadable
-        self.missing += other.missing
+        for k in SKIP_REASONS:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
         room = self.max_examples - len(self.examples)
         self.examples.extend(other.examples[: max(room, 0)])
 
     def __str__(self) -> str:
         if not self.total:
             return "no images skipped"
-        return (
-            f"skipped {self.total} image(s) (unreadable: {self.unreadable}, missing: "
-            f"{self.missing}), e.g. {', '.join(self.examples)}"
+        return f"skipped {self.total} image(s) ({describe_skips(self.counts)}), e.g. " + "; ".join(
+            self.examples
         )
 
 
@@ -236,17 +260,16 @@ def folder_dataset(folder: str | Path, split: str, stats: SkipStats | None = Non
         pairs = [(p, "") for p in files if p.is_file()]
     paths, texts = [], []
     for path, text in pairs:
-        if not path.is_file():
-            stats.add("missing", str(path))
-        elif load_rgb(path) is None:
-            stats.add("unreadable", str(path))
+        skip = read_image(path).skip
+        if skip is not None:
+            stats.add_skip(skip, str(path))
         else:
             paths.append(str(path.resolve()))
             texts.append(text)
+    if not paths:  # the error says what was skipped
+        raise DataError(f"no readable images in {root} ({stats})")
     if stats.total:
         logger.warning("image folder %s: %s", root, stats)
-    if not paths:
-        raise DataError(f"no readable images in {root} ({stats})")
     return datasets.Dataset.from_dict(
         {"image": paths, "text": texts}, features=_image_text_features()
     )
@@ -328,9 +351,10 @@ def find_readable(ds, image_column: str = "image") -> Readable:
     indices, stats = [], SkipStats()
     for i, row in enumerate(column):
         value = row[image_column]
-        if load_rgb(value) is None:
+        skip = read_image(value).skip
+        if skip is not None:
             name = value.get("path") if isinstance(value, dict) else None
-            stats.add("unreadable", str(name or f"row {i}"))
+            stats.add_skip(skip, str(name or f"row {i}"))
         else:
             indices.append(i)
     return Readable(indices, stats)
@@ -365,9 +389,11 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.ds[self.indices[i]]
-        image = load_rgb(row["image"])
+        image, skip = read_image(row["image"])
         if image is None:  # it decoded in the up-front pass: the file changed since
-            raise DataError(f"row {self.indices[i]} became unreadable after the validation pass")
+            raise DataError(
+                f"row {self.indices[i]} became unreadable after the validation pass ({skip.detail})"
+            )
         pixels = self.transform(image, crop_seed=(self.seed, self.epoch, self.indices[i]))
         return {"pixel_values": pixels, "text": row.get("text") or ""}
 

@@ -20,6 +20,7 @@ from vqgpt.lm.sequences import (
     build_caption,
     build_t2i,
     collate,
+    truncate,
 )
 from vqgpt.lm.vocab import VocabLayout
 
@@ -67,11 +68,15 @@ class LMEvalResult:
 
 
 def eval_examples(bank: ExampleBank, seq: SequenceConfig, limit: int) -> list[Example]:
-    """Both tasks for each of the first `limit` images (no caption dropout, no packing)."""
+    """Both tasks for each of the first `limit` images (no caption dropout, no packing), cut to
+    `seq.max_length` as training cuts them (`truncate`; one left with no target is left out)."""
     out = []
     for i in range(min(limit, len(bank))):
-        out.append(build_t2i(bank.codes[i], bank.text_ids[i], bank.layout, seq))
-        out.append(build_caption(bank.codes[i], bank.text_ids[i], bank.layout, seq))
+        for build in (build_t2i, build_caption):
+            example = build(bank.codes[i], bank.text_ids[i], bank.layout, seq)
+            example = truncate(example, seq.max_length, bank.layout)
+            if example is not None:
+                out.append(example)
     return out
 
 

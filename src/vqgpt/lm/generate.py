@@ -43,10 +43,14 @@ from vqgpt.lm.sampling import (
 from vqgpt.lm.sequences import (
     IGNORE_INDEX,
     SequenceConfig,
+    SequenceLengthError,
+    TokenBudget,
     build_caption,
     build_t2i,
+    check_length,
     collate,
     t2i_prefix,
+    token_budget,
 )
 from vqgpt.lm.vocab import VocabLayout
 
@@ -59,6 +63,11 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
 def t2i_prefix_length(model: nn.Module) -> int | None:
     """The t2i prefix length the model was trained with (`sequences.t2i_prefix_length`)."""
     return getattr(model.config, "t2i_prefix_length", None)
+
+
+def model_budget(model: nn.Module, layout: VocabLayout) -> TokenBudget:
+    """The length rule (`sequences.token_budget`) for this model's n_positions and prefix."""
+    return token_budget(max_positions(model), layout, t2i_prefix_length(model))
 
 
 class T2IPrompts(NamedTuple):
@@ -78,9 +87,7 @@ def t2i_prompts(
     if sampling.num_beams != 1:
         raise ValueError("num_beams > 1 is for captions; sample images or decode them greedily")
     prefix = t2i_prefix_length(model)
-    room = max_positions(model) - layout.tokens_per_image - 2
-    if prefix is not None:
-        room = min(room, prefix - 1)
+    room = model_budget(model, layout).t2i_caption
     out = []
     for i, caption in enumerate(captions):
         bad = [int(t) for t in caption if not 0 <= int(t) < layout.text_vocab_size]
@@ -90,11 +97,11 @@ def t2i_prompts(
                 f"{bad[:5]}; encode captions with JointTokenizer.encode_text"
             )
         if len(caption) > room:
-            raise ValueError(
+            raise SequenceLengthError(
                 f"prompt {i} has {len(caption)} tokens, but the model's n_positions="
-                f"{max_positions(model)} ({layout.tokens_per_image} image tokens, eos, boi) and "
-                f"t2i_prefix_length={prefix} leave room for at most {room} caption tokens; "
-                "shorten the caption"
+                f"{max_positions(model)} ({layout.tokens_per_image} image tokens, eos, boi, eoi, "
+                f"eos) and t2i_prefix_length={prefix} leave room for at most {room} caption "
+                "tokens; shorten the caption"
             )
         out.append([*t2i_prefix(caption, layout, prefix), layout.boi_id])
     guided = sampling.cfg_scale != 1.0  # scale 1 is plain conditional sampling: no extra rows
@@ -109,7 +116,7 @@ class ImageSampler:
     exactly h*w image-only steps; `eoi` follows by construction. cfg_scale != 1 adds the
     caption-dropped `eos boi` rows (see `decode_loop`). rerank > 1 draws that many candidates per
     prompt and keeps the best by `pair_logprobs(target="caption")`. Captions that do not fit the model
-    (n_positions, t2i_prefix_length) are a ValueError.
+    (n_positions, t2i_prefix_length; `sequences.token_budget`) are a SequenceLengthError.
 
     `cache` / `compile`: see `KVDecoder`; "static" (compiled on CUDA) is the fast path on GPUs,
     and gives the same codes as "dynamic". The sampler holds a copy of the output layer's image
@@ -221,7 +228,8 @@ def pair_logprobs(
                       over the text ids, as caption decoding does;
     target "image"    log p(codes | caption) in the model's text-to-image format (`t2i_prompts`),
                       the sum over the h*w codes, over the image ids, as image decoding does.
-    Captions are GPT-2 ids without specials.
+    Captions are GPT-2 ids without specials; a pair longer than the model's n_positions is a
+    SequenceLengthError (decoding never makes one: `sequences.token_budget`).
     """
     codes = _check_pairs(layout, codes, captions)
     pairs = zip(codes, captions, strict=True)
@@ -241,6 +249,8 @@ def pair_logprobs(
         keep = layout.is_image  # the codes, not boi / eoi / eos
     else:
         raise ValueError(f"target must be 'caption' or 'image', got {target!r}")
+    for i, example in enumerate(examples):
+        check_length(len(example), max_positions(model), f"pair {i} in the {target} direction")
     return _target_logprobs(model, examples, allowed, keep, layout.eos_id, batch_size)
 
 
@@ -312,8 +322,9 @@ def generate_captions(
 
     Greedy when do_sample is false and num_beams is 1, beam search when num_beams > 1, else
     sampling. A row stops at `<|endoftext|>` or after max_new_tokens, which is capped (with a
-    warning) so the sequence fits the model's n_positions. `sampling.cfg_scale` is ignored: no
-    unconditional branch is trained for captions.
+    warning) at the length rule's caption budget (`sequences.token_budget`: the caption plus its
+    closing eos fit the model's n_positions, so it can be re-scored). `sampling.cfg_scale` is
+    ignored: no unconditional branch is trained for captions.
     """
     sampling = sampling or SamplingConfig()
     codes = torch.as_tensor(codes)
@@ -323,18 +334,17 @@ def generate_captions(
         )
     if sampling.rerank > 1:
         return rerank_captions(model, layout, codes, sampling)
-    prompt_len = layout.tokens_per_image + 3  # eos boi codes eoi
-    room = max_positions(model) - prompt_len
+    room = model_budget(model, layout).caption
     if room < 1:
-        raise ValueError(
-            f"the model's n_positions={max_positions(model)} cannot hold an image prompt of "
-            f"{prompt_len} tokens plus a caption"
+        raise SequenceLengthError(
+            f"the model's n_positions={max_positions(model)} leaves no room for a caption after "
+            f"an image ({layout.tokens_per_image} codes + 4 framing tokens)"
         )
     max_new = sampling.max_new_tokens
     if max_new > room:
         warnings.warn(
             f"max_new_tokens={max_new} capped at {room}: n_positions={max_positions(model)} minus "
-            f"the {prompt_len}-token image prompt",
+            f"the {layout.tokens_per_image} image tokens and 4 framing tokens (eos boi eoi eos)",
             stacklevel=2,
         )
         max_new = room
@@ -381,6 +391,7 @@ __all__ = [
     "T2IPrompts",
     "generate_captions",
     "generate_image_codes",
+    "model_budget",
     "pair_logprobs",
     "rerank_by_caption",
     "rerank_captions",

@@ -1,4 +1,8 @@
-"""What users run: captions -> images (PNGs + a captioned grid), images -> captions (JSON lines)."""
+"""What users run: captions -> images (PNGs + a captioned grid), images -> captions (JSON lines).
+
+Data goes to files or stdout, messages (counts, skipped inputs) to the caller (the CLI prints them
+on stderr); a call that would produce nothing raises instead of succeeding quietly.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vqgpt.data.images import ImageTransform, list_images, load_rgb, to_pil
+from vqgpt.data.images import (
+    ImageTransform,
+    SkippedFile,
+    list_images,
+    nothing_readable,
+    read_image,
+    refuse_existing,
+    skip_lines,
+    to_pil,
+)
 from vqgpt.figures import captioned_grid
 from vqgpt.files import read_text, write_text
 from vqgpt.lm.generate import generate_captions, generate_image_codes
@@ -53,15 +66,17 @@ def caption_images(
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
-    """Prompts from the command line and/or a file (one per line, blank lines skipped)."""
-    out = list(prompts)
+    """Prompts from the command line and/or a file (one per line); blank ones are left out, and
+    none left is a ValueError."""
+    out = [p for p in prompts if p.strip()]
     if prompts_file:
         path = Path(prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts {path}: no such file")
         out += [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if not out:
-        raise ValueError("no prompts: give them as arguments or with --prompts FILE")
+        given = " (every prompt given is blank)" if prompts or prompts_file else ""
+        raise ValueError(f"no prompts{given}: give them as arguments or with --prompts FILE")
     return out
 
 
@@ -73,54 +88,83 @@ class GenerateResult:
     grid: Path | None = None
 
     def summary(self) -> str:
+        """For stderr."""
         return f"{len(self.images)} image(s) written, grid: {self.grid}"
+
+
+def generate_names(num_prompts: int, n: int) -> list[str]:
+    """`<prompt#>_<sample#>.png` (prompt numbers 3 digits or more, both from 0), prompt-major."""
+    return [f"{p:03d}_{j}.png" for p in range(num_prompts) for j in range(n)]
 
 
 def generate_to_folder(
     model: str | Path, prompts: Sequence[str], n: int, sampling: SamplingConfig, out: str | Path
 ) -> GenerateResult:
-    """PNGs `<prompt#>_<sample#>.png`, `prompts.jsonl` and `grid.png` (prompts under the tiles)."""
-    pipe = Pipeline.from_pretrained(model)
+    """PNGs `<prompt#>_<sample#>.png` (`generate_names`), `prompts.jsonl` (the index: one line per
+    PNG, {"file", "prompt"}) and `grid.png` (prompts under the tiles).
+
+    Any of these names already in `out`: OutputExistsError before anything is drawn.
+    """
+    if n < 1:
+        raise ValueError(f"-n {n}: draw at least one image per prompt")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    names = generate_names(len(prompts), n)
+    refuse_existing(out, [*names, "prompts.jsonl", "grid.png"])
+    pipe = Pipeline.from_pretrained(model)
     images = generate_images(pipe, prompts, n, sampling)
+    out.mkdir(parents=True, exist_ok=True)
     result = GenerateResult()
     with (out / "prompts.jsonl").open("w", encoding="utf-8") as fh:
-        for k, image in enumerate(images):
-            p, j = divmod(k, n)
-            path = out / f"{p:03d}_{j}.png"
+        for k, (image, name) in enumerate(zip(images, names, strict=True)):
+            path = out / name
             image.save(path)
             result.images.append(path)
-            fh.write(json.dumps({"file": path.name, "prompt": prompts[p]}) + "\n")
+            fh.write(json.dumps({"file": path.name, "prompt": prompts[k // n]}) + "\n")
     labels = [prompts[k // n] for k in range(len(images))]
     result.grid = captioned_grid(images, labels, out / "grid.png", ncol=max(n, 4))
     return result
 
 
+@dataclass
+class CaptionResult:
+    """What `caption_files` did."""
+
+    records: list[dict] = field(default_factory=list)  # {"file", "caption"} per captioned image
+    skipped: list[SkippedFile] = field(default_factory=list)
+    repeated: list[Path] = field(default_factory=list)  # inputs given more than once
+
+    def summary(self) -> str:
+        """For stderr: the count, then one line per skipped or repeated input."""
+        lines = [f"{len(self.records)} image(s) captioned", *skip_lines(self.skipped)]
+        if lines[1:]:
+            lines[0] += ", " + lines.pop(1)
+        lines += [f"{f}: given more than once, captioned once" for f in self.repeated]
+        return "\n".join(lines)
+
+
 def caption_files(
     model: str | Path, inputs: Sequence[str], sampling: SamplingConfig, out: str | None
-) -> list[dict]:
-    """Caption image files/folders; print `file<TAB>caption`, write JSON lines to `out`."""
-    pipe = Pipeline.from_pretrained(model)
-    files = list_images(inputs)
-    good, images, records = [], [], []
+) -> CaptionResult:
+    """Caption image files/folders: one JSON line {"file", "caption"} per readable image, in input
+    order, to `out` (replaced if it exists) or else stdout. No readable image: ImageInputError."""
+    files, repeated = list_images(inputs)
+    result = CaptionResult(repeated=repeated)
+    good, images = [], []
     for f in files:
-        image = load_rgb(f)
+        image, skip = read_image(f)
         if image is None:
-            records.append({"file": str(f), "caption": None, "error": "unreadable image"})
+            result.skipped.append(SkippedFile(f, skip))
             continue
         good.append(f)
         images.append(image)
+    if not images:
+        raise nothing_readable(result.skipped)
+    pipe = Pipeline.from_pretrained(model)
     for f, text in zip(good, caption_images(pipe, images, sampling), strict=True):
-        records.append({"file": str(f), "caption": text})
-    records.sort(key=lambda r: files.index(Path(r["file"])))
-    for r in records:
-        print(
-            f"{r['file']}\t{r['caption'] if r['caption'] is not None else '<' + r['error'] + '>'}"
-        )
+        result.records.append({"file": str(f), "caption": text})
+    lines = "".join(json.dumps(r) + "\n" for r in result.records)
     if out:
-        write_text(out, "".join(json.dumps(r) + "\n" for r in records))
-    skipped = sum(r["caption"] is None for r in records)
-    if skipped:
-        print(f"{skipped} unreadable file(s) skipped", file=sys.stderr)
-    return records
+        write_text(out, lines)
+    else:
+        sys.stdout.write(lines)
+    return result

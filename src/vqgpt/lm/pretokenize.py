@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,7 +36,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from vqgpt.config import ConfigError, to_dict
-from vqgpt.data.images import ImageTransform, load_rgb
+from vqgpt.data.images import ImageTransform, read_image
 from vqgpt.data.sources import DataConfig, DataError, SkipStats, load_image_dataset
 from vqgpt.distributed import process_state
 from vqgpt.files import read_json, read_text, write_text
@@ -81,7 +82,7 @@ class SplitInfo:
 
     split: str
     rows: int  # rows written
-    skipped: SkipStats  # images left out (unreadable, missing)
+    skipped: SkipStats  # images left out, per reason
     grid: list[int]  # codes shape of one image: [h, w] or [h, w, L]
     codebook_size: int
     tokenizer: str  # the path it was given (for people; the fingerprint decides)
@@ -247,10 +248,10 @@ def encode_rows(
         for start in range(rows.start, rows.stop, batch_size):
             stop = min(start + batch_size, rows.stop)
             for i, value in zip(range(start, stop), images[start:stop]["image"], strict=True):
-                image = load_rgb(value)
+                image, skip = read_image(value)
                 if image is None:
                     name = value.get("path") if isinstance(value, dict) else None
-                    stats.add("unreadable", str(name or f"row {i}"))
+                    stats.add_skip(skip, str(name or f"row {i}"))
                     continue
                 kept.append(i)
                 pending.append(transform(image))
@@ -278,6 +279,18 @@ def _shard_dataset(ds, encoded: EncodedRows, model: VQVAE):
 # the job
 
 
+def _note(state: PartialState, text: str) -> None:
+    """A message on stderr, from the main process only."""
+    if state.is_main_process:
+        print(text, file=sys.stderr)
+
+
+def _check_rows(info: SplitInfo) -> None:
+    """A split none of whose images could be read is an error, not an empty success."""
+    if info.rows == 0:
+        raise DataError(f"split {info.split!r}: no image could be read ({info.skipped})")
+
+
 def _pretokenize_split(
     state: PartialState,
     model: VQVAE,
@@ -298,7 +311,8 @@ def _pretokenize_split(
         and done.tokenizer_fingerprint == fingerprint
         and done.source == source
     ):
-        state.print(f"{split}: already pretokenized in {final} ({done.rows} rows), nothing to do")
+        _note(state, f"{split}: already pretokenized in {final} ({done.rows} rows), nothing to do")
+        _check_rows(done)
         return SplitResult(split, final, done.rows, done.skipped, already_done=True)
 
     # Every rank loads the split (folder sources count missing / unreadable files here, the same
@@ -339,11 +353,12 @@ def _pretokenize_split(
         os.replace(tmp, final)
         shutil.rmtree(shards, ignore_errors=True)
         if skipped.total:
-            state.print(f"{split}: {skipped}")
+            _note(state, f"{split}: {skipped}")
     state.wait_for_everyone()
     info = read_split_info(out, split)
     if info is None:
         raise DataError(f"{final}: rank 0 did not finish writing the split")
+    _check_rows(info)
     return SplitResult(split, final, info.rows, info.skipped, already_done=False)
 
 

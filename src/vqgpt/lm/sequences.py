@@ -11,6 +11,13 @@ Sequences (docs/design.md "Sequences"; codes flattened row-major; `eos` = `<|end
     document  eos seg_1 ... seg_n eos          targets: every token after the leading eos
               (text segment: its BPE ids; image segment: boi codes eoi)
 
+Length rule (`token_budget`, the one place every path that builds or decodes a sequence asks):
+an image with a caption of L text tokens takes L + h*w + 4 tokens in both formats (eos, boi, eoi and
+the closing eos), so the longest caption a model with n_positions N takes is N - h*w - 4 (with
+`t2i_prefix_length` P, a text-to-image prompt also at most P - 1). Decoding refuses prompts over it
+(`SequenceLengthError`) and caps a caption's new tokens at it, so whatever it produces can be
+re-scored (self-reranking) in either format without running past the position table.
+
 The leading eos is never a target; conditioning (t2i's caption, captioning's image) is masked.
 Labels follow the Hugging Face convention: `labels[i] == input_ids[i]` where token i is a target,
 -100 elsewhere; the loss shifts (logits at i predict labels at i + 1). Loss weight of a target:
@@ -30,6 +37,7 @@ from einops import rearrange
 from torch import Tensor
 
 from vqgpt.config import ConfigError
+from vqgpt.errors import VqgptError
 from vqgpt.export.hub.processing_vqgpt import t2i_prefix as hub_t2i_prefix
 from vqgpt.lm.vocab import VocabLayout
 
@@ -37,6 +45,46 @@ IGNORE_INDEX = -100  # label of a masked position (torch / Hugging Face ignore_i
 TASKS = ("t2i", "caption", "document")
 TASK_IDS = {name: i for i, name in enumerate(TASKS)}  # per-position task ids; padding is -1
 PAD_TASK = -1
+
+
+IMAGE_CAPTION_FRAME = 4  # eos boi .. eoi .. eos: the tokens an image + caption sequence adds
+
+
+class SequenceLengthError(VqgptError, ValueError):
+    """A sequence that does not fit the model's position table (n_positions)."""
+
+
+class TokenBudget(NamedTuple):
+    """How many caption tokens fit a model's position table (`token_budget`)."""
+
+    n_positions: int
+    image_tokens: int  # h*w
+    caption: int  # longest caption (text tokens) with one image, in either format
+    t2i_caption: int  # longest caption of a text-to-image prompt (caption, and P - 1 with a prefix)
+
+
+def token_budget(
+    n_positions: int, layout: VocabLayout, t2i_prefix_length: int | None = None
+) -> TokenBudget:
+    """The length rule: captions of at most n_positions - h*w - 4 tokens (see the module
+    docstring). A model whose table cannot hold one image: SequenceLengthError."""
+    caption = n_positions - layout.tokens_per_image - IMAGE_CAPTION_FRAME
+    if caption < 0:
+        raise SequenceLengthError(
+            f"the model's n_positions={n_positions} cannot hold one image: a {layout.grid} grid "
+            f"takes {layout.tokens_per_image} codes + {IMAGE_CAPTION_FRAME} framing tokens"
+        )
+    t2i = caption if t2i_prefix_length is None else min(caption, t2i_prefix_length - 1)
+    return TokenBudget(n_positions, layout.tokens_per_image, caption, t2i)
+
+
+def check_length(length: int, n_positions: int, what: str) -> None:
+    """Raise SequenceLengthError unless a sequence of `length` tokens fits `n_positions`."""
+    if length > n_positions:
+        raise SequenceLengthError(
+            f"{what} has {length} tokens, more than the model's n_positions={n_positions}; "
+            "shorten it"
+        )
 
 
 @dataclass
@@ -403,6 +451,7 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
 
 
 __all__ = [
+    "IMAGE_CAPTION_FRAME",
     "IGNORE_INDEX",
     "PAD_TASK",
     "TASKS",
@@ -410,6 +459,8 @@ __all__ = [
     "Example",
     "Fitted",
     "SequenceConfig",
+    "SequenceLengthError",
+    "TokenBudget",
     "build_caption",
     "build_document",
     "build_t2i",
@@ -418,5 +469,7 @@ __all__ = [
     "make_example",
     "pack",
     "t2i_prefix",
+    "check_length",
+    "token_budget",
     "truncate",
 ]

@@ -12,9 +12,19 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vqgpt.data.images import ImageTransform, list_images, load_rgb, to_pil
+from vqgpt.data.images import (
+    ImageTransform,
+    SkippedFile,
+    list_images,
+    nothing_readable,
+    output_names,
+    read_image,
+    refuse_existing,
+    skip_lines,
+    to_pil,
+)
 from vqgpt.figures import save_reconstruction_grid
-from vqgpt.files import read_json
+from vqgpt.files import read_json, write_text
 from vqgpt.tokenizer.vqvae import VQVAE
 
 
@@ -47,15 +57,17 @@ class CodecResult:
     """What a batch job over files did."""
 
     processed: int = 0
-    skipped: list[str] = field(default_factory=list)  # unreadable files
+    skipped: list[SkippedFile] = field(default_factory=list)  # files that could not be read
+    repeated: list[Path] = field(default_factory=list)  # inputs given more than once (done once)
     outputs: list[Path] = field(default_factory=list)
 
     def summary(self) -> str:
-        text = f"{self.processed} image(s) processed"
-        if self.skipped:
-            text += f", {len(self.skipped)} skipped (unreadable): {', '.join(self.skipped[:5])}"
-            text += " ..." if len(self.skipped) > 5 else ""
-        return text
+        """For stderr: the count, then one line per skipped or repeated input."""
+        lines = [f"{self.processed} image(s) processed", *skip_lines(self.skipped)]
+        if lines[1:]:
+            lines[0] += ", " + lines.pop(1)
+        lines += [f"{f}: given more than once, processed once" for f in self.repeated]
+        return "\n".join(lines)
 
 
 def _batches(
@@ -64,9 +76,9 @@ def _batches(
     names: list[Path] = []
     tensors: list[torch.Tensor] = []
     for f in tqdm(files, desc="images", disable=len(files) < 2 * batch_size):
-        image = load_rgb(f)
+        image, skip = read_image(f)
         if image is None:
-            result.skipped.append(str(f))
+            result.skipped.append(SkippedFile(f, skip))
             continue
         names.append(f)
         tensors.append(transform(image))
@@ -75,6 +87,8 @@ def _batches(
             names, tensors = [], []
     if names:
         yield names, torch.stack(tensors)
+    if len(result.skipped) == len(files):
+        raise nothing_readable(result.skipped)
 
 
 @torch.no_grad()
@@ -84,20 +98,24 @@ def encode_files(
     out: str | Path | None,
     batch_size: int = 32,
 ) -> CodecResult:
-    """Write one JSON line per readable image: {"file", "codes" (h x w nested list)}."""
+    """Write one JSON line per readable image: {"file", "codes" (h x w nested list)} to `out`
+    (replaced if it exists) or stdout. No readable image: ImageInputError, and no `out`."""
     model = load_tokenizer_model(model_path)
     transform = ImageTransform(model.config.arch.image_size, random_crop=False)
-    result = CodecResult()
-    sink = open(out, "w", encoding="utf-8") if out else sys.stdout  # noqa: SIM115 - closed below
-    try:
-        for names, pixels in _batches(list_images(inputs), transform, batch_size, result):
-            for name, codes in zip(names, model.encode(pixels), strict=True):
-                sink.write(json.dumps({"file": str(name), "codes": codes.tolist()}) + "\n")
-                result.processed += 1
-    finally:
-        if out:
-            sink.close()
-            result.outputs.append(Path(out))
+    files, repeated = list_images(inputs)
+    result = CodecResult(repeated=repeated)
+    lines: list[str] = []
+    sink = sys.stdout
+    for names, pixels in _batches(files, transform, batch_size, result):
+        for name, codes in zip(names, model.encode(pixels), strict=True):
+            lines.append(json.dumps({"file": str(name), "codes": codes.tolist()}) + "\n")
+            result.processed += 1
+        if not out:  # stream to stdout batch by batch
+            sink.writelines(lines)
+            lines = []
+    if out:  # written once every image is read: a failed run leaves no half file
+        write_text(out, "".join(lines))
+        result.outputs.append(Path(out))
     return result
 
 
@@ -105,27 +123,44 @@ def encode_files(
 def reconstruct_files(
     model_path: str | Path, inputs: Sequence[str | Path], out: str | Path, batch_size: int = 32
 ) -> CodecResult:
-    """Write <stem>_recon.png per readable image and grid.png (originals above reconstructions)."""
+    """Write `<file name>_recon.png` per readable image (`output_names`: `twin.png` ->
+    `twin.png_recon.png`, a repeated file name gets `-2`, `-3`, ...), `grid.png` (originals above
+    reconstructions) and `index.json` (input -> output, and the skipped inputs with the reason).
+
+    Any of these names already in `out`: OutputExistsError before anything is done. No readable
+    image: ImageInputError.
+    """
     model = load_tokenizer_model(model_path)
     transform = ImageTransform(model.config.arch.image_size, random_crop=False)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = CodecResult()
+    files, repeated = list_images(inputs)
+    names = dict(zip(files, output_names(files, "_recon.png"), strict=True))
+    refuse_existing(out, [*names.values(), "grid.png", "index.json"])
+    result = CodecResult(repeated=repeated)
     originals: list[torch.Tensor] = []
     recons: list[torch.Tensor] = []
-    for names, pixels in _batches(list_images(inputs), transform, batch_size, result):
+    index: dict[str, list] = {"outputs": [], "skipped": []}
+    for batch, pixels in _batches(files, transform, batch_size, result):
         recon = model.decode(model.encode(pixels))
-        for name, image in zip(names, recon, strict=True):
-            path = out / f"{name.stem}_recon.png"
+        out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
+        for name, image in zip(batch, recon, strict=True):
+            path = out / names[name]
             to_pil(image).save(path)
             result.outputs.append(path)
             result.processed += 1
+            index["outputs"].append({"input": str(name), "output": path.name})
         originals += list(pixels)
         recons += list(recon)
-    if originals:
-        grid = out / "grid.png"
-        save_reconstruction_grid(torch.stack(originals), torch.stack(recons), grid)
-        result.outputs.append(grid)
+    grid = out / "grid.png"
+    save_reconstruction_grid(torch.stack(originals), torch.stack(recons), grid)
+    result.outputs.append(grid)
+    index["grid"] = grid.name
+    index["skipped"] = [
+        {"input": str(s.file), "reason": s.skip.reason, "detail": s.skip.detail}
+        for s in result.skipped
+    ]
+    write_text(out / "index.json", json.dumps(index, indent=2) + "\n")
+    result.outputs.append(out / "index.json")
     return result
 
 
