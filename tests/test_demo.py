@@ -45,7 +45,7 @@ def test_quick_demo_runs_end_to_end_and_reuses_stages(tmp_path, run_cli):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()  # --out: the same run, reused from another folder
     again = run_cli("demo", "--quick", "--out", str(out), timeout=900, cwd=elsewhere)
-    assert again.stdout.count("exists: reusing it") == 2
+    assert again.stderr.count("exists: reusing it") == 2
 
 
 def test_demo_configs_hold_the_demos_settings(repo_root):

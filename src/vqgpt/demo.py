@@ -15,6 +15,7 @@ and writes under ./runs/demo (or `--out`).
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,7 @@ def load_demo_config(path: str | Path, overrides: list[str] | None = None) -> De
 
 
 def _stage(name: str) -> float:
-    print(f"\n=== {name} ===", flush=True)
+    print(f"\n=== {name} ===", file=sys.stderr, flush=True)
     return time.time()
 
 
@@ -84,7 +85,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     tok_recipe = load_recipe(cfg.tokenizer_recipe, patch=merge(cfg.tokenizer, here))
     start = _stage("2/4 stage one: image tokenizer")
     if (tok_dir / "final" / "model.safetensors").is_file():
-        print(f"{tok_dir / 'final'} exists: reusing it")
+        print(f"{tok_dir / 'final'} exists: reusing it", file=sys.stderr)
     else:
         train_tokenizer(tok_recipe, resume="latest")
     timings["tokenizer"] = time.time() - start
@@ -101,7 +102,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     lm_recipe = load_lm_recipe(cfg.lm_recipe, patch=merge(cfg.lm, here))
     start = _stage("3/4 stage two: pretokenize + GPT-2")
     if (lm_dir / "final" / "model.safetensors").is_file():
-        print(f"{lm_dir / 'final'} exists: reusing it")
+        print(f"{lm_dir / 'final'} exists: reusing it", file=sys.stderr)
     else:
         train_lm(lm_recipe, resume="latest")
     timings["lm"] = time.time() - start
@@ -116,5 +117,5 @@ def run_demo(cfg: DemoConfig) -> Path:
         timings=timings,
     )
     timings["report"] = time.time() - start
-    print(f"\nreport: {report / 'report.md'}")
+    print(f"\nreport: {report / 'report.md'}", file=sys.stderr)
     return report

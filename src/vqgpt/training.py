@@ -16,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -182,13 +183,14 @@ def resume_run(
     if checkpoint is None:
         if resume is not None:
             accelerator.print(
-                f"--resume {resume}: no checkpoint in {tc.output_dir}, starting fresh"
+                f"--resume {resume}: no checkpoint in {tc.output_dir}, starting fresh",
+                file=sys.stderr,
             )
         metrics.truncate_after(0)  # a run killed before its first checkpoint logged steps
         return metrics, TrainerState(num_processes=accelerator.num_processes)
     state = load_checkpoint(accelerator, checkpoint)
     metrics.truncate_after(state.step)
-    accelerator.print(f"resumed from {checkpoint} at step {state.step}")
+    accelerator.print(f"resumed from {checkpoint} at step {state.step}", file=sys.stderr)
     return metrics, state
 
 

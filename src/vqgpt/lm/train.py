@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
 
     codes = pretokenize(recipe.data)  # no work when the codes are cached already
     if codes.did_work:
-        accelerator.print(codes.summary())
+        accelerator.print(codes.summary(), file=sys.stderr)
     tokenizer = joint_tokenizer(recipe.data, base=recipe.text_tokenizer)
     bank = ExampleBank.load(recipe.data, recipe.data.images.train_split, tokenizer)
     layout, seq = bank.layout, recipe.sequences
@@ -131,7 +132,9 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
                 f"{tc.gradient_accumulation_steps}: lower them"
             )
         if epoch == 0 and skip == 0 and built.skipped:
-            accelerator.print(f"sequences: {built.skipped} example(s) too long, skipped")
+            accelerator.print(
+                f"sequences: {built.skipped} example(s) too long, skipped", file=sys.stderr
+            )
         return built.batches[skip:]
 
     def train_step(batch: dict[str, torch.Tensor], step: int) -> dict[str, Metric]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
     local_batch_size(tc, accelerator)  # the global batch must split evenly
     train_set = image_text_dataset(recipe.data, recipe.data.train_split, train=True, seed=tc.seed)
     if train_set.stats.total:
-        accelerator.print(f"train data: {train_set.stats}")
+        accelerator.print(f"train data: {train_set.stats}", file=sys.stderr)
     if len(train_set) < tc.batch_size:
         raise ValueError(
             f"train split has {len(train_set)} usable images, fewer than one batch "
