@@ -147,9 +147,10 @@ def find_metrics(parts: RunParts, metrics: str | Path | None = None) -> dict:
         for name in METRICS_FILES:
             if (folder / name).is_file():
                 return _read_json(folder / name)
-    beside = parts.run_dirs[-1].parent / "report" / "metrics.json"
-    if parts.pipeline is not None and beside.is_file():
-        return _read_json(beside)
+    if parts.pipeline is not None and parts.pipeline.name == "final":  # a run, not an export
+        beside = parts.pipeline.parent.parent / "report" / "metrics.json"
+        if beside.is_file():
+            return _read_json(beside)
     tokenizer_eval = parts.image_tokenizer / "eval.json"  # stage one's held-out evaluation
     if parts.pipeline is None and tokenizer_eval.is_file():
         return {"tokenizer": _read_json(tokenizer_eval)}
