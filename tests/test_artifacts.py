@@ -74,6 +74,7 @@ LM_DAMAGE: list[tuple[str, Callable[[Path], Path], str]] = [
     ("checkpoint-folder", lambda r: still_training(r) / "checkpoints" / "step_2", "is a training checkpoint"),
     ("no-such-folder", lambda r: r / "nope", "nope: no such folder"),
     ("a-file", lambda r: r / "config.yaml", "config.yaml is a file"),
+    ("a-tokenizer-run", lambda r: FIXTURES / "tokenizer_run", "holds an image tokenizer (stage one) only"),
 ]  # fmt: skip
 
 

@@ -227,7 +227,15 @@ def is_pipeline(folder: Path) -> bool:
 
 def pipeline_dir(path: str | Path) -> Path:
     """The checked pipeline folder of a run, its final/, or an export."""
-    return PIPELINE.check(model_root(path, PIPELINE))
+    root = model_root(path, PIPELINE)
+    config = root / "config.json"
+    if not is_pipeline(root) and config.is_file():
+        if read_json(config).get("model_type") == IMAGE_TOKENIZER_TYPE:
+            raise ModelFolderError(
+                f"{root} holds an image tokenizer (stage one) only; this needs a pipeline: "
+                f"{PIPELINE.make} on top of it"
+            )
+    return PIPELINE.check(root)
 
 
 def image_tokenizer_dir(path: str | Path) -> Path:
