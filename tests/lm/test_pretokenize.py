@@ -272,5 +272,5 @@ def test_missing_output_and_missing_tokenizer_are_clear_errors(tmp_path, capsys)
     recipe.write_text(f"data: {{tokenizer: {tmp_path / 'nope'}, output_dir: {tmp_path}}}\n")
     assert cli_main(["pretokenize", "--config", str(recipe)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("vqgpt pretokenize: error:") and "no image tokenizer here" in err
+    assert err.startswith("vqgpt pretokenize: error:") and "nope: no such folder" in err
     assert "Traceback" not in err

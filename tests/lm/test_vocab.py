@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2TokenizerFast
 
+from vqgpt.artifacts import LAYOUT_FILE, DamagedFileError, ModelFolderError
 from vqgpt.config import ConfigError
 from vqgpt.lm.vocab import (
-    LAYOUT_FILE,
     JointTokenizer,
     VocabLayout,
     VocabMismatchError,
@@ -202,7 +202,12 @@ def test_saved_folder_loads_with_auto_tokenizer(tok, saved):
     from_auto = auto.convert_tokens_to_ids([image_token(c) for c in range(K)])
     assert from_auto == ids
     assert torch.equal(layout.ids_to_codes(torch.tensor(from_auto)), codes)
-    assert auto("<|boi|><|img_00003|><|eoi|>")["input_ids"] == [50257, 50259 + 3, 50258]
+    # typed text stays text by default (GPT-2's own ids); control tokens only when asked for
+    typed = "<|boi|><|img_00003|><|eoi|>"
+    assert auto(typed)["input_ids"] == tok.encode_text(typed)
+    assert auto("<|boi|>")["input_ids"] == [27, 91, 2127, 72, 91, 29]  # as GPT-2 encodes it
+    assert auto(typed, split_special_tokens=False)["input_ids"] == [50257, 50259 + 3, 50258]
+    assert tok.hf(typed)["input_ids"] == tok.encode_text(typed)  # vqgpt's own object too
     assert auto("Hello world")["input_ids"] == [15496, 995]
 
 
@@ -218,8 +223,16 @@ def test_from_pretrained_mismatch_errors(saved, tmp_path):
         JointTokenizer.from_pretrained(saved, codebook_size=128)
     with pytest.raises(VocabMismatchError, match="\\(8, 8\\)"):
         JointTokenizer.from_pretrained(saved, grid=(8, 8))
-    with pytest.raises(ConfigError, match=LAYOUT_FILE):
+    with pytest.raises(ModelFolderError, match="tokenizer.json is missing"):
         JointTokenizer.from_pretrained(tmp_path)
+    no_layout = tmp_path / "no_layout"
+    shutil.copytree(saved, no_layout)
+    (no_layout / LAYOUT_FILE).unlink()
+    with pytest.raises(ModelFolderError, match=f"{LAYOUT_FILE} is missing"):
+        JointTokenizer.from_pretrained(no_layout)
+    (no_layout / LAYOUT_FILE).write_text('{"codebook_size": ')
+    with pytest.raises(DamagedFileError, match=f"{LAYOUT_FILE}: not valid JSON"):
+        JointTokenizer.from_pretrained(no_layout)
     # a layout file that disagrees with tokenizer.json is caught on load
     tampered = tmp_path / "tampered"
     shutil.copytree(saved, tampered)
@@ -245,5 +258,5 @@ def test_large_codebook_build_is_fast_and_exact():
     layout = big.layout
     assert layout.vocab_size == 50259 + 16384
     assert big.hf.convert_tokens_to_ids("<|img_16383|>") == layout.vocab_size - 1
-    assert big.hf("<|img_12345|>")["input_ids"] == [50259 + 12345]
+    assert big.hf("<|img_12345|>", split_special_tokens=False)["input_ids"] == [50259 + 12345]
     assert max(big.encode_text("<|img_16383|>")) < 50256

@@ -63,10 +63,10 @@ def test_reconstruct_writes_images_and_a_grid(tiny_tokenizer_run, image_folder, 
 def test_model_dir_resolution_and_errors(tiny_tokenizer_run, tmp_path, run_cli):
     assert resolve_model_dir(tiny_tokenizer_run) == tiny_tokenizer_run / "final"
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(FileNotFoundError, match="no image tokenizer"):
+    with pytest.raises(FileNotFoundError, match="image_tokenizer/ is missing"):
         resolve_model_dir(tmp_path)
     result = run_cli("encode", "--model", str(tmp_path), "x.png", check=False)
-    assert result.returncode == 2 and "no image tokenizer" in result.stderr
+    assert result.returncode == 2 and "image_tokenizer/ is missing" in result.stderr
 
 
 def _error_line(result, command: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +33,34 @@ def _metric_rows(metrics: dict) -> list[tuple[str, str, str, float]]:
     return [(t, k, n, round(float(v), 4)) for t, k, n, v in rows]
 
 
+HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def hub_dataset_id(source: str | None) -> str | None:
+    """`source` when it names a Hub dataset ("name" or "org/name"), else None: the built-in
+    sets, local folders (absolute, relative, nested, existing here) and anything else."""
+    if source is None or source in BUILT_IN_SOURCES or Path(source).exists():
+        return None
+    return source if HUB_DATASET_ID.fullmatch(source) and not source.startswith(".") else None
+
+
 def _metadata(name: str, has_lm: bool, metrics: dict, source: str | None) -> dict:
-    hub_dataset = (
-        source is not None and source not in BUILT_IN_SOURCES and not Path(source).exists()
-    )
     tags = ["vqgpt", "vq-vae", "image-tokenizer", "custom_code"]
     if has_lm:
         tags += ["gpt2", "image-to-text", "text-to-image", "multimodal"]
-    meta: dict[str, Any] = {"library_name": "transformers", "tags": tags}
-    meta["pipeline_tag"] = "image-to-text" if has_lm else "image-feature-extraction"
-    if hub_dataset:
-        meta["datasets"] = [source]
+    # no pipeline_tag and no hosted widget: no transformers pipeline() runs this model (the
+    # card's snippet does); the Hub would otherwise infer one from config.json
+    meta: dict[str, Any] = {"library_name": "transformers", "inference": False, "tags": tags}
+    dataset_id = hub_dataset_id(source)
+    if dataset_id:
+        meta["datasets"] = [dataset_id]
     rows = _metric_rows(metrics)
     if rows:
         meta["metrics"] = sorted({kind for _, kind, _, _ in rows})
-        dataset = {"name": source or "held-out split", "type": source or "custom"}
-        if source == "shapes":
+        dataset = {"name": "held-out split", "type": "imagefolder"}
+        if dataset_id:
+            dataset = {"name": dataset_id, "type": dataset_id}
+        elif source == "shapes":
             dataset = {"name": "vqgpt shapes (built-in, test split)", "type": "shapes"}
         results = []
         for task in dict.fromkeys(t for t, _, _, _ in rows):
@@ -111,13 +124,14 @@ pixel_values = processor.image_processor(image)["pixel_values"]  # (1, 3, S, S) 
 codes = vq.encode(pixel_values)
 reconstruction = vq.decode(codes)
 
-# caption, greedy: "<|endoftext|> <|boi|> codes <|eoi|>" -> text tokens until <|endoftext|>
-inputs = processor(image_codes=codes, task="caption")
+# caption, greedy: "<|endoftext|> <|boi|> codes <|eoi|>" -> text tokens until <|endoftext|>,
+# at most as many as a text-to-image prompt takes (so the caption can be drawn again below)
+inputs = processor(images=image, image_tokenizer=vq)  # or processor(image_codes=codes)
 prompt_len = inputs["input_ids"].shape[1]
 out = lm.generate(
     **inputs,
     do_sample=False,
-    max_new_tokens=min(48, lm.config.n_positions - prompt_len),
+    max_new_tokens=min(48, processor.max_caption_tokens, lm.config.n_positions - prompt_len),
     logits_processor=LogitsProcessorList([OnlyIds(0, processor.text_vocab_size)]),
     eos_token_id=processor.eos_id,
     pad_token_id=processor.eos_id,
@@ -127,7 +141,7 @@ print("caption:", caption)
 
 # text-to-image: "<|endoftext|> caption <|boi|>" -> exactly h*w image tokens -> pixels
 h, w = processor.grid
-inputs = processor(text=caption, task="t2i")
+inputs = processor(text=caption, task="t2i", truncation=True)  # longer text: its first tokens
 prompt_len = inputs["input_ids"].shape[1]
 torch.manual_seed(0)
 out = lm.generate(
@@ -180,8 +194,10 @@ def model_card(
         "",
         f"A vqgpt export: {what}. Images are "
         f"{arch['image_size']}x{arch['image_size']} pixels, tokenized to {codes}.",
-        "It loads with `transformers` and `torch` alone (`trust_remote_code=True` runs the small "
-        "modelling files in this repository); vqgpt is not needed.",
+        "It needs `torch`, `transformers`, `numpy` and `Pillow` (`pip install torch transformers "
+        "numpy pillow`; the image processor uses Pillow); `trust_remote_code=True` runs the small "
+        "modelling files in this repository; vqgpt is not needed. No `transformers.pipeline()` "
+        "task runs it: use the snippet below.",
         "",
         "## Usage",
         "",
@@ -224,13 +240,14 @@ def model_card(
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {n} | {v:g} |" for _, _, n, v in rows]
     if source:
-        lines += [
-            "",
-            "## Training data",
-            "",
-            f"`{source}`" + (" (vqgpt's built-in dataset)" if source in BUILT_IN_SOURCES else ""),
-        ]
+        if source in BUILT_IN_SOURCES:
+            data = f"`{source}` (vqgpt's built-in dataset)"
+        elif hub_dataset_id(source):
+            data = f"the Hub dataset [`{source}`](https://huggingface.co/datasets/{source})"
+        else:
+            data = f"a local image folder (`{source}` on the machine it was trained on)"
+        lines += ["", "## Training data", "", data]
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["BUILT_IN_SOURCES", "model_card", "usage_snippet"]
+__all__ = ["BUILT_IN_SOURCES", "hub_dataset_id", "model_card", "usage_snippet"]

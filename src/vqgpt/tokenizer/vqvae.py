@@ -7,10 +7,12 @@ implementation for both); this module adds the validated config and the training
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from vqgpt.artifacts import IMAGE_TOKENIZER, check_loading_info, loading
 from vqgpt.config import ConfigError, from_dict, to_dict
 from vqgpt.export.hub import configuration_vqgpt as hub_config
 from vqgpt.export.hub.modeling_vqgpt import Decoder, Encoder, VQVAEBase, check_pixels
@@ -113,6 +115,16 @@ class VQVAE(VQVAEBase):
         self.quantizer = VectorQuantizer(config.arch.latent_dim, config.quant)
         self.decoder = Decoder(config.architecture)
         self.post_init()
+
+    @classmethod
+    def load(cls, folder: str | Path) -> VQVAE:
+        """The VQ-VAE of an image tokenizer folder, every file checked first
+        (`vqgpt.artifacts.IMAGE_TOKENIZER`); raises ModelFolderError or DamagedFileError."""
+        folder = IMAGE_TOKENIZER.check(folder)
+        with loading(folder, IMAGE_TOKENIZER):
+            model, info = cls.from_pretrained(folder, output_loading_info=True)
+        check_loading_info(folder, IMAGE_TOKENIZER, info)
+        return model
 
     @property
     def last_layer(self) -> torch.Tensor:

@@ -12,7 +12,12 @@ ids 0..text_vocab_size-1 (the last is `<|endoftext|>`, "eos"), then the special 
 Image codes are flattened row-major. The layout comes from `processor_config.json` and is
 checked against the tokenizer on load. When the model was trained with a fixed t2i prefix
 (`t2i_prefix_length` P in `processor_config.json`), `eos caption` is left-padded with eos to P
-tokens, so `boi` is always token P, as in training.
+tokens, so `boi` is always token P, as in training; a longer caption is an error, or is cut to
+its first `max_caption_tokens` tokens with `truncation=True`.
+
+Text is always text: special and image token strings typed in a caption stay plain GPT-2 text
+(the processor inserts `boi`, `eoi` and image tokens by id). The output holds exactly what
+`generate` takes: `input_ids` and `attention_mask`.
 """
 
 from __future__ import annotations
@@ -155,6 +160,15 @@ class VQGPTProcessor(ProcessorMixin):
         """(h, w) image tokens per image."""
         return self.ids.grid
 
+    @property
+    def max_caption_tokens(self) -> int:
+        """The most caption tokens a text-to-image prompt takes: P - 1 with a fixed prefix of P
+        tokens, else what fits the model's context (`tokenizer.model_max_length`) beside an
+        image (`eos caption boi codes eoi`)."""
+        if self.t2i_prefix_length is not None:
+            return self.t2i_prefix_length - 1
+        return int(self.tokenizer.model_max_length) - self.ids.tokens_per_image - 3
+
     def _check_tokenizer(self) -> None:
         tok = self.tokenizer
         expected = {
@@ -198,22 +212,24 @@ class VQGPTProcessor(ProcessorMixin):
         task: str | None = None,
         image_codes: Any = None,
         image_tokenizer: Any = None,
+        truncation: bool = False,
         return_tensors: str | None = "pt",
     ) -> BatchFeature:
-        """Images and/or text -> `input_ids` and `attention_mask` (left-padded with eos).
+        """Images and/or text -> `input_ids` and `attention_mask` (left-padded with eos), the
+        arguments `generate` takes.
 
         task "caption": `eos boi codes eoi`, plus `caption eos` when text is given.
         task "t2i": `eos caption boi`, plus `codes eoi eos` when images are given.
         Without `task`: images alone mean captioning, text alone text-to-image.
         Images become codes through `image_tokenizer` (the exported image tokenizer, loaded with
-        AutoModel); or pass `image_codes` [B, h, w] directly. With images, `pixel_values` is
-        returned too.
+        AutoModel); or pass `image_codes` [B, h, w] directly (`image_processor(images)` gives
+        the pixels). For task "t2i", a caption longer than `max_caption_tokens` raises a
+        ValueError, or with `truncation=True` keeps its first `max_caption_tokens` tokens.
         """
         data: dict[str, Any] = {}
         codes = image_codes
         if images is not None and codes is None:
             pixels = self.image_processor(images)["pixel_values"]  # (B, 3, S, S)
-            data["pixel_values"] = pixels
             if image_tokenizer is None:
                 raise ValueError(
                     "images become tokens through the image tokenizer: pass image_tokenizer="
@@ -241,8 +257,17 @@ class VQGPTProcessor(ProcessorMixin):
             raise ValueError("task='t2i' needs text (an empty string for the unconditional prompt)")
         image_rows = None if codes is None else self.image_ids(codes)
         text_rows = None if texts is None else self.encode_text(texts)
+        if task == "t2i" and truncation:
+            text_rows = [row[: self.max_caption_tokens] for row in text_rows]
         if image_rows is not None and text_rows is not None and len(image_rows) != len(text_rows):
             raise ValueError(f"{len(image_rows)} images but {len(text_rows)} texts")
+        if task == "t2i" and any(len(r) > self.max_caption_tokens for r in text_rows):
+            longest = max(len(r) for r in text_rows)
+            raise ValueError(
+                f"a caption of {longest} tokens is longer than this model's text-to-image prompt "
+                f"takes ({self.max_caption_tokens} tokens); shorten it, or pass truncation=True "
+                "to keep its first tokens"
+            )
         eos, boi, eoi = self.eos_id, self.boi_id, self.eoi_id
         rows = []
         for i in range(len(image_rows if image_rows is not None else text_rows)):

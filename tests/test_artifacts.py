@@ -1,0 +1,202 @@
+"""Damaged or incomplete model folders: every loader checks the folder first and names the file.
+
+Through the real CLI (`caption`, `generate`, `reconstruct`, `encode`) on copies of the committed
+v0.1.0 runs, each damaged one way: exit status 2, one line on stderr, no traceback, the file (or
+folder) named. Then the same damage through each loader in-process, and the manifests' checks
+one by one (safetensors headers, JSON, model types, run and checkpoint folders).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+from vqgpt.artifacts import (
+    IMAGE_TOKENIZER,
+    PIPELINE,
+    DamagedFileError,
+    ModelFolderError,
+    check_safetensors,
+    image_tokenizer_dir,
+    pipeline_dir,
+)
+from vqgpt.export.folder import find_run_parts
+from vqgpt.lm.pipeline import Pipeline
+from vqgpt.lm.vocab import JointTokenizer
+from vqgpt.tokenizer.codec import load_tokenizer_model
+from vqgpt.tokenizer.vqvae import VQVAE
+
+FIXTURES = Path(__file__).parent / "fixtures" / "v0.1.0"
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def put(path: Path, content: str | bytes) -> None:
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def still_training(run: Path) -> Path:
+    """The run as it looks mid-training: checkpoints, no final/ yet."""
+    shutil.rmtree(run / "final")
+    step = run / "checkpoints" / "step_2"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps({"step": 2}))
+    (step / "model.safetensors").write_bytes(b"")
+    return run
+
+
+# (id, command, damage: run folder -> the --model to pass, words the one error line holds)
+LM_DAMAGE: list[tuple[str, Callable[[Path], Path], str]] = [
+    ("lm-weights-missing", lambda r: remove(r / "final/model.safetensors") or r, "model.safetensors is missing"),
+    ("lm-config-missing", lambda r: remove(r / "final/config.json") or r, "config.json is missing"),
+    ("tokenizer-json-missing", lambda r: remove(r / "final/tokenizer.json") or r, "tokenizer.json is missing"),
+    ("lm-weights-truncated", lambda r: truncate(r / "final/model.safetensors") or r, "model.safetensors: damaged weights file"),
+    ("lm-weights-garbage", lambda r: put(r / "final/model.safetensors", b"\x00garbage" * 99) or r, "model.safetensors: damaged weights file"),
+    ("lm-config-empty", lambda r: put(r / "final/config.json", "") or r, "config.json: the file is empty"),
+    ("lm-config-truncated", lambda r: truncate(r / "final/config.json") or r, "config.json: not valid JSON"),
+    ("tokenizer-json-truncated", lambda r: truncate(r / "final/tokenizer.json", 0.9) or r, "tokenizer.json: not valid JSON"),
+    ("layout-missing", lambda r: remove(r / "final/vqgpt_vocab.json") or r, "vqgpt_vocab.json is missing"),
+    ("image-tokenizer-missing", lambda r: remove(r / "final/image_tokenizer") or r, "image_tokenizer/ is missing"),
+    ("image-tokenizer-weights-truncated", lambda r: truncate(r / "final/image_tokenizer/model.safetensors") or r, "image_tokenizer/model.safetensors: damaged weights file"),
+    ("still-training", still_training, "has no final/ folder yet"),
+    ("checkpoint-folder", lambda r: still_training(r) / "checkpoints" / "step_2", "is a training checkpoint"),
+    ("no-such-folder", lambda r: r / "nope", "nope: no such folder"),
+    ("a-file", lambda r: r / "config.yaml", "config.yaml is a file"),
+    ("a-tokenizer-run", lambda r: FIXTURES / "tokenizer_run", "holds an image tokenizer (stage one) only"),
+]  # fmt: skip
+
+
+def check_one_line(result, words: str) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert words in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"), [d[1:] for d in LM_DAMAGE], ids=[d[0] for d in LM_DAMAGE]
+)
+def test_caption_on_a_damaged_lm_run_is_one_clear_line(tmp_path, run_cli, damage, words):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "lm_run", run)
+    model = damage(run)
+    result = run_cli("caption", "--model", str(model), str(FIXTURES / "image.png"), check=False)
+    check_one_line(result, words)
+    assert result.stdout == ""
+
+
+def test_generate_on_damaged_lm_runs_names_the_file(tmp_path, run_cli):
+    for name, damage, words in [LM_DAMAGE[1], LM_DAMAGE[6], LM_DAMAGE[8]]:
+        run = tmp_path / name
+        shutil.copytree(FIXTURES / "lm_run", run)
+        out = tmp_path / f"{name}_out"
+        result = run_cli("generate", "--model", str(damage(run)), "a red circle", "--out", str(out), check=False)  # fmt: skip
+        check_one_line(result, words)
+
+
+TOKENIZER_DAMAGE: list[tuple[str, Callable[[Path], Path], str]] = [
+    ("weights-missing", lambda r: remove(r / "final/model.safetensors") or r, "model.safetensors is missing"),
+    ("weights-truncated", lambda r: truncate(r / "final/model.safetensors", 0.2) or r, "model.safetensors: damaged weights file"),
+    ("config-empty", lambda r: put(r / "final/config.json", " \n") or r, "config.json: the file is empty"),
+    ("config-of-another-model", lambda r: put(r / "final/config.json", '{"model_type": "bert"}') or r, "not the config of a vqgpt image tokenizer"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["reconstruct", "encode"])
+def test_reconstruct_and_encode_on_damaged_tokenizer_runs(tmp_path, run_cli, command):
+    for name, damage, words in TOKENIZER_DAMAGE[: None if command == "reconstruct" else 2]:
+        run = tmp_path / name
+        shutil.copytree(FIXTURES / "tokenizer_run", run)
+        args = [command, "--model", str(damage(run)), str(FIXTURES / "image.png")]
+        result = run_cli(*args, "--out", str(tmp_path / f"{name}_out"), check=False)
+        check_one_line(result, words)
+
+
+# ---------------------------------------------------------------------------------------------
+# in-process: every loader, the same checks
+
+
+def test_every_loader_checks_the_folder_first(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "lm_run", run)
+    final = run / "final"
+    truncate(final / "model.safetensors")
+    with pytest.raises(DamagedFileError, match="final/model.safetensors: damaged"):
+        Pipeline.from_pretrained(run)
+    with pytest.raises(DamagedFileError, match="final/model.safetensors: damaged"):
+        find_run_parts(run)  # the export
+    assert image_tokenizer_dir(run) == final / "image_tokenizer"  # the VQ-VAE part is whole
+
+    (final / "tokenizer_config.json").unlink()
+    with pytest.raises(ModelFolderError, match="tokenizer_config.json is missing"):
+        JointTokenizer.from_pretrained(final)
+
+    truncate(final / "image_tokenizer" / "config.json")
+    for load in (
+        lambda: load_tokenizer_model(run),
+        lambda: load_tokenizer_model(final),
+        lambda: VQVAE.load(final / "image_tokenizer"),
+    ):
+        with pytest.raises(DamagedFileError, match="image_tokenizer/config.json: not valid JSON"):
+            load()
+
+
+def test_weights_of_another_model_are_named(tmp_path):
+    """A whole safetensors file that is not this model's: the load report becomes one error."""
+    final = tmp_path / "final"
+    shutil.copytree(FIXTURES / "lm_run" / "final", final)
+    shutil.copy(final / "image_tokenizer/model.safetensors", final / "model.safetensors")
+    with pytest.raises(DamagedFileError, match="model.safetensors: weights missing"):
+        Pipeline.from_pretrained(final)
+
+
+def test_safetensors_checks(tmp_path):
+    import torch
+
+    good = tmp_path / "good.safetensors"
+    save_file({"a": torch.zeros(3, 4), "b": torch.ones(2)}, str(good))
+    check_safetensors(good)
+    data = good.read_bytes()
+    for name, content, words in [
+        ("empty", b"", "too short"),
+        ("short", data[:5], "too short"),
+        ("header-cut", data[:20], "a header of"),
+        ("data-cut", data[:-1], "truncated"),
+        ("longer", data + b"\0", "truncated"),
+        ("not-json", data[:8] + b"x" * (len(data) - 8), "not JSON"),
+    ]:
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(DamagedFileError, match=words):
+            check_safetensors(path)
+
+
+def test_manifests_and_folder_resolution(tmp_path):
+    assert "image_tokenizer/model.safetensors" in PIPELINE.files
+    assert set(IMAGE_TOKENIZER.files) == {"config.json", "model.safetensors"}
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "lm_run", run)
+    assert pipeline_dir(run) == pipeline_dir(run / "final") == run / "final"
+    (run / "final/config.json").write_text("[1, 2]")
+    with pytest.raises(DamagedFileError, match="expected a JSON object"):
+        pipeline_dir(run)
+    (run / "final/config.json").write_text('{"model_type": "vqgpt_vqvae"}')
+    with pytest.raises(DamagedFileError, match="not the config of a vqgpt pipeline"):
+        pipeline_dir(run)
+    (run / "final/config.json").unlink()
+    (run / "final/config.json").mkdir()
+    with pytest.raises(ModelFolderError, match="config.json is not a file"):
+        pipeline_dir(run)
