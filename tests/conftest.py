@@ -5,12 +5,15 @@ Helpers are fixtures (most return a function), so test files never import each o
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -221,6 +224,42 @@ def cli_env():
 def run_cli():
     """(*args, launcher=None, check=True, timeout=300, cwd=None) -> CompletedProcess of the CLI."""
     return _run_cli
+
+
+def _cli_in_process(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`vqgpt.cli.main(ARGS)` in this process, stdout and stderr captured: the exit status and the
+    output of the CLI without the ~5 s start of a new Python. For error paths tested many times
+    over (damaged folders, bad files); an exception the CLI lets through fails the test with its
+    traceback, as a subprocess would print it. Library log handlers made before the call keep the
+    real stderr, so each kind keeps some cases in a real process (`run_cli`)."""
+    from transformers.utils import logging as hf_logging
+
+    from vqgpt import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    formatwarning = warnings.formatwarning  # the CLI reformats warnings for its one process
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # as TQDM_DISABLE=1 does in `run_cli`'s processes
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(list(args))
+            except SystemExit as stop:  # argparse's usage errors
+                code = stop.code if isinstance(stop.code, int) else 2
+    finally:
+        warnings.formatwarning = formatwarning
+        if bars:
+            hf_logging.enable_progress_bar()
+    result = subprocess.CompletedProcess(["vqgpt", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"vqgpt {' '.join(args)} failed ({code})\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture
+def cli_in_process():
+    """(*args, check=True) -> CompletedProcess of `vqgpt.cli.main` run in this process."""
+    return _cli_in_process
 
 
 @pytest.fixture(scope="session")

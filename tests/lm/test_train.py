@@ -132,7 +132,7 @@ def test_caption_stdout_is_json_lines_and_a_max_length_rerank_fits(lm_run, tmp_p
         assert "2 image(s) captioned" in result.stderr
 
 
-def test_commands_that_produce_nothing_fail(lm_run, tmp_path, run_cli):
+def test_commands_that_produce_nothing_fail(lm_run, tmp_path, run_cli, cli_in_process):
     # issue 18, fault 7: no images, nothing readable, only blank prompts: exit 2, one line
     model = ["--model", str(lm_run)]
     empty = tmp_path / "empty"
@@ -140,12 +140,14 @@ def test_commands_that_produce_nothing_fail(lm_run, tmp_path, run_cli):
     line = _error_line(run_cli("caption", *model, str(empty), check=False), "caption")
     assert f"no image files in {empty}" in line
     (empty / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    line = _error_line(run_cli("caption", *model, str(empty), check=False), "caption")
+    line = _error_line(cli_in_process("caption", *model, str(empty), check=False), "caption")
     assert "none of the 1 image(s) could be read" in line and "bad.png" in line
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n")
     for prompts in (["", "  "], ["--prompts", str(blank)]):
-        result = run_cli("generate", *model, *prompts, "--out", str(tmp_path / "g"), check=False)
+        result = cli_in_process(
+            "generate", *model, *prompts, "--out", str(tmp_path / "g"), check=False
+        )
         assert "no prompts (every prompt given is blank)" in _error_line(result, "generate")
     assert not (tmp_path / "g").exists()
     # fault 5: a second generate into the same folder replaces nothing

@@ -131,7 +131,7 @@ def test_encode_stdout_is_json_lines_and_messages_go_to_stderr(
         assert "image(s) processed" in result.stderr and "processed" not in result.stdout
 
 
-def test_nothing_readable_is_an_error(tiny_tokenizer_run, tmp_path, run_cli):
+def test_nothing_readable_is_an_error(tiny_tokenizer_run, tmp_path, run_cli, cli_in_process):
     # issue 18, fault 7: every input unreadable, an empty folder: exit 2, one line
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -146,12 +146,15 @@ def test_nothing_readable_is_an_error(tiny_tokenizer_run, tmp_path, run_cli):
         line = _error_line(run_cli(command, *model, str(bad), *out, check=False), command)
         assert "none of the 2 image(s) could be read" in line
         assert "empty file" in line and "not an image" in line
-        line = _error_line(run_cli(command, *model, str(empty), *out, check=False), command)
+        # a real process for the first case, this one for the second (the same main, faster)
+        line = _error_line(cli_in_process(command, *model, str(empty), *out, check=False), command)
         assert f"no image files in {empty}" in line
         assert not (tmp_path / f"{command}.out").exists()
 
 
-def test_skip_reasons_say_what_happened(tiny_tokenizer_run, tmp_path, run_cli, monkeypatch):
+def test_skip_reasons_say_what_happened(
+    tiny_tokenizer_run, tmp_path, run_cli, cli_in_process, monkeypatch
+):
     # issue 18, fault 8: a valid 20000x10000 PNG is too large (with the limit and the knob), not
     # "unreadable"; truncated and empty files say so too
     folder = tmp_path / "images"
@@ -174,11 +177,15 @@ def test_skip_reasons_say_what_happened(tiny_tokenizer_run, tmp_path, run_cli, m
     assert f"skipped {folder / 'zero.png'}: empty file" in err
     # the knob: a lower limit skips 40x30 (1200 pixels) but keeps 33x33 (1089)
     monkeypatch.setenv("VQGPT_MAX_IMAGE_PIXELS", "1100")
-    result = run_cli("encode", *model, str(folder / "fine.png"), str(folder / "wide.png"))
+    result = cli_in_process("encode", *model, str(folder / "fine.png"), str(folder / "wide.png"))
     assert [Path(json.loads(r)["file"]).name for r in result.stdout.splitlines()] == ["wide.png"]
     assert "over the limit of 1,100" in result.stderr
-    line = _error_line(run_cli("encode", *model, str(folder / "huge.png"), check=False), "encode")
+    line = _error_line(
+        cli_in_process("encode", *model, str(folder / "huge.png"), check=False), "encode"
+    )
     assert "too large" in line and "VQGPT_MAX_IMAGE_PIXELS" in line
     monkeypatch.setenv("VQGPT_MAX_IMAGE_PIXELS", "lots")
-    line = _error_line(run_cli("encode", *model, str(folder / "fine.png"), check=False), "encode")
+    line = _error_line(
+        cli_in_process("encode", *model, str(folder / "fine.png"), check=False), "encode"
+    )
     assert "VQGPT_MAX_IMAGE_PIXELS='lots' must be a whole number" in line
