@@ -230,6 +230,10 @@ def model_card(
             f"{layout.image_offset} + k (codes flattened row-major)",
             "- captioning: `<|endoftext|> <|boi|> codes <|eoi|> caption <|endoftext|>`",
             "- text-to-image: `<|endoftext|> caption <|boi|> codes <|eoi|> <|endoftext|>`",
+            "- text you pass to the tokenizer stays text, special-token spellings included "
+            '(`split_special_tokens`): `tok("<|endoftext|>")` is GPT-2\'s BPE of those '
+            "characters, so a typed caption can never inject control or image tokens. Add them "
+            "by id (`tok.eos_token_id`; the processor does), not as `text + tok.eos_token`.",
             "",
             "Decoding must be constrained as in the snippet: text tokens only for captions, "
             "exactly h*w image tokens for images (the embedding is padded past the vocabulary; "
