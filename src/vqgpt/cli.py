@@ -349,7 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         default=None,
-        help="a demo config (default configs/demo/full.yaml or quick.yaml)",
+        help="a demo config (default: the packaged demo/full.yaml or demo/quick.yaml; print "
+        "their paths with python -m vqgpt.recipes). Its tokenizer_recipe and lm_recipe are "
+        "files relative to its folder when such files exist, else packaged recipes "
+        "(tokenizer/shapes), so a copy edited in any folder works",
     )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.rerank=8")
     commands["demo"] = _demo

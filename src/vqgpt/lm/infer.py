@@ -65,15 +65,22 @@ def caption_images(
     return [text.strip() for text in pipe.tokenizer.decode_texts(ids)]
 
 
+def text_lines(text: str) -> list[str]:
+    """The lines of a user's text file: split at line ends only ("\\n", "\\r\\n", "\\r"), not at
+    the other breaks `str.splitlines` knows (U+2028, U+0085, \\x0b, \\x0c, \\x1c-\\x1e): those are
+    characters of a line."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
-    """Prompts from the command line and/or a file (one per line); blank ones are left out, and
-    none left is a ValueError."""
+    """Prompts from the command line and/or a file (one per line, `text_lines`); blank ones are
+    left out, and none left is a ValueError."""
     out = [p for p in prompts if p.strip()]
     if prompts_file:
         path = Path(prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts {path}: no such file")
-        out += [line.strip() for line in read_text(path).splitlines() if line.strip()]
+        out += [line.strip() for line in text_lines(read_text(path)) if line.strip()]
     if not out:
         given = " (every prompt given is blank)" if prompts or prompts_file else ""
         raise ValueError(f"no prompts{given}: give them as arguments or with --prompts FILE")
