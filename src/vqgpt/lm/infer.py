@@ -18,10 +18,12 @@ from PIL import Image
 from vqgpt.data.images import (
     ImageTransform,
     SkippedFile,
+    check_output_file,
     list_images,
     nothing_readable,
     read_image,
     refuse_existing,
+    repeat_lines,
     skip_lines,
     to_pil,
 )
@@ -145,7 +147,7 @@ class CaptionResult:
         lines = [f"{len(self.records)} image(s) captioned", *skip_lines(self.skipped)]
         if lines[1:]:
             lines[0] += ", " + lines.pop(1)
-        lines += [f"{f}: given more than once, captioned once" for f in self.repeated]
+        lines += repeat_lines(self.repeated, "captioned")
         return "\n".join(lines)
 
 
@@ -155,6 +157,8 @@ def caption_files(
     """Caption image files/folders: one JSON line {"file", "caption"} per readable image, in input
     order, to `out` (replaced if it exists) or else stdout. No readable image: ImageInputError."""
     files, repeated = list_images(inputs)
+    if out:
+        check_output_file(out, inputs, files)  # never written over an input image
     result = CaptionResult(repeated=repeated)
     good, images = [], []
     for f in files:
