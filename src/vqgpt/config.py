@@ -404,6 +404,15 @@ def _blame(err: ConfigError, path: Path | None, given: dict[str, str]) -> str:
     return " + ".join(parts)
 
 
+def _leaf_keys(patch: dict[str, Any], where: str = "") -> list[str]:
+    """The dotted keys of the values (not sections) of a nested mapping."""
+    keys: list[str] = []
+    for key, value in patch.items():
+        full = f"{where}.{key}" if where else str(key)
+        keys += _leaf_keys(value, full) if isinstance(value, dict) and value else [full]
+    return keys
+
+
 def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     """`base` with `patch` on top: mappings merge key by key, any other value replaces."""
     out = dict(base)
@@ -420,13 +429,15 @@ def load_config(
     path: str | Path | None,
     overrides: list[str] | None = None,
     patch: dict[str, Any] | None = None,
+    patch_source: str | None = None,
 ) -> T:
     """Read YAML `path` (or nothing), `merge` the mapping `patch` over it, apply dotted
     overrides, build `cls`.
 
     `path` is a file, else the packaged recipe it names (`vqgpt.recipes.find_config`).
     Raises ConfigError when the file does not exist or does not fit `cls`; the message names
-    where the value came from (the override `key=value`, or the file and key).
+    where the value came from (the override `key=value`, `patch_source` for a value of `patch`,
+    or the file and key).
     """
     data: dict[str, Any] = {}
     texts: dict[str, str] = {}
@@ -451,6 +462,11 @@ def load_config(
     try:
         return from_dict(cls, data, texts=texts)
     except ConfigError as err:
+        key = err.key or ""
+        patched = _leaf_keys(patch or {})
+        if patch_source and key and not any(key == k or key.startswith(f"{k}.") for k in given):
+            if any(key == k or key.startswith((f"{k}.", f"{k}[")) for k in patched):
+                raise ConfigError(f"{patch_source}: {err}", key=err.key) from None
         where = _blame(err, path, given)
         raise ConfigError(f"{where}: {err}" if where else str(err), key=err.key) from None
 

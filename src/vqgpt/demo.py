@@ -40,6 +40,7 @@ class DemoConfig:
     lm_recipe: str = "lm/shapes"
     lm: dict[str, Any] = field(default_factory=dict)
     eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
+    source: str = field(default="", init=False)  # the demo config file (for errors)
 
 
 def load_demo_config(path: str | Path, overrides: list[str] | None = None) -> DemoConfig:
@@ -53,6 +54,7 @@ def load_demo_config(path: str | Path, overrides: list[str] | None = None) -> De
     """
     cfg = load_config(DemoConfig, path, overrides)
     found_config = find_config(path)
+    cfg.source = str(found_config or path)
     folder = (found_config or Path(path)).parent
     for name in ("tokenizer_recipe", "lm_recipe"):
         given = getattr(cfg, name)
@@ -84,9 +86,15 @@ def run_demo(cfg: DemoConfig) -> Path:
     data_dir, tok_dir, lm_dir = out / "data", out / "tokenizer", out / "lm"
 
     # both recipes are read before anything runs: a bad one stops the demo before stage 1
-    shapes: ShapesConfig = load_recipe(cfg.tokenizer_recipe, patch=cfg.tokenizer).data.shapes
+    source = cfg.source or "the demo config"
+    tok_from, lm_from = f"{source}, section tokenizer", f"{source}, section lm"
+    shapes: ShapesConfig = load_recipe(
+        cfg.tokenizer_recipe, patch=cfg.tokenizer, patch_source=tok_from
+    ).data.shapes
     here = {"train": {"output_dir": str(tok_dir)}, "data": {"source": str(data_dir)}}
-    tok_recipe = load_recipe(cfg.tokenizer_recipe, patch=merge(cfg.tokenizer, here))
+    tok_recipe = load_recipe(
+        cfg.tokenizer_recipe, patch=merge(cfg.tokenizer, here), patch_source=tok_from
+    )
     here = {
         "data": {
             "tokenizer": str(tok_dir),
@@ -95,7 +103,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         },
         "train": {"output_dir": str(lm_dir)},
     }
-    lm_recipe = load_lm_recipe(cfg.lm_recipe, patch=merge(cfg.lm, here))
+    lm_recipe = load_lm_recipe(cfg.lm_recipe, patch=merge(cfg.lm, here), patch_source=lm_from)
 
     start = _stage("1/4 data: shapes as image folders")
     for split in ("train", "test"):

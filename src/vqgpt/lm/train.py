@@ -53,9 +53,11 @@ def load_lm_recipe(
     path: str | Path | None,
     overrides: list[str] | None = None,
     patch: dict[str, Any] | None = None,
+    patch_source: str | None = None,
 ) -> LMRecipe:
-    """Read an LM recipe YAML, `patch` (a partial recipe) merged over it, then dotted overrides."""
-    return load_config(LMRecipe, path, overrides, patch)
+    """Read an LM recipe YAML, `patch` (a partial recipe) merged over it, then dotted overrides.
+    `patch_source` names where `patch` came from (for errors)."""
+    return load_config(LMRecipe, path, overrides, patch, patch_source)
 
 
 def gather_lm(accelerator: Accelerator, model: torch.nn.Module) -> GPT2LMHeadModel | None:

@@ -56,10 +56,11 @@ def load_recipe(
     path: str | Path | None,
     overrides: list[str] | None = None,
     patch: dict[str, Any] | None = None,
+    patch_source: str | None = None,
 ) -> TokenizerRecipe:
     """Read a tokenizer recipe YAML, `patch` (a partial recipe) merged over it, then dotted
-    overrides."""
-    return load_config(TokenizerRecipe, path, overrides, patch)
+    overrides. `patch_source` names where `patch` came from (for errors)."""
+    return load_config(TokenizerRecipe, path, overrides, patch, patch_source)
 
 
 def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
