@@ -182,11 +182,18 @@ def _eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from vqgpt.config import from_dict
+    from vqgpt.data.images import OutputExistsError
     from vqgpt.data.sources import DataConfig
     from vqgpt.eval.report import write_report
     from vqgpt.files import read_text
     from vqgpt.lm.pipeline import Pipeline
 
+    out, data_dir = Path(args.out).resolve(), Path(args.data).resolve()
+    if Path(args.data).is_dir() and (out == data_dir or data_dir in out.parents):
+        raise OutputExistsError(
+            f"--out {args.out} is inside --data {args.data}: the report's images would replace "
+            "or join the data; give --out a folder outside it"
+        )
     pipe = Pipeline.from_pretrained(args.model)
     size = pipe.image_tokenizer.config.arch.image_size
     data = from_dict(DataConfig, {"source": args.data, "image_size": size})

@@ -166,7 +166,7 @@ def test_commands_that_produce_nothing_fail(lm_run, tmp_path, run_cli, cli_in_pr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_eval_prints_only_its_report_on_stdout(lm_run, tmp_path, run_cli):
+def test_eval_prints_only_its_report_on_stdout(lm_run, tmp_path, run_cli, cli_in_process):
     # issue 18: fault 6 (the report is the data; nothing else on stdout) and fault 7 (no image)
     out = tmp_path / "eval"
     model = ["--model", str(lm_run)]
@@ -178,6 +178,13 @@ def test_eval_prints_only_its_report_on_stdout(lm_run, tmp_path, run_cli):
     (empty / "bad.png").write_bytes(b"")
     again = run_cli("eval", *model, "--data", str(empty), "--out", str(out), check=False)
     assert "no readable images" in _error_line(again, "eval")
+    # issue 18, second round: the report's grids must not land among (or replace) the data
+    for inside in (empty, empty / "report"):
+        again = cli_in_process(
+            "eval", *model, "--data", str(empty), "--out", str(inside), check=False
+        )
+        assert f"--out {inside} is inside --data {empty}" in _error_line(again, "eval")
+    assert sorted(p.name for p in empty.iterdir()) == ["bad.png"]
 
 
 def test_an_output_file_is_never_one_of_the_inputs(lm_run, tmp_path, run_cli, cli_in_process):
