@@ -211,3 +211,129 @@ def test_the_cli_names_a_bad_override_in_one_line(tmp_path, run_cli, tiny_tokeni
         "vqgpt train-tokenizer: error: override 'train.batch_size=no': train.batch_size: "
         "expected int, got 'no'"
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 18, second round: booleans for numbers, empty values, duplicate keys, '#', empty files
+
+
+@pytest.mark.parametrize(
+    ("override", "shown"),
+    [
+        ("section.count=true", "int, got true"),
+        ("section.count=False", "int, got False"),
+        ("section.ratio=true", "float, got true"),
+        ("section.ratio=FALSE", "float, got FALSE"),
+    ],
+)
+def test_a_boolean_is_no_number_in_an_override(override, shown):
+    # True == 1 in Python: train.max_steps=true trained one step
+    with pytest.raises(
+        ConfigError, match=rf"^override '{override}': section\.\w+: expected {shown}$"
+    ):
+        load_config(_Recipe, None, [override])
+
+
+def test_a_boolean_is_no_number_in_a_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    for text, key in (("count: true", "count"), ("ratio: false", "ratio")):
+        path.write_text(f"section:\n  {text}\n")
+        with pytest.raises(ConfigError, match=rf"^{path}: section.{key}: expected \w+, got "):
+            load_config(_Recipe, path)
+    path.write_text("section:\n  names: [a, true]\n")  # a list of str takes the text
+    assert load_config(_Recipe, path).section.names == ["a", "true"]
+
+
+@pytest.mark.parametrize("override", ["section.name=", "section.count=", "section.ratio=~"])
+def test_an_empty_override_is_refused_for_a_field_that_cannot_be_none(override):
+    with pytest.raises(ConfigError, match=rf"^override '{override}': .*got nothing") as err:
+        load_config(_Recipe, None, [override])
+    if "name" in override:
+        assert "to give an empty text, write ''" in str(err.value)
+    assert load_config(_Recipe, None, ["section.name=''"]).section.name == ""
+
+
+def test_none_in_a_file_is_refused_for_a_field_that_cannot_be_none(tmp_path):
+    path = tmp_path / "r.yaml"
+    for text in ("section:\n  name:\n", "section:\n  count: null\n", "section:\n"):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=rf"^{path}: section.*: expected .*, got nothing"):
+            load_config(_Recipe, path)
+    path.write_text("seed:\n")  # an Optional field takes null
+    from vqgpt.lm.sampling import SamplingConfig
+
+    assert load_config(SamplingConfig, path).seed is None
+
+
+def test_a_key_given_twice_names_the_file_the_key_and_both_lines(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("section:\n  count: 3\n  name: a\n  count: 5\n")
+    with pytest.raises(
+        ConfigError, match=rf"^{path}: key section.count is given twice \(lines 2 and 4\)"
+    ):
+        load_config(_Recipe, path)
+    path.write_text("section: {count: 1}\nsection:\n  name: b\n")
+    with pytest.raises(ConfigError, match=r"key section is given twice \(lines 1 and 2\)"):
+        load_config(_Recipe, path)
+    path.write_text("section:\n  names: [{a: 1, a: 2}]\n")
+    with pytest.raises(ConfigError, match=r"key section.names\[0\].a is given twice"):
+        load_config(_Recipe, path)
+    path.write_text("section:\n  count: 3\nother:\n  count: 3\n")  # one key per mapping: fine
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(_Recipe, path)
+
+
+@pytest.mark.parametrize(
+    ("override", "value"),
+    [
+        ("section.name=runs/x #comment", "runs/x #comment"),
+        ("section.name=#1", "#1"),
+        ("section.name=a # b # c", "a # b # c"),
+        ("section.name=a#b", "a#b"),
+    ],
+)
+def test_hash_in_an_override_is_text_not_a_comment(override, value):
+    assert load_config(_Recipe, None, [override]).section.name == value
+
+
+def test_hash_in_an_override_of_a_number_is_a_type_error():
+    with pytest.raises(
+        ConfigError, match=r"^override 'section.count=5 #x': .*expected int, got '5 #x'"
+    ):
+        load_config(_Recipe, None, ["section.count=5 #x"])
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n# nothing\n"])
+def test_an_empty_recipe_file_is_an_error_naming_it(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{path}: the recipe holds no settings"):
+        load_config(_Recipe, path)
+
+
+def test_the_cli_refuses_second_round_config_traps_in_one_line(
+    tmp_path, run_cli, cli_in_process, tiny_tokenizer_recipe
+):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_tokenizer_recipe(tmp_path / "run")))
+    cmd = ["train-tokenizer", "--config", str(path)]
+    result = run_cli(*cmd, "train.output_dir=", check=False)  # was a TypeError traceback
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "vqgpt train-tokenizer: error: override 'train.output_dir=': train.output_dir: expected "
+        "str, got nothing (an empty value or null) (to give an empty text, write '')"
+    ]
+    dup = tmp_path / "dup.yaml"
+    dup.write_text(path.read_text() + "train:\n  max_steps: 1\n")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# all commented out\n")
+    for args, expected in (
+        ([*cmd, "train.max_steps=true"], "expected int, got true"),
+        (["train-tokenizer", "--config", str(dup)], "key train is given twice"),
+        (["train-tokenizer", "--config", str(empty)], "the recipe holds no settings"),
+        ([*cmd, "train.log_every="], "train.log_every: expected int, got nothing"),
+    ):
+        result = cli_in_process(*args, check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()  # nothing trained

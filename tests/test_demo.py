@@ -64,3 +64,58 @@ def test_demo_configs_hold_the_demos_settings(repo_root):
     assert quick.eval.rerank == 3 and quick.eval.num_images == 16
     lm = load_lm_recipe(quick.lm_recipe, patch=quick.lm)
     assert lm.model.preset == "tiny" and lm.data.images.shapes.num_images == 256
+
+
+def test_a_copied_demo_config_finds_the_packaged_recipes(tmp_path, repo_root):
+    # issue 18, second round: `cp .../configs/demo/quick.yaml my.yaml` then `vqgpt demo --config
+    # my.yaml` failed after stage 1 began ("../tokenizer/shapes.yaml does not exist")
+    from vqgpt.recipes import packaged_dir
+
+    shipped = packaged_dir()
+    for name in ("quick", "full"):
+        copy = tmp_path / f"my_{name}.yaml"
+        copy.write_text((shipped / "demo" / f"{name}.yaml").read_text())
+        cfg = load_demo_config(copy)
+        assert Path(cfg.tokenizer_recipe) == shipped / "tokenizer" / "shapes.yaml"
+        assert Path(cfg.lm_recipe) == shipped / "lm" / "shapes.yaml"
+    # a file of that name beside the demo config wins over the packaged recipe
+    (tmp_path / "tokenizer").mkdir()
+    mine = tmp_path / "tokenizer" / "shapes.yaml"
+    mine.write_text((shipped / "tokenizer" / "shapes.yaml").read_text())
+    text = (tmp_path / "my_quick.yaml").read_text()
+    (tmp_path / "my_quick.yaml").write_text(
+        text.replace("tokenizer/shapes", "tokenizer/shapes.yaml")
+    )
+    assert Path(load_demo_config(tmp_path / "my_quick.yaml").tokenizer_recipe) == mine
+    # from another folder, the beside-file is still found relative to the demo config
+    assert (
+        Path(load_demo_config(tmp_path / "my_quick.yaml").lm_recipe) == shipped / "lm/shapes.yaml"
+    )
+
+
+def test_a_demo_config_naming_a_missing_recipe_fails_before_stage_1(
+    tmp_path, run_cli, cli_in_process
+):
+    from vqgpt.recipes import packaged_dir
+
+    quick = (packaged_dir() / "demo" / "quick.yaml").read_text()
+    cases = {
+        "lm_recipe 'lm/nope'": quick.replace("lm_recipe: lm/shapes", "lm_recipe: lm/nope"),
+        "tokenizer_recipe '../tokenizer/shapes.yaml'": quick.replace(
+            "tokenizer_recipe: tokenizer/shapes", "tokenizer_recipe: ../tokenizer/shapes.yaml"
+        ),
+        # the recipe exists but does not fit: also before anything runs
+        "section tokenizer: train.max_steps: expected int, got true": quick.replace(
+            "train: {max_steps: 20,", "train: {max_steps: true,"
+        ),
+    }
+    for i, (expected, text) in enumerate(cases.items()):
+        config = tmp_path / f"bad{i}.yaml"
+        config.write_text(text)
+        out = tmp_path / f"out{i}"
+        run = run_cli if i == 0 else cli_in_process  # one case in a real process
+        result = run("demo", "--config", str(config), "--out", str(out), check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert len(lines) == 1 and expected in lines[0], result.stderr
+        assert "===" not in result.stderr and not out.exists()  # nothing ran

@@ -182,11 +182,18 @@ def _eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from vqgpt.config import from_dict
+    from vqgpt.data.images import OutputExistsError
     from vqgpt.data.sources import DataConfig
     from vqgpt.eval.report import write_report
     from vqgpt.files import read_text
     from vqgpt.lm.pipeline import Pipeline
 
+    out, data_dir = Path(args.out).resolve(), Path(args.data).resolve()
+    if Path(args.data).is_dir() and (out == data_dir or data_dir in out.parents):
+        raise OutputExistsError(
+            f"--out {args.out} is inside --data {args.data}: the report's images would replace "
+            "or join the data; give --out a folder outside it"
+        )
     pipe = Pipeline.from_pretrained(args.model)
     size = pipe.image_tokenizer.config.arch.image_size
     data = from_dict(DataConfig, {"source": args.data, "image_size": size})
@@ -349,7 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         default=None,
-        help="a demo config (default configs/demo/full.yaml or quick.yaml)",
+        help="a demo config (default: the packaged demo/full.yaml or demo/quick.yaml; print "
+        "their paths with python -m vqgpt.recipes). Its tokenizer_recipe and lm_recipe are "
+        "files relative to its folder when such files exist, else packaged recipes "
+        "(tokenizer/shapes), so a copy edited in any folder works",
     )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.rerank=8")
     commands["demo"] = _demo

@@ -92,14 +92,41 @@ def _plain_texts(node: yaml.Node, where: str, out: dict[str, str]) -> None:
         out[where] = node.value
 
 
+def _check_unique_keys(node: yaml.Node, where: str, source: str) -> None:
+    """A key given twice in one mapping is an error naming both lines (YAML 1.2 requires unique
+    keys; PyYAML would keep the last silently)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                full = f"{where}.{key.value}" if where else key.value
+                line = key.start_mark.line + 1
+                if key.value in seen:
+                    raise ConfigError(
+                        f"{source}: key {full} is given twice (lines {seen[key.value]} and "
+                        f"{line}); YAML keys must be unique: keep one",
+                        key=full,
+                    )
+                seen[key.value] = line
+                _check_unique_keys(value, full, source)
+            else:
+                _check_unique_keys(value, where, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            _check_unique_keys(value, f"{where}[{i}]", source)
+
+
 def parse_yaml(text: str, where: str = "<text>") -> ParsedYaml:
     """`text` read with the YAML 1.2 core schema, with the text of its plain bools and numbers.
 
-    Raises ConfigError naming `where` (a file) and the position when `text` is not YAML.
+    Raises ConfigError naming `where` (a file) and the position when `text` is not YAML, and
+    naming the key and both lines when a mapping gives one key twice.
     """
     loader = Yaml12Loader(text)
     try:
         node = loader.get_single_node()  # the tree keeps each scalar's text and style
+        if node is not None:
+            _check_unique_keys(node, "", where)
         data = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
@@ -144,10 +171,43 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def _coerce(tp: Any, value: Any, where: str, texts: dict[str, str]) -> Any:
+def _allows_none(tp: Any) -> bool:
+    """Whether a field of type `tp` may hold None (`X | None`, `Optional[X]`, `Any`)."""
+    if tp is Any or tp is type(None):
+        return True
+    origin = typing.get_origin(tp)
+    return origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _type_name(tp: Any) -> str:
+    if _is_dataclass_type(tp) or typing.get_origin(tp) is dict:
+        return "a mapping"
+    if typing.get_origin(tp) in (list, tuple):
+        return "a list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _shown(value: Any, where: str, texts: dict[str, str]) -> str:
+    """`value` as the user wrote it: YAML's true/false, not Python's True/False."""
+    if isinstance(value, bool):
+        return texts.get(where, "true" if value else "false")
+    return repr(value)
+
+
+def _coerce(tp: Any, value: Any, where: str, texts: dict[str, str], none_ok: bool = False) -> Any:
     if value is None:
-        return None
+        if none_ok or _allows_none(tp):
+            return None
+        hint = " (to give an empty text, write '')" if _unwrap_optional(tp) is str else ""
+        raise ConfigError(
+            f"{where}: expected {_type_name(tp)}, got nothing (an empty value or null){hint}",
+            key=where,
+        )
     tp = _unwrap_optional(tp)
+    if tp in (int, float) and isinstance(value, bool):  # True == 1: not a number here
+        raise ConfigError(
+            f"{where}: expected {tp.__name__}, got {_shown(value, where, texts)}", key=where
+        )
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}", key=where)
@@ -171,7 +231,8 @@ def _coerce(tp: Any, value: Any, where: str, texts: dict[str, str]) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}", key=where) from err
     if tp in (int, float, str, bool) and not isinstance(value, tp):
         hint = " (write true or false)" if tp is bool else ""
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}{hint}", key=where)
+        shown = _shown(value, where, texts)
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {shown}{hint}", key=where)
     return value
 
 
@@ -227,8 +288,10 @@ def from_dict(
             f"known keys: {', '.join(sorted(names))}",
             key=prefix + unknown[0],
         )
+    none_ok = {f.name for f in dataclasses.fields(cls) if f.default is None}  # `x: str = None`
     kwargs = {
-        k: _coerce(hints[k], v, f"{where}.{k}" if where else k, texts) for k, v in data.items()
+        k: _coerce(hints[k], v, f"{where}.{k}" if where else k, texts, k in none_ok)
+        for k, v in data.items()
     }
     try:
         return cls(**kwargs)
@@ -268,10 +331,31 @@ def _forget_patch(texts: dict[str, str], patch: dict[str, Any], where: str = "")
             _forget(texts, full)
 
 
+def _override_value(raw: str, item: str) -> ParsedYaml:
+    """The value of an override: `raw` (the text after `=`) read as YAML 1.2, except that `#`
+    starts no comment there: a value YAML would cut at a comment (`runs/x #1`, `#1`) is the
+    whole text as written."""
+    parsed = parse_yaml(raw, f"override {item!r}")
+    loader = Yaml12Loader(raw)
+    try:
+        node = loader.get_single_node()
+    except yaml.YAMLError:  # parse_yaml read it: cannot happen
+        node = None
+    finally:
+        loader.dispose()
+    end = len(raw.rstrip())
+    if end and (node is None or node.end_mark.index < end):
+        return ParsedYaml(raw.strip(), {})
+    return parsed
+
+
 def apply_overrides(
     data: dict[str, Any], overrides: list[str], texts: dict[str, str] | None = None
 ) -> dict[str, str]:
     """Apply `a.b.c=value` overrides (values parsed as YAML 1.2) to a nested mapping, in place.
+
+    The value is the text after the first `=`; `#` in it is text, not a comment. An empty
+    value (`key=`) is null, which only a field that may be None takes.
 
     `texts` (the `parse_yaml` texts of `data`) is updated with each value's text. Returns
     {dotted key: the override as given}, for errors that name the override.
@@ -283,7 +367,7 @@ def apply_overrides(
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
         key = key.strip()
-        value, value_texts = parse_yaml(raw, f"override {item!r}")
+        value, value_texts = _override_value(raw, item)
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -320,6 +404,15 @@ def _blame(err: ConfigError, path: Path | None, given: dict[str, str]) -> str:
     return " + ".join(parts)
 
 
+def _leaf_keys(patch: dict[str, Any], where: str = "") -> list[str]:
+    """The dotted keys of the values (not sections) of a nested mapping."""
+    keys: list[str] = []
+    for key, value in patch.items():
+        full = f"{where}.{key}" if where else str(key)
+        keys += _leaf_keys(value, full) if isinstance(value, dict) and value else [full]
+    return keys
+
+
 def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     """`base` with `patch` on top: mappings merge key by key, any other value replaces."""
     out = dict(base)
@@ -336,13 +429,15 @@ def load_config(
     path: str | Path | None,
     overrides: list[str] | None = None,
     patch: dict[str, Any] | None = None,
+    patch_source: str | None = None,
 ) -> T:
     """Read YAML `path` (or nothing), `merge` the mapping `patch` over it, apply dotted
     overrides, build `cls`.
 
     `path` is a file, else the packaged recipe it names (`vqgpt.recipes.find_config`).
     Raises ConfigError when the file does not exist or does not fit `cls`; the message names
-    where the value came from (the override `key=value`, or the file and key).
+    where the value came from (the override `key=value`, `patch_source` for a value of `patch`,
+    or the file and key).
     """
     data: dict[str, Any] = {}
     texts: dict[str, str] = {}
@@ -355,7 +450,10 @@ def load_config(
             )
         path = found
         data, texts = parse_yaml(read_text(path), str(path))
-        data = {} if data is None else data
+        if data is None:
+            raise ConfigError(
+                f"{path}: the recipe holds no settings (the file is empty or only comments)"
+            )
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     data = merge(data, patch or {})
@@ -364,6 +462,11 @@ def load_config(
     try:
         return from_dict(cls, data, texts=texts)
     except ConfigError as err:
+        key = err.key or ""
+        patched = _leaf_keys(patch or {})
+        if patch_source and key and not any(key == k or key.startswith(f"{k}.") for k in given):
+            if any(key == k or key.startswith((f"{k}.", f"{k}[")) for k in patched):
+                raise ConfigError(f"{patch_source}: {err}", key=err.key) from None
         where = _blame(err, path, given)
         raise ConfigError(f"{where}: {err}" if where else str(err), key=err.key) from None
 

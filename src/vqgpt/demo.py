@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vqgpt.config import load_config, merge
+from vqgpt.config import ConfigError, load_config, merge
 from vqgpt.eval.pipeline import PipelineEvalConfig
 from vqgpt.eval.report import write_report
 from vqgpt.lm.pipeline import Pipeline
-from vqgpt.recipes import find_config
+from vqgpt.recipes import find_config, find_nested, packaged_recipes
 
 DEMO_CONFIGS = {"full": "demo/full.yaml", "quick": "demo/quick.yaml"}  # packaged recipes
 
@@ -35,27 +35,38 @@ class DemoConfig:
     """Where the demo writes, which recipes it runs with which changes, how it evaluates."""
 
     output_dir: str = "runs/demo"
-    tokenizer_recipe: str = "tokenizer/shapes.yaml"  # a packaged recipe; see load_demo_config
+    tokenizer_recipe: str = "tokenizer/shapes"  # beside the demo config, else packaged
     tokenizer: dict[str, Any] = field(default_factory=dict)  # partial recipe, merged over it
-    lm_recipe: str = "lm/shapes.yaml"
+    lm_recipe: str = "lm/shapes"
     lm: dict[str, Any] = field(default_factory=dict)
     eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
+    source: str = field(default="", init=False)  # the demo config file (for errors)
 
 
 def load_demo_config(path: str | Path, overrides: list[str] | None = None) -> DemoConfig:
     """Read a demo config (a file, else a packaged one: `vqgpt.recipes.find_config`).
 
-    A recipe path in it is taken relative to the demo config's folder when that file exists
-    there, else as any `--config` is (a file from the current folder, else a packaged recipe).
-    Raises ConfigError when the demo config does not exist or does not fit DemoConfig.
+    A recipe named in it (`tokenizer_recipe`, `lm_recipe`) is the file of that path relative to
+    the demo config's folder when one exists there, else the packaged recipe of that name
+    (`vqgpt.recipes.find_nested`): a packaged demo config copied anywhere and edited still runs.
+    Raises ConfigError when the demo config does not exist or does not fit DemoConfig, or when
+    a recipe it names is neither (before anything runs).
     """
     cfg = load_config(DemoConfig, path, overrides)
-    folder = (find_config(path) or Path(path)).parent
+    found_config = find_config(path)
+    cfg.source = str(found_config or path)
+    folder = (found_config or Path(path)).parent
     for name in ("tokenizer_recipe", "lm_recipe"):
         given = getattr(cfg, name)
-        beside = folder / given
-        found = beside if beside.is_file() else find_config(given)
-        setattr(cfg, name, str(found or given))  # not found: load_recipe says so
+        found = find_nested(given, folder)
+        if found is None:
+            raise ConfigError(
+                f"{found_config or path}: {name} {given!r} is neither a file beside it "
+                f"({folder / given}) nor a packaged recipe (packaged: "
+                f"{', '.join(packaged_recipes())})",
+                key=name,
+            )
+        setattr(cfg, name, str(found))
     return cfg
 
 
@@ -72,25 +83,18 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     out = Path(cfg.output_dir)
     timings: dict[str, float] = {}
+    data_dir, tok_dir, lm_dir = out / "data", out / "tokenizer", out / "lm"
 
-    start = _stage("1/4 data: shapes as image folders")
-    data_dir = out / "data"
-    shapes: ShapesConfig = load_recipe(cfg.tokenizer_recipe, patch=cfg.tokenizer).data.shapes
-    for split in ("train", "test"):
-        write_image_folder(shapes_dataset(shapes, split), data_dir / split)
-    timings["data"] = time.time() - start
-
-    tok_dir = out / "tokenizer"
+    # both recipes are read before anything runs: a bad one stops the demo before stage 1
+    source = cfg.source or "the demo config"
+    tok_from, lm_from = f"{source}, section tokenizer", f"{source}, section lm"
+    shapes: ShapesConfig = load_recipe(
+        cfg.tokenizer_recipe, patch=cfg.tokenizer, patch_source=tok_from
+    ).data.shapes
     here = {"train": {"output_dir": str(tok_dir)}, "data": {"source": str(data_dir)}}
-    tok_recipe = load_recipe(cfg.tokenizer_recipe, patch=merge(cfg.tokenizer, here))
-    start = _stage("2/4 stage one: image tokenizer")
-    if (tok_dir / "final" / "model.safetensors").is_file():
-        print(f"{tok_dir / 'final'} exists: reusing it", file=sys.stderr)
-    else:
-        train_tokenizer(tok_recipe, resume="latest")
-    timings["tokenizer"] = time.time() - start
-
-    lm_dir = out / "lm"
+    tok_recipe = load_recipe(
+        cfg.tokenizer_recipe, patch=merge(cfg.tokenizer, here), patch_source=tok_from
+    )
     here = {
         "data": {
             "tokenizer": str(tok_dir),
@@ -99,7 +103,20 @@ def run_demo(cfg: DemoConfig) -> Path:
         },
         "train": {"output_dir": str(lm_dir)},
     }
-    lm_recipe = load_lm_recipe(cfg.lm_recipe, patch=merge(cfg.lm, here))
+    lm_recipe = load_lm_recipe(cfg.lm_recipe, patch=merge(cfg.lm, here), patch_source=lm_from)
+
+    start = _stage("1/4 data: shapes as image folders")
+    for split in ("train", "test"):
+        write_image_folder(shapes_dataset(shapes, split), data_dir / split)
+    timings["data"] = time.time() - start
+
+    start = _stage("2/4 stage one: image tokenizer")
+    if (tok_dir / "final" / "model.safetensors").is_file():
+        print(f"{tok_dir / 'final'} exists: reusing it", file=sys.stderr)
+    else:
+        train_tokenizer(tok_recipe, resume="latest")
+    timings["tokenizer"] = time.time() - start
+
     start = _stage("3/4 stage two: pretokenize + GPT-2")
     if (lm_dir / "final" / "model.safetensors").is_file():
         print(f"{lm_dir / 'final'} exists: reusing it", file=sys.stderr)

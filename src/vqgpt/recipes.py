@@ -7,6 +7,10 @@ checkout, the root `configs` is a link to that folder: one copy of each recipe.
 A `--config` value is a file path; when no such file exists, it names the packaged recipe of
 that relative path, with or without a leading `configs/` and the `.yaml` suffix: `--config
 configs/lm/shapes.yaml`, `--config lm/shapes.yaml` and `--config lm/shapes` are one recipe.
+A recipe named inside another recipe (the demo configs' `tokenizer_recipe`, `lm_recipe`) is the
+file of that path relative to the naming recipe's folder when one exists there, else the
+packaged recipe of that name (`find_nested`): the packaged demo configs name `tokenizer/shapes`,
+so a copy of one edited in any folder still finds the packaged recipes.
 `python -m vqgpt.recipes [NAME]` prints where the packaged recipes are (e.g. for `accelerate
 launch --config_file`).
 """
@@ -57,6 +61,15 @@ def find_config(path: str | Path) -> Path | None:
     return packaged_recipe(path)
 
 
+def find_nested(name: str | Path, folder: str | Path) -> Path | None:
+    """A recipe named inside a recipe in `folder`: the file `folder/name` (or `name`, when
+    absolute), else the packaged recipe `name`, else None."""
+    beside = Path(folder) / name  # an absolute `name` stays itself
+    if beside.is_file():
+        return beside
+    return packaged_recipe(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m vqgpt.recipes [NAME ...]`: the path of each packaged recipe (all: none given)."""
     names = sys.argv[1:] if argv is None else argv
@@ -71,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-__all__ = ["find_config", "packaged_dir", "packaged_recipe", "packaged_recipes"]
+__all__ = ["find_config", "find_nested", "packaged_dir", "packaged_recipe", "packaged_recipes"]
 
 if __name__ == "__main__":
     sys.exit(main())

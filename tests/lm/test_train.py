@@ -20,8 +20,14 @@ def losses(run) -> dict[int, float]:
 def lm_run(tiny_tokenizer_run, tmp_path_factory, run_cli, tiny_lm_recipe, write_yaml):
     root = tmp_path_factory.mktemp("lm")
     out = root / "run"
-    cfg = write_yaml(root / "r.yaml", tiny_lm_recipe(tiny_tokenizer_run, out, root / "codes"))
-    run_cli("train-lm", "--config", str(cfg))
+    recipe = tiny_lm_recipe(tiny_tokenizer_run, out, root / "codes", train=dict(eval_every=3))
+    cfg = write_yaml(root / "r.yaml", recipe)
+    # issue 18, second round: status lines (pretokenize's summary, the eval lines) on stderr
+    # only; stdout carries data, and these commands have none
+    result = run_cli("pretokenize", "--config", str(cfg))
+    assert result.stdout == "" and "(written)" in result.stderr
+    result = run_cli("train-lm", "--config", str(cfg))
+    assert result.stdout == "" and "step 3: " in result.stderr and "pipeline saved" in result.stderr
     return out
 
 
@@ -123,12 +129,13 @@ def test_caption_stdout_is_json_lines_and_a_max_length_rerank_fits(lm_run, tmp_p
     pipe = Pipeline.from_pretrained(lm_run)
     budget = pipe.lm.config.n_positions - pipe.layout.tokens_per_image - 4
     model = ["--model", str(lm_run)]
-    for options in (["--rerank", "2"], ["--beams", "2", "--rerank", "2"], ["--sample"]):
+    for options in (["--rerank", "2"], ["--beams", "4", "--rerank", "3"], ["--sample"]):
         result = run_cli("caption", *model, str(folder), "--max-new-tokens", "999", *options)
         records = [json.loads(line) for line in result.stdout.splitlines()]
         assert [Path(r["file"]).name for r in records] == ["blue.jpg", "red.png"], options
         assert all(isinstance(r["caption"], str) for r in records)
         assert f"vqgpt caption: note: max_new_tokens=999 capped at {budget}" in result.stderr
+        assert result.stderr.count("capped at") == 1, result.stderr  # one note per call
         assert "2 image(s) captioned" in result.stderr
 
 
@@ -159,7 +166,7 @@ def test_commands_that_produce_nothing_fail(lm_run, tmp_path, run_cli, cli_in_pr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_eval_prints_only_its_report_on_stdout(lm_run, tmp_path, run_cli):
+def test_eval_prints_only_its_report_on_stdout(lm_run, tmp_path, run_cli, cli_in_process):
     # issue 18: fault 6 (the report is the data; nothing else on stdout) and fault 7 (no image)
     out = tmp_path / "eval"
     model = ["--model", str(lm_run)]
@@ -171,3 +178,48 @@ def test_eval_prints_only_its_report_on_stdout(lm_run, tmp_path, run_cli):
     (empty / "bad.png").write_bytes(b"")
     again = run_cli("eval", *model, "--data", str(empty), "--out", str(out), check=False)
     assert "no readable images" in _error_line(again, "eval")
+    # issue 18, second round: the report's grids must not land among (or replace) the data
+    for inside in (empty, empty / "report"):
+        again = cli_in_process(
+            "eval", *model, "--data", str(empty), "--out", str(inside), check=False
+        )
+        assert f"--out {inside} is inside --data {empty}" in _error_line(again, "eval")
+    assert sorted(p.name for p in empty.iterdir()) == ["bad.png"]
+
+
+def test_an_output_file_is_never_one_of_the_inputs(lm_run, tmp_path, run_cli, cli_in_process):
+    # issue 18, second round: `caption d --out d/2.png` replaced the input image with JSON
+    folder = tmp_path / "d"
+    folder.mkdir()
+    for name in ("1.png", "2.png"):
+        Image.new("RGB", (32, 32), (20, 20, 220)).save(folder / name)
+    (tmp_path / "alias.png").symlink_to(folder / "1.png")
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    model = ["--model", str(lm_run)]
+    cases = [
+        ([str(folder)], folder / "2.png"),
+        ([str(folder / "1.png")], folder / "1.png"),
+        ([str(folder)], tmp_path / "alias.png"),
+    ]
+    for i, (inputs, out) in enumerate(cases):
+        run = run_cli if i == 0 else cli_in_process
+        result = run("caption", *model, *inputs, "--out", str(out), check=False)
+        assert f"--out {out} is the input" in _error_line(result, "caption")
+        assert result.stdout == ""
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_prompt_file_splits_at_line_ends_only(lm_run, tmp_path, cli_in_process):
+    # issue 18, second round: str.splitlines split a prompt at U+2028 (and \x85, \x0c, \x1c...)
+    from vqgpt.lm.infer import read_prompts
+
+    odd = ["a red\u2028circle", "a blue\x85square", "a green\x0ctriangle", "a red\x1csquare"]
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes(("\r\n".join(odd[:2]) + "\r" + "\n".join(odd[2:]) + "\n").encode())
+    assert read_prompts([], str(prompts)) == odd
+    out = tmp_path / "gen"
+    args = ["--model", str(lm_run), "--prompts", str(prompts), "-n", "1", "--out", str(out)]
+    result = cli_in_process("generate", *args)
+    assert "4 image(s) written" in result.stderr
+    rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().split("\n") if line]
+    assert [r["prompt"] for r in rows] == odd

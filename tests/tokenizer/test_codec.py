@@ -189,3 +189,56 @@ def test_skip_reasons_say_what_happened(
         cli_in_process("encode", *model, str(folder / "fine.png"), check=False), "encode"
     )
     assert "VQGPT_MAX_IMAGE_PIXELS='lots' must be a whole number" in line
+
+
+def test_an_output_file_is_never_one_of_the_inputs(
+    tiny_tokenizer_run, tmp_path, run_cli, cli_in_process
+):
+    # issue 18, second round: `encode keep.png --out keep.png` replaced the image with JSON
+    folder = tmp_path / "d"
+    folder.mkdir()
+    for name in ("1.png", "2.png"):
+        Image.new("RGB", (32, 32), (200, 10, 10)).save(folder / name)
+    (tmp_path / "link.png").symlink_to(folder / "2.png")
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    model = ["--model", str(tiny_tokenizer_run)]
+    cases = [
+        ([str(folder / "1.png")], folder / "1.png"),  # the file given
+        ([str(folder)], folder / "2.png"),  # a file found in a folder given
+        ([str(folder)], tmp_path / "link.png"),  # through a symlink
+        ([str(tmp_path / "link.png")], folder / "2.png"),  # the input a symlink to it
+        ([str(folder / "1.png")], tmp_path / "d" / ".." / "d" / "1.png"),  # another spelling
+    ]
+    for i, (inputs, out) in enumerate(cases):
+        run = run_cli if i == 0 else cli_in_process
+        line = _error_line(run("encode", *model, *inputs, "--out", str(out), check=False), "encode")
+        assert f"--out {out} is the input" in line and "would destroy that input" in line
+    line = _error_line(
+        cli_in_process("encode", *model, str(folder / "1.png"), "--out", str(folder), check=False),
+        "encode",
+    )
+    assert "is the input" in line or "is a folder" in line
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before  # nothing written
+    # reconstruct: an input named like an output in the output folder is not replaced
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(folder / "1.png_recon.png")
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    result = cli_in_process("reconstruct", *model, str(folder), "--out", str(folder), check=False)
+    assert "is the input" in _error_line(result, "reconstruct")
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_folder_named_like_an_image_is_no_input_and_a_repeat_is_one_line(
+    tiny_tokenizer_run, tmp_path, cli_in_process
+):
+    folder = tmp_path / "d"
+    (folder / "dir.png").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(folder / "a.png")
+    red = str(folder / "a.png")
+    result = cli_in_process(
+        "reconstruct", "--model", str(tiny_tokenizer_run), str(folder), red, red, red,
+        "--out", str(tmp_path / "r"),
+    )  # fmt: skip
+    assert "1 image(s) processed" in result.stderr and "skipped" not in result.stderr
+    assert "dir.png" not in result.stderr
+    assert result.stderr.count("given") == 1
+    assert f"{red}: given 4 times, processed once" in result.stderr

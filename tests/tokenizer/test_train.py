@@ -74,8 +74,12 @@ def test_resume_from_a_checkpoint_at_an_evaluation_step_is_bit_exact(
     where it was."""
     train = dict(max_steps=8, save_every=1, keep_checkpoints=8, eval_every=4)
     full, out = tmp_path / "full", tmp_path / "resumed"
-    run_cli("train-tokenizer", "--config",
+    result = run_cli("train-tokenizer", "--config",
             str(write_yaml(tmp_path / "full.yaml", tiny_tokenizer_recipe(full, train=train))))  # fmt: skip
+    # issue 18, second round: the eval lines are messages (stderr); stdout stays empty
+    assert (
+        result.stdout == "" and "step 4: PSNR" in result.stderr and "step 8: PSNR" in result.stderr
+    )
     cfg = write_yaml(tmp_path / "resumed.yaml", tiny_tokenizer_recipe(out, train=train))
     run_cli("train-tokenizer", "--config", str(cfg), "--resume", str(full / "checkpoints/step_4"))
     reference, resumed = losses(full), losses(out)

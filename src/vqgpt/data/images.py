@@ -252,7 +252,9 @@ def list_images(inputs: Sequence[str | Path]) -> ImageFiles:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(
+                f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+            )  # a folder named dir.png is no image
         elif p.exists():
             found = [p]
         else:
@@ -288,6 +290,42 @@ def output_names(files: Sequence[Path], tail: str) -> list[str]:
         taken.add(name)
         names.append(name)
     return names
+
+
+def refuse_input_as_output(
+    outputs: Sequence[str | Path], inputs: Sequence[str | Path], option: str = "--out"
+) -> None:
+    """Raise an OutputExistsError when one of `outputs` is one of `inputs` (the same file, by
+    resolved path, through symlinks): writing it would destroy an input."""
+    given = {Path(i).resolve(): Path(i) for i in inputs}
+    for out in outputs:
+        key = Path(out).resolve()
+        if key in given:
+            raise OutputExistsError(
+                f"{option} {out} is the input {given[key]}: writing it would destroy that input; "
+                f"give {option} another path"
+            )
+
+
+def repeat_lines(repeated: Sequence[Path], done: str) -> list[str]:
+    """One line per input given more than once (however many times), in input order."""
+    counts: dict[Path, int] = {}
+    for f in repeated:
+        counts[f] = counts.get(f, 0) + 1
+    return [
+        f"{f}: given {'more than once' if n == 1 else f'{n + 1} times'}, {done} once"
+        for f, n in counts.items()
+    ]
+
+
+def check_output_file(
+    out: str | Path, inputs: Sequence[str | Path], files: Sequence[Path], option: str = "--out"
+) -> None:
+    """Before anything is written: `option` FILE must not be an input (given, or found in an
+    input folder) nor a folder. OutputExistsError otherwise."""
+    refuse_input_as_output([out], [*files, *inputs], option)
+    if Path(out).is_dir():
+        raise OutputExistsError(f"{option} {out} is a folder: give the path of a file")
 
 
 def refuse_existing(folder: Path, names: Sequence[str], option: str = "--out") -> None:

@@ -279,6 +279,26 @@ def rerank_by_caption(
     return grouped[torch.arange(len(prompts), device=grouped.device), best.to(grouped.device)]
 
 
+def _capped(model: nn.Module, layout: VocabLayout, sampling: SamplingConfig) -> SamplingConfig:
+    """`sampling` with max_new_tokens capped at the caption budget, with one warning (the
+    candidates of a reranked or beam search then decode under the cap without another)."""
+    room = model_budget(model, layout).caption
+    if room < 1:
+        raise SequenceLengthError(
+            f"the model's n_positions={max_positions(model)} leaves no room for a caption after "
+            f"an image ({layout.tokens_per_image} codes + 4 framing tokens)"
+        )
+    max_new = sampling.max_new_tokens
+    if max_new <= room:
+        return sampling
+    warnings.warn(
+        f"max_new_tokens={max_new} capped at {room}: n_positions={max_positions(model)} minus "
+        f"the {layout.tokens_per_image} image tokens and 4 framing tokens (eos boi eoi eos)",
+        stacklevel=3,
+    )
+    return replace(sampling, max_new_tokens=room)
+
+
 def rerank_captions(
     model: nn.Module, layout: VocabLayout, codes: Tensor, sampling: SamplingConfig
 ) -> list[list[int]]:
@@ -290,6 +310,7 @@ def rerank_captions(
     read in the text-to-image direction (`pair_logprobs(target="image")`).
     """
     n, codes = sampling.rerank, torch.as_tensor(codes)
+    sampling = _capped(model, layout, sampling)
     first = generate_captions(model, layout, codes, replace(sampling, rerank=1))
     drawn = replace(sampling, rerank=1, do_sample=True, num_beams=1)
     more = generate_captions(model, layout, codes.repeat_interleave(n - 1, dim=0), drawn)
@@ -332,22 +353,10 @@ def generate_captions(
         raise ValueError(
             f"codes must be [B, h, w] with (h, w) = {layout.grid}, got {tuple(codes.shape)}"
         )
+    sampling = _capped(model, layout, sampling)  # warns once, whatever the candidates
     if sampling.rerank > 1:
         return rerank_captions(model, layout, codes, sampling)
-    room = model_budget(model, layout).caption
-    if room < 1:
-        raise SequenceLengthError(
-            f"the model's n_positions={max_positions(model)} leaves no room for a caption after "
-            f"an image ({layout.tokens_per_image} codes + 4 framing tokens)"
-        )
     max_new = sampling.max_new_tokens
-    if max_new > room:
-        warnings.warn(
-            f"max_new_tokens={max_new} capped at {room}: n_positions={max_positions(model)} minus "
-            f"the {layout.tokens_per_image} image tokens and 4 framing tokens (eos boi eoi eos)",
-            stacklevel=2,
-        )
-        max_new = room
     if codes.shape[0] == 0:
         return []
     device = next(model.parameters()).device

@@ -18,10 +18,12 @@ from PIL import Image
 from vqgpt.data.images import (
     ImageTransform,
     SkippedFile,
+    check_output_file,
     list_images,
     nothing_readable,
     read_image,
     refuse_existing,
+    repeat_lines,
     skip_lines,
     to_pil,
 )
@@ -65,15 +67,22 @@ def caption_images(
     return [text.strip() for text in pipe.tokenizer.decode_texts(ids)]
 
 
+def text_lines(text: str) -> list[str]:
+    """The lines of a user's text file: split at line ends only ("\\n", "\\r\\n", "\\r"), not at
+    the other breaks `str.splitlines` knows (U+2028, U+0085, \\x0b, \\x0c, \\x1c-\\x1e): those are
+    characters of a line."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
-    """Prompts from the command line and/or a file (one per line); blank ones are left out, and
-    none left is a ValueError."""
+    """Prompts from the command line and/or a file (one per line, `text_lines`); blank ones are
+    left out, and none left is a ValueError."""
     out = [p for p in prompts if p.strip()]
     if prompts_file:
         path = Path(prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts {path}: no such file")
-        out += [line.strip() for line in read_text(path).splitlines() if line.strip()]
+        out += [line.strip() for line in text_lines(read_text(path)) if line.strip()]
     if not out:
         given = " (every prompt given is blank)" if prompts or prompts_file else ""
         raise ValueError(f"no prompts{given}: give them as arguments or with --prompts FILE")
@@ -138,7 +147,7 @@ class CaptionResult:
         lines = [f"{len(self.records)} image(s) captioned", *skip_lines(self.skipped)]
         if lines[1:]:
             lines[0] += ", " + lines.pop(1)
-        lines += [f"{f}: given more than once, captioned once" for f in self.repeated]
+        lines += repeat_lines(self.repeated, "captioned")
         return "\n".join(lines)
 
 
@@ -148,6 +157,8 @@ def caption_files(
     """Caption image files/folders: one JSON line {"file", "caption"} per readable image, in input
     order, to `out` (replaced if it exists) or else stdout. No readable image: ImageInputError."""
     files, repeated = list_images(inputs)
+    if out:
+        check_output_file(out, inputs, files)  # never written over an input image
     result = CaptionResult(repeated=repeated)
     good, images = [], []
     for f in files:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 from transformers import GPT2LMHeadModel
 
 from vqgpt.config import ConfigError, load_config
@@ -52,9 +53,11 @@ def load_lm_recipe(
     path: str | Path | None,
     overrides: list[str] | None = None,
     patch: dict[str, Any] | None = None,
+    patch_source: str | None = None,
 ) -> LMRecipe:
-    """Read an LM recipe YAML, `patch` (a partial recipe) merged over it, then dotted overrides."""
-    return load_config(LMRecipe, path, overrides, patch)
+    """Read an LM recipe YAML, `patch` (a partial recipe) merged over it, then dotted overrides.
+    `patch_source` names where `patch` came from (for errors)."""
+    return load_config(LMRecipe, path, overrides, patch, patch_source)
 
 
 def gather_lm(accelerator: Accelerator, model: torch.nn.Module) -> GPT2LMHeadModel | None:
@@ -113,7 +116,9 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
             return None
         result = evaluate_lm(plain.to(accelerator.device), eval_bank, bank, seq, recipe.eval)
         metrics.log(step, result.to_log(), kind="eval")
-        return result.summary()
+        # a message: stderr (the train loop's bar.write would print it on stdout)
+        tqdm.write(f"step {step}: {result.summary()}", file=sys.stderr)
+        return None
 
     def epoch_batches(epoch: int, skip: int) -> list[dict[str, torch.Tensor]]:
         built = build_epoch(

@@ -16,11 +16,14 @@ from vqgpt.artifacts import image_tokenizer_dir
 from vqgpt.data.images import (
     ImageTransform,
     SkippedFile,
+    check_output_file,
     list_images,
     nothing_readable,
     output_names,
     read_image,
     refuse_existing,
+    refuse_input_as_output,
+    repeat_lines,
     skip_lines,
     to_pil,
 )
@@ -54,7 +57,7 @@ class CodecResult:
         lines = [f"{self.processed} image(s) processed", *skip_lines(self.skipped)]
         if lines[1:]:
             lines[0] += ", " + lines.pop(1)
-        lines += [f"{f}: given more than once, processed once" for f in self.repeated]
+        lines += repeat_lines(self.repeated, "processed")
         return "\n".join(lines)
 
 
@@ -91,6 +94,8 @@ def encode_files(
     model = load_tokenizer_model(model_path)
     transform = ImageTransform(model.config.arch.image_size, random_crop=False)
     files, repeated = list_images(inputs)
+    if out:
+        check_output_file(out, inputs, files)  # never written over an input image
     result = CodecResult(repeated=repeated)
     lines: list[str] = []
     sink = sys.stdout
@@ -123,6 +128,8 @@ def reconstruct_files(
     out = Path(out)
     files, repeated = list_images(inputs)
     names = dict(zip(files, output_names(files, "_recon.png"), strict=True))
+    outputs = [out / n for n in [*names.values(), "grid.png", "index.json"]]
+    refuse_input_as_output(outputs, files)  # an input named like an output: not replaced
     refuse_existing(out, [*names.values(), "grid.png", "index.json"])
     result = CodecResult(repeated=repeated)
     originals: list[torch.Tensor] = []

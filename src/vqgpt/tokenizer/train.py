@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from accelerate import skip_first_batches
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from vqgpt.config import load_config
 from vqgpt.data.sources import DataConfig, collate, image_text_dataset
@@ -55,10 +56,11 @@ def load_recipe(
     path: str | Path | None,
     overrides: list[str] | None = None,
     patch: dict[str, Any] | None = None,
+    patch_source: str | None = None,
 ) -> TokenizerRecipe:
     """Read a tokenizer recipe YAML, `patch` (a partial recipe) merged over it, then dotted
-    overrides."""
-    return load_config(TokenizerRecipe, path, overrides, patch)
+    overrides. `patch_source` names where `patch` came from (for errors)."""
+    return load_config(TokenizerRecipe, path, overrides, patch, patch_source)
 
 
 def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
@@ -114,7 +116,9 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
         grid = out / "samples" / f"recon_{step:06d}.png"
         result = evaluate_tokenizer(raw_model, eval_set, recipe.eval, grid_path=grid)
         metrics.log(step, result.to_log(), kind="eval")
-        return result.summary()
+        # a message: stderr (the train loop's bar.write would print it on stdout)
+        tqdm.write(f"step {step}: {result.summary()}", file=sys.stderr)
+        return None
 
     def epoch_batches(epoch: int, skip: int):
         loader.set_epoch(epoch)
