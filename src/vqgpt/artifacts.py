@@ -296,14 +296,13 @@ def read_json(path: Path, advice: str = COPY_AGAIN) -> dict:
     return data
 
 
-def check_safetensors(path: Path) -> dict:
-    """The header parses and the file is exactly as long as the tensors it lists; the header."""
+def check_safetensors(path: Path, advice: str = "copy the folder again or retrain") -> dict:
+    """The header parses and the file is exactly as long as the tensors it lists; the header.
+    Else a DamagedFileError ending with `advice`."""
     size = path.stat().st_size
 
     def damaged(why: str) -> DamagedFileError:
-        return DamagedFileError(
-            f"{path}: damaged weights file ({why}); copy the folder again or retrain"
-        )
+        return DamagedFileError(f"{path}: damaged weights file ({why}); {advice}")
 
     with path.open("rb") as handle:
         prefix = handle.read(8)
@@ -393,6 +392,83 @@ def image_tokenizer_dir(path: str | Path) -> Path:
     return IMAGE_TOKENIZER.check(root)
 
 
+# ---------------------------------------------------------------------------------------------
+# training checkpoints: <run>/checkpoints/step_<N>/, written by Accelerate's save_state
+
+
+RNG_STATE_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")
+
+
+def checkpoint_files(
+    models: int, optimizers: int, schedulers: int, process_index: int, custom_objects: int = 0
+) -> tuple[str, ...]:
+    """The files a checkpoint must hold for one process to resume from it: what Accelerate's
+    save_state writes for the objects it was given (the first of each kind without an index),
+    this process's RNG states, and the trainer state vqgpt writes beside them."""
+
+    def named(stem: str, count: int, suffix: str) -> list[str]:
+        return [f"{stem}{'' if i == 0 else f'_{i}'}{suffix}" for i in range(count)]
+
+    return (
+        TRAINER_STATE,
+        *named("model", models, ".safetensors"),
+        *named("optimizer", optimizers, ".bin"),
+        *named("scheduler", schedulers, ".bin"),
+        f"random_states_{process_index}.pkl",
+        *(f"custom_checkpoint_{i}.pkl" for i in range(custom_objects)),
+    )
+
+
+def check_checkpoint(folder: Path, files: tuple[str, ...], damaged: str) -> None:
+    """Every file of `files` is in the checkpoint `folder`, a readable file, and whole: weights
+    by their safetensors header, torch archives (.bin, .pkl) by their zip directory (written
+    last, so a file cut short lacks it), this process's RNG states by loading them (Accelerate
+    would skip unreadable ones with a log line, and the resume would not be bit-exact).
+    `damaged` ends each message: what to do about a damaged checkpoint."""
+    import zipfile
+
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise DamagedFileError(f"{path} is missing; {damaged}")
+        try:
+            if path.suffix == ".safetensors":
+                check_safetensors(path, damaged)
+            elif path.suffix in (".bin", ".pkl"):
+                with zipfile.ZipFile(path):
+                    pass
+        except zipfile.BadZipFile:
+            raise DamagedFileError(
+                f"{path}: cut short or not a torch file (its zip directory is missing); {damaged}"
+            ) from None
+        except OSError as err:
+            raise DamagedFileError(
+                f"{path}: cannot be read ({err.strerror or err}); {damaged}"
+            ) from None
+        if name.startswith("random_states_"):
+            check_rng_states(path, damaged)
+
+
+def check_rng_states(path: Path, damaged: str) -> None:
+    """`path` (random_states_<rank>.pkl) loads as Accelerate loads it and holds every state."""
+    from accelerate.utils import load
+
+    try:
+        states = load(path)
+    except Exception as err:  # noqa: BLE001 - unpickling a damaged file raises anything
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise DamagedFileError(
+            f"{path}: the RNG states do not load ({type(err).__name__}: {first}), so the resume "
+            f"would not continue the run exactly; {damaged}"
+        ) from None
+    missing = [key for key in RNG_STATE_KEYS if not isinstance(states, dict) or key not in states]
+    if missing:
+        raise DamagedFileError(
+            f"{path}: lacks the RNG state(s) {', '.join(missing)}, so the resume would not "
+            f"continue the run exactly; {damaged}"
+        )
+
+
 @contextmanager
 def loading(folder: Path, kind: FolderKind) -> Iterator[None]:
     """Turn what a library raises while loading a checked folder into a one-line vqgpt error."""
@@ -435,7 +511,10 @@ __all__ = [
     "DamagedFileError",
     "FolderKind",
     "ModelFolderError",
+    "check_checkpoint",
     "check_loading_info",
+    "check_rng_states",
+    "checkpoint_files",
     "check_safetensors",
     "check_shapes",
     "config_mismatch",
