@@ -429,8 +429,10 @@ def check_checkpoint(folder: Path, files: tuple[str, ...], damaged: str) -> None
 
     for name in files:
         path = folder / name
-        if not path.is_file():
+        if not path.exists():
             raise DamagedFileError(f"{path} is missing; {damaged}")
+        if not path.is_file():
+            raise DamagedFileError(f"{path} is not a file; {damaged}")
         try:
             if path.suffix == ".safetensors":
                 check_safetensors(path, damaged)
@@ -474,8 +476,9 @@ def loading(folder: Path, kind: FolderKind) -> Iterator[None]:
     """Turn what a library raises while loading a checked folder into a one-line vqgpt error."""
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # no load report: what it tells ends as one line here
+    hf_logging.disable_progress_bar()  # nor "Loading weights" bars before an error line
     try:
         yield
     except VqgptError:
@@ -488,6 +491,8 @@ def loading(folder: Path, kind: FolderKind) -> Iterator[None]:
         ) from err
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def check_loading_info(folder: Path, kind: FolderKind, info: dict) -> None:
