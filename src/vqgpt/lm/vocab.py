@@ -136,7 +136,7 @@ class VocabLayout(TokenLayout):
         if missing:
             raise ConfigError(
                 f"{where}: lacks {', '.join(missing)} (a joint vocabulary's layout needs "
-                f"{', '.join(required)}); the file is damaged or not a vqgpt {LAYOUT_FILE}: "
+                f"{', '.join(required)}); the file is damaged or not a layout vqgpt wrote: "
                 "copy the folder again"
             )
         return from_dict(cls, data, where)
