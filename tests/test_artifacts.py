@@ -47,6 +47,17 @@ def remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def edit(path: Path, change: Callable[[dict], object]) -> None:
+    """Change the JSON object in `path` in place (`change` mutates it)."""
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def set_codebook(config: dict, size: int) -> None:
+    config["quantizer"]["codebook_size"] = size
+
+
 def still_training(run: Path) -> Path:
     """The run as it looks mid-training: checkpoints, no final/ yet."""
     shutil.rmtree(run / "final")
@@ -75,6 +86,23 @@ LM_DAMAGE: list[tuple[str, Callable[[Path], Path], str]] = [
     ("no-such-folder", lambda r: r / "nope", "nope: no such folder"),
     ("a-file", lambda r: r / "config.yaml", "config.yaml is a file"),
     ("a-tokenizer-run", lambda r: FIXTURES / "tokenizer_run", "holds an image tokenizer (stage one) only"),
+    # config.json that does not fit the weights (issue 18 follow-up): named before transformers
+    # builds GPT-2's defaults and prints its load report
+    ("lm-config-bare", lambda r: put(r / "final/config.json", '{"model_type": "gpt2"}') or r, "config.json lacks vocab_size, n_positions, n_embd, n_layer, n_head (model.safetensors holds"),
+    ("lm-config-positions-only", lambda r: put(r / "final/config.json", '{"model_type":"gpt2","n_positions":128}') or r, "config.json lacks vocab_size, n_embd, n_layer, n_head"),
+    ("lm-config-more-layers", lambda r: edit(r / "final/config.json", lambda c: c.update(n_layer=12)) or r, "config.json says n_layer=12, model.safetensors holds n_layer=1"),
+    ("lm-config-other-positions", lambda r: edit(r / "final/config.json", lambda c: c.update(n_positions=128)) or r, "says n_positions=128, model.safetensors holds n_positions=96"),
+    ("lm-config-other-width", lambda r: edit(r / "final/config.json", lambda c: c.update(n_embd=8, n_head=2)) or r, "says n_embd=8, model.safetensors holds n_embd=4"),
+    ("lm-config-inner", lambda r: edit(r / "final/config.json", lambda c: c.update(n_inner=8)) or r, "config.json says n_inner=8 (8 units), model.safetensors holds 16"),
+    ("lm-config-n-layer-text", lambda r: edit(r / "final/config.json", lambda c: c.update(n_layer="1")) or r, "n_layer='1' is not a positive integer"),
+    ("image-tokenizer-config-other-codebook", lambda r: edit(r / "final/image_tokenizer/config.json", lambda c: set_codebook(c, 32)) or r, "image_tokenizer/config.json does not fit"),
+    # optional files are checked when present
+    ("generation-config-brace", lambda r: put(r / "final/generation_config.json", "{\n") or r, "generation_config.json: not valid JSON"),
+    ("generation-config-list", lambda r: put(r / "final/generation_config.json", "[]") or r, "generation_config.json: expected a JSON object"),
+    ("generation-config-empty", lambda r: put(r / "final/generation_config.json", "") or r, "generation_config.json: the file is empty"),
+    # the layout's fields are named
+    ("layout-empty-object", lambda r: put(r / "final/vqgpt_vocab.json", "{}") or r, "vqgpt_vocab.json: lacks codebook_size, grid"),
+    ("layout-without-grid", lambda r: edit(r / "final/vqgpt_vocab.json", lambda c: c.pop("grid")) or r, "vqgpt_vocab.json: lacks grid"),
 ]  # fmt: skip
 
 
@@ -101,6 +129,64 @@ def test_caption_on_a_damaged_lm_run_is_one_clear_line(
     result = cli("caption", "--model", str(model), str(FIXTURES / "image.png"), check=False)
     check_one_line(result, words)
     assert result.stdout == ""
+
+
+def test_a_config_that_does_not_fit_the_weights_is_one_line_in_a_real_process(
+    tmp_path, run_cli, cli_in_process
+):
+    """The issue's input: caption, generate and export on a bare GPT-2 config.json; no load
+    report from transformers, no KeyError from the export."""
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "lm_run", run)
+    put(run / "final/config.json", '{"model_type": "gpt2"}')
+    words = f"{run / 'final/config.json'} does not fit {run / 'final/model.safetensors'}"
+    result = run_cli("caption", "--model", str(run), str(FIXTURES / "image.png"), check=False)
+    check_one_line(result, words)
+    assert "LOAD REPORT" not in result.stderr
+    result = cli_in_process("generate", "--model", str(run), "a red circle", "--out", str(tmp_path / "g"), check=False)  # fmt: skip
+    check_one_line(result, words)
+    for config in ('{"model_type": "gpt2"}', '{"model_type":"gpt2","n_positions":128}'):
+        put(run / "final/config.json", config)
+        result = cli_in_process("export", "--run", str(run), "--out", str(tmp_path / "x"), check=False)  # fmt: skip
+        check_one_line(result, words)
+        assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (lambda r: put(r / "final/generation_config.json", "{"), "generation_config.json: not valid JSON"),
+        (lambda r: put(r / "final/image_tokenizer/config.json", '{"model_type": "vqgpt_vqvae"}'), "image_tokenizer/config.json: lacks its 'architecture' section"),
+        (lambda r: edit(r / "final/image_tokenizer/config.json", lambda c: c["architecture"].pop("image_size")), "image_tokenizer/config.json: architecture lacks image_size"),
+        (lambda r: edit(r / "final/image_tokenizer/config.json", lambda c: set_codebook(c, 32)), "image_tokenizer/config.json does not fit"),
+    ],
+    ids=["generation-config", "tokenizer-config-bare", "tokenizer-config-no-size", "tokenizer-config-codebook"],
+)  # fmt: skip
+def test_export_checks_optional_files_and_the_image_tokenizer_config(
+    tmp_path, cli_in_process, damage, words
+):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "lm_run", run)
+    damage(run)
+    out = tmp_path / "x"
+    check_one_line(cli_in_process("export", "--run", str(run), "--out", str(out), check=False), words)  # fmt: skip
+    assert not out.exists()
+
+
+def test_the_metrics_file_a_user_passes_gets_advice_for_it(tmp_path, cli_in_process):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "lm_run", run)
+    bad = tmp_path / "bad.json"
+    for content in ('{"caption": {"bleu4": 0.', "", "[1]"):
+        bad.write_text(content)
+        result = cli_in_process("export", "--run", str(run), "--out", str(tmp_path / "x"), "--metrics", str(bad), check=False)  # fmt: skip
+        check_one_line(result, str(bad))
+        assert "copy the folder" not in result.stderr
+        assert "leave out --metrics" in result.stderr
+    (run / "metrics.json").write_text("{")  # found in the run: rewrite it or delete it
+    result = cli_in_process("export", "--run", str(run), "--out", str(tmp_path / "x"), check=False)  # fmt: skip
+    check_one_line(result, f"{run / 'metrics.json'}: not valid JSON")
+    assert "delete it to export without scores" in result.stderr
 
 
 def test_generate_on_damaged_lm_runs_names_the_file(tmp_path, run_cli, cli_in_process):
@@ -170,8 +256,20 @@ def test_weights_of_another_model_are_named(tmp_path):
     final = tmp_path / "final"
     shutil.copytree(FIXTURES / "lm_run" / "final", final)
     shutil.copy(final / "image_tokenizer/model.safetensors", final / "model.safetensors")
-    with pytest.raises(DamagedFileError, match="model.safetensors: weights missing"):
+    with pytest.raises(DamagedFileError, match="config.json does not fit .*model.safetensors"):
         Pipeline.from_pretrained(final)
+
+
+def test_a_folder_that_passes_the_checks_loads_without_a_load_report(tmp_path, capfd):
+    """transformers' load report never reaches stderr: its logging is quiet around our load."""
+    from vqgpt.lm.pipeline import load_lm
+
+    final = tmp_path / "final"
+    shutil.copytree(FIXTURES / "lm_run" / "final", final)
+    capfd.readouterr()
+    load_lm(final)
+    VQVAE.load(final / "image_tokenizer")
+    assert "LOAD REPORT" not in capfd.readouterr().err
 
 
 def test_safetensors_checks(tmp_path):

@@ -9,6 +9,8 @@ import sys
 import pytest
 from PIL import Image
 
+from vqgpt import artifacts
+from vqgpt.artifacts import DamagedFileError
 from vqgpt.config import load_config
 from vqgpt.data.sources import folder_dataset
 from vqgpt.files import FileReadError, read_json, read_json_lines, read_text, write_text
@@ -144,3 +146,26 @@ def test_json_lines_damage_before_the_last_line_names_file_and_line(tmp_path):
     path.write_bytes(b'{"step": 1}\n{"step": 2, "kind": "tr\n')  # torn, then a newline: damage
     with pytest.raises(FileReadError, match=r"m.jsonl:2: not valid JSON"):
         read_json_lines(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('{"a": "x', "Unterminated string starting at line 1 column 7"),
+        ('{"a": "\x01"}', "Invalid control character at line 1 column 8"),
+        ("{\n  ", "Expecting property name enclosed in double quotes at line 2 column 3"),
+        ('{"a": 1} x', "Extra data at line 1 column 10"),
+    ],
+)
+def test_json_errors_read_as_one_phrase(tmp_path, text, words):
+    """json's own text may end with "at" ("Unterminated string starting at"): never "at at"."""
+    path = tmp_path / "s.json"
+    path.write_text(text)
+    for read, error in ((read_json, FileReadError), (artifacts.read_json, DamagedFileError)):
+        with pytest.raises(error) as err:
+            read(path)
+        assert words in str(err.value) and " at at " not in str(err.value)
+    (tmp_path / "m.jsonl").write_text(text.replace("\n", " ") + "\n{}\n")
+    with pytest.raises(FileReadError) as err:
+        read_json_lines(tmp_path / "m.jsonl")
+    assert "m.jsonl:1: not valid JSON" in str(err.value) and " at at " not in str(err.value)

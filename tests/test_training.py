@@ -8,9 +8,16 @@ from pathlib import Path
 import pytest
 from torch import nn
 
+from vqgpt.artifacts import DamagedFileError, check_checkpoint, checkpoint_files
 from vqgpt.files import FileReadError
 from vqgpt.tokenizer.vqvae import VQVAE, VQVAEConfig
-from vqgpt.training import TrainConfig, build_optimizer, read_metrics, read_trainer_state
+from vqgpt.training import (
+    TrainConfig,
+    build_optimizer,
+    damaged_checkpoint,
+    read_metrics,
+    read_trainer_state,
+)
 
 ARCH = dict(image_size=16, base_channels=8, channel_mult=[1, 2], latent_dim=8, norm_groups=4)
 
@@ -126,3 +133,85 @@ def test_a_trainer_state_without_its_fields_is_named(tmp_path):
     (tmp_path / "trainer_state.json").unlink()
     with pytest.raises(FileReadError, match=r"trainer_state.json is missing"):
         read_trainer_state(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# a damaged checkpoint: every file Accelerate's load_state reads is checked first, named as the
+# damaged trainer_state.json is (issue 18 follow-up)
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "words"),
+    [
+        ("model.safetensors", lambda p: _cut(p, 0.5), "model.safetensors: damaged weights file"),
+        ("random_states_0.pkl", lambda p: _cut(p, 0.5), "random_states_0.pkl: cut short"),
+    ],
+    ids=["weights-truncated", "rng-truncated"],
+)
+def test_resume_from_a_damaged_checkpoint_is_one_line(
+    two_step_run, tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml, name, damage, words
+):
+    """The issue's inputs in a real process: a truncated model.safetensors (a traceback before)
+    and a truncated RNG state (Accelerate skipped it with a log line: a resume not bit-exact)."""
+    out, cfg = _copy_run(two_step_run, tmp_path, tiny_tokenizer_recipe, write_yaml)
+    checkpoint = out / "checkpoints" / "step_2"
+    damage(checkpoint / name)
+    result = run_cli("train-tokenizer", "--config", str(cfg), "--resume", "latest", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{checkpoint / name}" in result.stderr and words in result.stderr
+    assert f"the checkpoint {checkpoint} is damaged" in result.stderr
+
+
+def _cut(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _rng_states(path: Path, **states) -> None:
+    import torch
+
+    torch.save(states, path)
+
+
+CHECKPOINT_DAMAGE = [
+    ("optimizer.bin", lambda p: _cut(p, 0.5), "optimizer.bin: cut short or not a torch file"),
+    ("optimizer.bin", lambda p: p.write_bytes(b""), "optimizer.bin: cut short or not a torch file"),
+    ("scheduler.bin", lambda p: p.unlink(), "scheduler.bin is missing"),
+    ("scheduler.bin", lambda p: _cut(p, 0.9), "scheduler.bin: cut short or not a torch file"),
+    ("model.safetensors", lambda p: p.unlink(), "model.safetensors is missing"),
+    ("model.safetensors", lambda p: p.write_bytes(b"\0" * 64), "model.safetensors: damaged weights"),
+    ("random_states_0.pkl", lambda p: p.unlink(), "random_states_0.pkl is missing"),
+    ("random_states_0.pkl", lambda p: _rng_states(p, step=2), "lacks the RNG state(s) random_state"),
+    ("random_states_0.pkl", lambda p: p.mkdir() if p.unlink() is None else None, "random_states_0.pkl is not a file"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "words"), CHECKPOINT_DAMAGE, ids=[f"{n}-{i}" for i, (n, *_) in enumerate(CHECKPOINT_DAMAGE)]
+)  # fmt: skip
+def test_checkpoint_manifest_names_each_damaged_file(two_step_run, tmp_path, name, damage, words):
+    checkpoint = tmp_path / "step_2"
+    shutil.copytree(two_step_run / "checkpoints" / "step_2", checkpoint)
+    files = checkpoint_files(models=1, optimizers=1, schedulers=1, process_index=0)
+    assert set(files) == {p.name for p in checkpoint.iterdir()}  # what save_state wrote
+    check_checkpoint(checkpoint, files, damaged_checkpoint(checkpoint))  # whole: passes
+    damage(checkpoint / name)
+    with pytest.raises(DamagedFileError) as err:
+        check_checkpoint(checkpoint, files, damaged_checkpoint(checkpoint))
+    message = str(err.value)
+    assert words in message and str(checkpoint / name) in message
+    assert message.endswith(f"{damaged_checkpoint(checkpoint)}") and "\n" not in message
+
+
+def test_checkpoint_manifest_follows_what_was_prepared():
+    assert checkpoint_files(2, 2, 1, process_index=3, custom_objects=1) == (
+        "trainer_state.json",
+        "model.safetensors",
+        "model_1.safetensors",
+        "optimizer.bin",
+        "optimizer_1.bin",
+        "scheduler.bin",
+        "random_states_3.pkl",
+        "custom_checkpoint_0.pkl",
+    )

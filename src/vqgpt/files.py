@@ -52,6 +52,15 @@ def write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def json_error(err: json.JSONDecodeError, column_only: bool = False) -> str:
+    """What `err` says and where, as one phrase: "Expecting value at line 3 column 1",
+    "Unterminated string starting at line 1 column 22" (json's own text for some errors
+    already ends with "at")."""
+    where = f"column {err.colno}" if column_only else f"line {err.lineno} column {err.colno}"
+    joint = " " if err.msg.endswith(" at") else " at "
+    return f"{err.msg}{joint}{where}"
+
+
 def read_json(path: str | Path) -> Any:
     """The JSON value in `path` (UTF-8, BOM removed).
 
@@ -62,9 +71,7 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise FileReadError(
-            f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
-        ) from None
+        raise FileReadError(f"{path}: not valid JSON ({json_error(err)})") from None
 
 
 class JsonLines(NamedTuple):
@@ -102,7 +109,7 @@ def read_json_lines(path: str | Path) -> JsonLines:
             if isinstance(err, FileReadError):
                 raise
             raise FileReadError(
-                f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})"
+                f"{path}:{number}: not valid JSON ({json_error(err, column_only=True)})"
             ) from None
     return JsonLines(rows, torn_tail=None)
 
@@ -112,6 +119,7 @@ __all__ = [
     "FileReadError",
     "JsonLines",
     "decode",
+    "json_error",
     "read_json",
     "read_json_lines",
     "read_text",

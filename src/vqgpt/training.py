@@ -27,11 +27,18 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    ProjectConfiguration,
+    set_seed,
+)
 from tqdm.auto import tqdm
 
+from vqgpt.artifacts import DamagedFileError, check_checkpoint, checkpoint_files
 from vqgpt.config import ConfigError, save_config
 from vqgpt.distributed import multi_cpu_run
+from vqgpt.errors import VqgptError
 from vqgpt.files import FileReadError, read_json, read_json_lines, write_text
 from vqgpt.recipes import packaged_recipe
 
@@ -339,8 +346,39 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
             f"{state.num_processes} (accelerate launch --num_processes {state.num_processes}), "
             f"not {accelerator.num_processes}, or start a new run"
         )
-    accelerator.load_state(str(path))
+    damaged = damaged_checkpoint(path)
+    # FSDP and DeepSpeed save models, optimizers (and DeepSpeed's schedulers) in their own
+    # layouts; their load errors are still caught below
+    plain = accelerator.distributed_type not in SHARDED_TYPES
+    files = checkpoint_files(
+        models=len(accelerator._models) if plain else 0,
+        optimizers=len(accelerator._optimizers) if plain else 0,
+        schedulers=len(accelerator._schedulers) if plain else 0,
+        process_index=accelerator.process_index,
+        custom_objects=len(accelerator._custom_objects),
+    )
+    check_checkpoint(path, files, damaged)  # every file there and whole, before loading any
+    try:
+        accelerator.load_state(str(path))
+    except VqgptError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch, safetensors and pickle raise anything
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise DamagedFileError(
+            f"{path}: does not load ({type(err).__name__}: {first}); {damaged}"
+        ) from err
     return state
+
+
+SHARDED_TYPES = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+
+
+def damaged_checkpoint(checkpoint: Path) -> str:
+    """What to do about a damaged checkpoint: the end of every message about one."""
+    return (
+        f"the checkpoint {checkpoint} is damaged: resume from an earlier one "
+        "(--resume <run>/checkpoints/step_<N>) or delete this folder"
+    )
 
 
 def read_trainer_state(checkpoint: Path) -> TrainerState:
@@ -349,10 +387,7 @@ def read_trainer_state(checkpoint: Path) -> TrainerState:
     Raises FileReadError naming the file when it is missing, not JSON (cut short) or lacks fields.
     """
     path = checkpoint / "trainer_state.json"
-    damaged = (
-        f"the checkpoint {checkpoint} is damaged: resume from an earlier one "
-        "(--resume <run>/checkpoints/step_<N>) or delete this folder"
-    )
+    damaged = damaged_checkpoint(checkpoint)
     if not path.is_file():
         raise FileReadError(f"{path} is missing: {damaged}")
     try:

@@ -351,3 +351,15 @@ def test_training_skip_counts_say_why(monkeypatch):
     assert "empty file: 1, truncated: 1, too large: 1" in text
     assert "big.png (too large: 20x20 = 400 pixels, over the limit of 100" in text
     assert "VQGPT_MAX_IMAGE_PIXELS" in text
+
+
+@pytest.mark.parametrize("name", ["red.png", "notes.txt", "archive.tar"])
+def test_a_file_as_source_is_named_a_file(tmp_path, monkeypatch, name):
+    """`eval --data ../red.png`: an existing file, not a folder that does not exist."""
+    (tmp_path / name).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path / "..")
+    for source in (str(tmp_path / name), f"./{tmp_path.name}/{name}"):
+        with pytest.raises(DataError, match=r"is a file; it takes a folder of images"):
+            load_image_dataset(DataConfig(source=source), "test")
+    with pytest.raises(DataError, match="looks like a folder, but it does not exist"):
+        load_image_dataset(DataConfig(source=str(tmp_path / "gone")), "test")

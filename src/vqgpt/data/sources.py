@@ -294,6 +294,11 @@ def standardize_columns(ds, image_column: str, text_column: str):  # -> datasets
 def _hub_dataset(cfg: DataConfig, split: str):
     import datasets
 
+    if Path(cfg.source).expanduser().is_file():
+        raise DataError(
+            f"data.source={cfg.source!r} is a file; it takes a folder of images (with an "
+            "optional metadata.jsonl), 'shapes', 'photos' or a Hugging Face Hub dataset name"
+        )
     if cfg.source.startswith(("/", "./", "../", "~")) or cfg.source.count("/") > 1:
         raise DataError(f"data.source={cfg.source!r} looks like a folder, but it does not exist")
     try:

@@ -51,6 +51,7 @@ from vqgpt.export.card import model_card
 from vqgpt.export.hub.configuration_vqgpt import token_grid, upgrade_quantizer_keys
 from vqgpt.files import write_text
 from vqgpt.lm.vocab import VocabLayout, tokenizer_config_for_users
+from vqgpt.tokenizer.vqvae import VQVAE
 
 HUB_CODE_DIR = Path(__file__).parent / "hub"
 TOKENIZER_AUTO_MAP = {
@@ -62,6 +63,13 @@ IMAGE_PROCESSOR = "image_processing_vqgpt.VQGPTImageProcessor"
 PROCESSOR = "processing_vqgpt.VQGPTProcessor"
 OPTIONAL_LM_FILES = ("generation_config.json",)  # copied when the run has it
 METRICS_FILES = ("metrics.json", "eval/metrics.json", "report/metrics.json")
+GIVEN_METRICS_ADVICE = (  # what to do about a damaged metrics.json passed with --metrics
+    "pass the metrics.json a `vqgpt eval --out DIR` wrote (DIR/metrics.json), or leave out "
+    "--metrics"
+)
+METRICS_ADVICE = (  # ... and about one found in the run
+    "write it again with `vqgpt eval`, or delete it to export without scores"
+)
 FILE_MODE, DIR_MODE = 0o644, 0o755  # an export is shared: everyone may read it
 
 
@@ -106,8 +114,8 @@ class ExportResult(NamedTuple):
 # finding the parts
 
 
-def _read_json(path: Path) -> dict:
-    return read_json(path)
+def _read_json(path: Path, advice: str = "copy the run folder again") -> dict:
+    return read_json(path, advice)
 
 
 def find_run_parts(path: str | Path) -> RunParts:
@@ -125,6 +133,7 @@ def find_run_parts(path: str | Path) -> RunParts:
             f"{path}: not a vqgpt run (no pipeline from `vqgpt train-lm` and no image "
             f"tokenizer from `vqgpt train-tokenizer` in it or in its final/)"
         )
+    VQVAE.check_weights(image_tokenizer)  # its config.json fits its weights
     run = root.parent if root.name == "final" else root
     run_dirs = tuple(dict.fromkeys([path, root, run]))
     recipe: dict = {}
@@ -142,15 +151,15 @@ def find_metrics(parts: RunParts, metrics: str | Path | None = None) -> dict:
         path = Path(metrics)
         if not path.is_file():
             raise FileNotFoundError(f"--metrics {path}: no such file")
-        return _read_json(path)
+        return _read_json(path, GIVEN_METRICS_ADVICE)
     for folder in parts.run_dirs:
         for name in METRICS_FILES:
             if (folder / name).is_file():
-                return _read_json(folder / name)
+                return _read_json(folder / name, METRICS_ADVICE)
     if parts.pipeline is not None and parts.pipeline.name == "final":  # a run, not an export
         beside = parts.pipeline.parent.parent / "report" / "metrics.json"
         if beside.is_file():
-            return _read_json(beside)
+            return _read_json(beside, METRICS_ADVICE)
     tokenizer_eval = parts.image_tokenizer / "eval.json"  # stage one's held-out evaluation
     if parts.pipeline is None and tokenizer_eval.is_file():
         return {"tokenizer": _read_json(tokenizer_eval)}

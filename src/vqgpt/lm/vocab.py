@@ -10,6 +10,7 @@ Layout (docs/design.md "Token ids"), with the defaults and K image codes:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from collections.abc import Sequence
@@ -122,7 +123,22 @@ class VocabLayout(TokenLayout):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "vocab") -> VocabLayout:
-        """Inverse of `to_dict`; unknown keys are errors."""
+        """Inverse of `to_dict`; unknown keys and missing required ones are errors naming
+        `where` (the file)."""
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.init
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ConfigError(
+                f"{where}: lacks {', '.join(missing)} (a joint vocabulary's layout needs "
+                f"{', '.join(required)}); the file is damaged or not a layout vqgpt wrote: "
+                "copy the folder again"
+            )
         return from_dict(cls, data, where)
 
     def check_compatible(self, codebook_size: int, grid: Sequence[int] | None = None) -> None:

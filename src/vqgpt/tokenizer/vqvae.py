@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from vqgpt.artifacts import IMAGE_TOKENIZER, check_loading_info, loading
+from vqgpt.artifacts import IMAGE_TOKENIZER, check_loading_info, check_shapes, loading
 from vqgpt.config import ConfigError, from_dict, to_dict
 from vqgpt.export.hub import configuration_vqgpt as hub_config
 from vqgpt.export.hub.modeling_vqgpt import Decoder, Encoder, VQVAEBase, check_pixels
@@ -121,10 +121,24 @@ class VQVAE(VQVAEBase):
         """The VQ-VAE of an image tokenizer folder, every file checked first
         (`vqgpt.artifacts.IMAGE_TOKENIZER`); raises ModelFolderError or DamagedFileError."""
         folder = IMAGE_TOKENIZER.check(folder)
+        cls.check_weights(folder)
         with loading(folder, IMAGE_TOKENIZER):
             model, info = cls.from_pretrained(folder, output_loading_info=True)
         check_loading_info(folder, IMAGE_TOKENIZER, info)
         return model
+
+    @classmethod
+    def check_weights(cls, folder: Path) -> None:
+        """config.json of a checked image tokenizer folder fits its model.safetensors: the model
+        it describes, built on the meta device (no memory, no init), has exactly the tensors and
+        shapes of the weights; else a DamagedFileError naming both files and the first
+        disagreement."""
+        with loading(folder, IMAGE_TOKENIZER):
+            config = cls.config_class.from_pretrained(folder)
+            with torch.device("meta"):
+                model = cls(config)
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        check_shapes(folder, IMAGE_TOKENIZER, expected)
 
     @property
     def last_layer(self) -> torch.Tensor:
