@@ -620,7 +620,7 @@ def run_loop(
         with rng_untouched():
             line = evaluate(state.step)
         if line:
-            bar.write(f"step {state.step}: {line}")
+            bar.write(f"step {state.step}: {line}", file=sys.stderr)  # a message, not data
         accelerator.wait_for_everyone()
 
     model.train()

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 from transformers import GPT2LMHeadModel
 
 from vqgpt.config import ConfigError, load_config
@@ -116,9 +115,7 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
             return None
         result = evaluate_lm(plain.to(accelerator.device), eval_bank, bank, seq, recipe.eval)
         metrics.log(step, result.to_log(), kind="eval")
-        # a message: stderr (the train loop's bar.write would print it on stdout)
-        tqdm.write(f"step {step}: {result.summary()}", file=sys.stderr)
-        return None
+        return result.summary()
 
     def epoch_batches(epoch: int, skip: int) -> list[dict[str, torch.Tensor]]:
         built = build_epoch(

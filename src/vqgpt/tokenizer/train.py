@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from accelerate import skip_first_batches
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from vqgpt.config import load_config
 from vqgpt.data.sources import DataConfig, collate, image_text_dataset
@@ -116,9 +115,7 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
         grid = out / "samples" / f"recon_{step:06d}.png"
         result = evaluate_tokenizer(raw_model, eval_set, recipe.eval, grid_path=grid)
         metrics.log(step, result.to_log(), kind="eval")
-        # a message: stderr (the train loop's bar.write would print it on stdout)
-        tqdm.write(f"step {step}: {result.summary()}", file=sys.stderr)
-        return None
+        return result.summary()
 
     def epoch_batches(epoch: int, skip: int):
         loader.set_epoch(epoch)
