@@ -97,16 +97,17 @@ def test_steps_that_leave_parameters_unused_train_in_two_processes(
 def test_resume_is_bit_exact_from_mid_epoch_and_epoch_boundaries(
     processes, tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml, accelerate_launcher
 ):
-    """12 steps of 8 per epoch, dead-code restarts every 2 unused steps; resumed from steps 4
-    (mid-epoch), 8 (the epoch boundary) and 10, each into a new folder: the same losses after
-    the checkpoint and the same final weights, byte for byte."""
+    """12 steps of 8 per epoch, dead-code restarts every 2 unused steps; resumed from steps 8
+    (the epoch boundary) and 10 (mid-epoch, in the second epoch: the epoch's order and the skip
+    together), each into a new folder: the same losses after the checkpoint and the same final
+    weights, byte for byte. (A mid-epoch resume in the first epoch: tokenizer/test_train.py.)"""
     launcher = accelerate_launcher if processes == 2 else None
     train = dict(max_steps=12, save_every=1, keep_checkpoints=12)
     full = tmp_path / "full"
     cfg = write_yaml(tmp_path / "full.yaml", tiny_tokenizer_recipe(full, train=train))
     run_cli("train-tokenizer", "--config", str(cfg), launcher=launcher)
     reference = {r["step"]: r["total"] for r in read_metrics(full, "train")}
-    for step in (4, 8, 10):
+    for step in (8, 10):
         out = tmp_path / f"from_{step}"
         cfg = write_yaml(tmp_path / f"{step}.yaml", tiny_tokenizer_recipe(out, train=train))
         checkpoint = full / "checkpoints" / f"step_{step}"
@@ -165,9 +166,9 @@ def test_lm_resume_is_bit_exact_with_dropout(
     processes, tiny_tokenizer_run, tmp_path, run_cli, tiny_lm_recipe, write_yaml,
     accelerate_launcher,
 ):  # fmt: skip
-    """Dropout 0.1 (drawn from the RNG a checkpoint restores); resumed from steps 4, 8 (the
-    epoch boundary: an epoch is 8 steps) and 10: the same losses after the checkpoint, the same
-    final weights."""
+    """Dropout 0.1 (drawn from the RNG a checkpoint restores); resumed from steps 8 (the epoch
+    boundary: an epoch is 8 steps) and 10 (mid-epoch, second epoch): the same losses after the
+    checkpoint, the same final weights. (A mid-epoch resume in the first epoch: lm/test_train.py.)"""
     launcher = accelerate_launcher if processes == 2 else None
     codes = tmp_path / "codes"
 
@@ -179,7 +180,7 @@ def test_lm_resume_is_bit_exact_with_dropout(
     full = tmp_path / "full"
     run_cli("train-lm", "--config", str(recipe(full)), launcher=launcher)
     reference = {r["step"]: r["loss"] for r in read_metrics(full, "train")}
-    for step in (4, 8, 10):
+    for step in (8, 10):
         out = tmp_path / f"from_{step}"
         checkpoint = full / "checkpoints" / f"step_{step}"
         run_cli("train-lm", "--config", str(recipe(out)), "--resume", str(checkpoint),
