@@ -256,6 +256,23 @@ def _cli_in_process(*args: str, check: bool = True) -> subprocess.CompletedProce
     return result
 
 
+def _error_line(result: subprocess.CompletedProcess, command: str | None = None) -> str:
+    """The one stderr line of a failed CLI call: exit 2, no traceback, one line (starting
+    `vqgpt COMMAND: error:` when `command` is given)."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr[-3000:]
+    if command is not None:
+        assert lines[0].startswith(f"vqgpt {command}: error: "), lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def error_line():
+    """(result, command=None) -> the one stderr line of a failed CLI call (exit 2, no traceback)."""
+    return _error_line
+
+
 @pytest.fixture
 def cli_in_process():
     """(*args, check=True) -> CompletedProcess of `vqgpt.cli.main` run in this process."""

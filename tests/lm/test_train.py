@@ -110,15 +110,6 @@ def test_generate_and_caption_commands_write_their_files(lm_run, tmp_path, run_c
     assert f"skipped {out / 'broken.png'}: not an image" in result.stderr
 
 
-def _error_line(result, command: str) -> str:
-    """The one stderr line of a failed command (exit 2, no traceback)."""
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"vqgpt {command}: error: "), lines[0]
-    return lines[0]
-
-
 def test_caption_stdout_is_json_lines_and_a_max_length_rerank_fits(lm_run, tmp_path, run_cli):
     # issue 18: fault 6 (data on stdout, messages on stderr) and fault 9 (`caption --rerank 2
     # --max-new-tokens` past the budget re-scored one token past the position table)
@@ -139,15 +130,15 @@ def test_caption_stdout_is_json_lines_and_a_max_length_rerank_fits(lm_run, tmp_p
         assert "2 image(s) captioned" in result.stderr
 
 
-def test_commands_that_produce_nothing_fail(lm_run, tmp_path, run_cli, cli_in_process):
+def test_commands_that_produce_nothing_fail(error_line, lm_run, tmp_path, run_cli, cli_in_process):
     # issue 18, fault 7: no images, nothing readable, only blank prompts: exit 2, one line
     model = ["--model", str(lm_run)]
     empty = tmp_path / "empty"
     empty.mkdir()
-    line = _error_line(run_cli("caption", *model, str(empty), check=False), "caption")
+    line = error_line(run_cli("caption", *model, str(empty), check=False), "caption")
     assert f"no image files in {empty}" in line
     (empty / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    line = _error_line(cli_in_process("caption", *model, str(empty), check=False), "caption")
+    line = error_line(cli_in_process("caption", *model, str(empty), check=False), "caption")
     assert "none of the 1 image(s) could be read" in line and "bad.png" in line
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n")
@@ -155,18 +146,20 @@ def test_commands_that_produce_nothing_fail(lm_run, tmp_path, run_cli, cli_in_pr
         result = cli_in_process(
             "generate", *model, *prompts, "--out", str(tmp_path / "g"), check=False
         )
-        assert "no prompts (every prompt given is blank)" in _error_line(result, "generate")
+        assert "no prompts (every prompt given is blank)" in error_line(result, "generate")
     assert not (tmp_path / "g").exists()
     # fault 5: a second generate into the same folder replaces nothing
     out = tmp_path / "gen"
     run_cli("generate", *model, "a red circle", "", "-n", "1", "--out", str(out))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     again = run_cli("generate", *model, "a blue square", "--out", str(out), check=False)
-    assert "000_0.png already exists" in _error_line(again, "generate")
+    assert "000_0.png already exists" in error_line(again, "generate")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_eval_prints_only_its_report_on_stdout(lm_run, tmp_path, run_cli, cli_in_process):
+def test_eval_prints_only_its_report_on_stdout(
+    error_line, lm_run, tmp_path, run_cli, cli_in_process
+):
     # issue 18: fault 6 (the report is the data; nothing else on stdout) and fault 7 (no image)
     out = tmp_path / "eval"
     model = ["--model", str(lm_run)]
@@ -177,17 +170,19 @@ def test_eval_prints_only_its_report_on_stdout(lm_run, tmp_path, run_cli, cli_in
     empty.mkdir()
     (empty / "bad.png").write_bytes(b"")
     again = run_cli("eval", *model, "--data", str(empty), "--out", str(out), check=False)
-    assert "no readable images" in _error_line(again, "eval")
+    assert "no readable images" in error_line(again, "eval")
     # issue 18, second round: the report's grids must not land among (or replace) the data
     for inside in (empty, empty / "report"):
         again = cli_in_process(
             "eval", *model, "--data", str(empty), "--out", str(inside), check=False
         )
-        assert f"--out {inside} is inside --data {empty}" in _error_line(again, "eval")
+        assert f"--out {inside} is inside --data {empty}" in error_line(again, "eval")
     assert sorted(p.name for p in empty.iterdir()) == ["bad.png"]
 
 
-def test_an_output_file_is_never_one_of_the_inputs(lm_run, tmp_path, run_cli, cli_in_process):
+def test_an_output_file_is_never_one_of_the_inputs(
+    error_line, lm_run, tmp_path, run_cli, cli_in_process
+):
     # issue 18, second round: `caption d --out d/2.png` replaced the input image with JSON
     folder = tmp_path / "d"
     folder.mkdir()
@@ -204,7 +199,7 @@ def test_an_output_file_is_never_one_of_the_inputs(lm_run, tmp_path, run_cli, cl
     for i, (inputs, out) in enumerate(cases):
         run = run_cli if i == 0 else cli_in_process
         result = run("caption", *model, *inputs, "--out", str(out), check=False)
-        assert f"--out {out} is the input" in _error_line(result, "caption")
+        assert f"--out {out} is the input" in error_line(result, "caption")
         assert result.stdout == ""
     assert {p: p.read_bytes() for p in folder.iterdir()} == before
 

@@ -69,16 +69,7 @@ def test_model_dir_resolution_and_errors(tiny_tokenizer_run, tmp_path, run_cli):
     assert result.returncode == 2 and "image_tokenizer/ is missing" in result.stderr
 
 
-def _error_line(result, command: str) -> str:
-    """The one stderr line of a failed command (exit 2, no traceback)."""
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"vqgpt {command}: error: "), lines[0]
-    return lines[0]
-
-
-def test_outputs_never_share_a_name(tiny_tokenizer_run, tmp_path, run_cli):
+def test_outputs_never_share_a_name(error_line, tiny_tokenizer_run, tmp_path, run_cli):
     # issue 18, fault 5: twin.png and twin.bmp, the same name in another folder, a file twice
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
@@ -112,7 +103,7 @@ def test_outputs_never_share_a_name(tiny_tokenizer_run, tmp_path, run_cli):
     (b / "twin.png").unlink()
     Image.new("RGB", (32, 32), (255, 255, 0)).save(b / "twin.png")
     again = run_cli("reconstruct", *model, str(b / "twin.png"), "--out", str(out), check=False)
-    assert "twin.png_recon.png already exists" in _error_line(again, "reconstruct")
+    assert "twin.png_recon.png already exists" in error_line(again, "reconstruct")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
@@ -131,7 +122,9 @@ def test_encode_stdout_is_json_lines_and_messages_go_to_stderr(
         assert "image(s) processed" in result.stderr and "processed" not in result.stdout
 
 
-def test_nothing_readable_is_an_error(tiny_tokenizer_run, tmp_path, run_cli, cli_in_process):
+def test_nothing_readable_is_an_error(
+    error_line, tiny_tokenizer_run, tmp_path, run_cli, cli_in_process
+):
     # issue 18, fault 7: every input unreadable, an empty folder: exit 2, one line
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -143,17 +136,17 @@ def test_nothing_readable_is_an_error(tiny_tokenizer_run, tmp_path, run_cli, cli
     model = ["--model", str(tiny_tokenizer_run)]
     for command in ("encode", "reconstruct"):
         out = ["--out", str(tmp_path / f"{command}.out")]
-        line = _error_line(run_cli(command, *model, str(bad), *out, check=False), command)
+        line = error_line(run_cli(command, *model, str(bad), *out, check=False), command)
         assert "none of the 2 image(s) could be read" in line
         assert "empty file" in line and "not an image" in line
         # a real process for the first case, this one for the second (the same main, faster)
-        line = _error_line(cli_in_process(command, *model, str(empty), *out, check=False), command)
+        line = error_line(cli_in_process(command, *model, str(empty), *out, check=False), command)
         assert f"no image files in {empty}" in line
         assert not (tmp_path / f"{command}.out").exists()
 
 
 def test_skip_reasons_say_what_happened(
-    tiny_tokenizer_run, tmp_path, run_cli, cli_in_process, monkeypatch
+    error_line, tiny_tokenizer_run, tmp_path, run_cli, cli_in_process, monkeypatch
 ):
     # issue 18, fault 8: a valid 20000x10000 PNG is too large (with the limit and the knob), not
     # "unreadable"; truncated and empty files say so too
@@ -180,19 +173,19 @@ def test_skip_reasons_say_what_happened(
     result = cli_in_process("encode", *model, str(folder / "fine.png"), str(folder / "wide.png"))
     assert [Path(json.loads(r)["file"]).name for r in result.stdout.splitlines()] == ["wide.png"]
     assert "over the limit of 1,100" in result.stderr
-    line = _error_line(
+    line = error_line(
         cli_in_process("encode", *model, str(folder / "huge.png"), check=False), "encode"
     )
     assert "too large" in line and "VQGPT_MAX_IMAGE_PIXELS" in line
     monkeypatch.setenv("VQGPT_MAX_IMAGE_PIXELS", "lots")
-    line = _error_line(
+    line = error_line(
         cli_in_process("encode", *model, str(folder / "fine.png"), check=False), "encode"
     )
     assert "VQGPT_MAX_IMAGE_PIXELS='lots' must be a whole number" in line
 
 
 def test_an_output_file_is_never_one_of_the_inputs(
-    tiny_tokenizer_run, tmp_path, run_cli, cli_in_process
+    error_line, tiny_tokenizer_run, tmp_path, run_cli, cli_in_process
 ):
     # issue 18, second round: `encode keep.png --out keep.png` replaced the image with JSON
     folder = tmp_path / "d"
@@ -211,9 +204,9 @@ def test_an_output_file_is_never_one_of_the_inputs(
     ]
     for i, (inputs, out) in enumerate(cases):
         run = run_cli if i == 0 else cli_in_process
-        line = _error_line(run("encode", *model, *inputs, "--out", str(out), check=False), "encode")
+        line = error_line(run("encode", *model, *inputs, "--out", str(out), check=False), "encode")
         assert f"--out {out} is the input" in line and "would destroy that input" in line
-    line = _error_line(
+    line = error_line(
         cli_in_process("encode", *model, str(folder / "1.png"), "--out", str(folder), check=False),
         "encode",
     )
@@ -223,7 +216,7 @@ def test_an_output_file_is_never_one_of_the_inputs(
     Image.new("RGB", (32, 32), (9, 9, 9)).save(folder / "1.png_recon.png")
     before = {p: p.read_bytes() for p in folder.iterdir()}
     result = cli_in_process("reconstruct", *model, str(folder), "--out", str(folder), check=False)
-    assert "is the input" in _error_line(result, "reconstruct")
+    assert "is the input" in error_line(result, "reconstruct")
     assert {p: p.read_bytes() for p in folder.iterdir()} == before
 
 
