@@ -128,6 +128,8 @@ def test_write_text_and_read_json(tmp_path):
         (b'{"step": 1}\n{"text": "\xc3', [1], '{"text": "\ufffd'),  # cut inside a character
         (b"", [], None),
         (BOM + b'{"step": 1}\n\n\n', [1], None),
+        (b'{"step": 1}\n{"step": 2}{"step": 3', [1, 2], '{"step": 3'),  # glued: 2 kept
+        (b'{"step": 1}\n{"step": 2} {"st', [1, 2], ' {"st'),
     ],
 )
 def test_json_lines_drop_only_a_torn_last_line(tmp_path, data, rows, torn):

@@ -86,7 +86,8 @@ def read_json_lines(path: str | Path) -> JsonLines:
 
     A last line that lacks its newline and does not parse is a write cut short (disk full, power
     loss, a killed process): it is left out and returned as `torn_tail`, for the caller to warn
-    about. A complete last line is kept, newline or not.
+    about. A complete last line is kept, newline or not, and so is a complete record at the start
+    of a torn last line (`{...}{"step": 9`: the rest is the torn tail).
     Raises FileNotFoundError when `path` does not exist, FileReadError naming the file and line
     for any other line that is not UTF-8 JSON.
     """
@@ -105,7 +106,13 @@ def read_json_lines(path: str | Path) -> JsonLines:
         except (FileReadError, json.JSONDecodeError) as err:
             if last:
                 torn = raw.decode("utf-8", errors="replace")
-                return JsonLines(rows, torn_tail=torn)
+                # a complete record with the torn start of the next glued on (its newline was
+                # lost): keep the record, drop the rest
+                try:
+                    value, end = json.JSONDecoder().raw_decode(torn)
+                except json.JSONDecodeError:
+                    return JsonLines(rows, torn_tail=torn)
+                return JsonLines([*rows, (number, value)], torn_tail=torn[end:])
             if isinstance(err, FileReadError):
                 raise
             raise FileReadError(
