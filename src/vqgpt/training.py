@@ -35,7 +35,7 @@ from accelerate.utils import (
 )
 from tqdm.auto import tqdm
 
-from vqgpt.artifacts import DamagedFileError, check_checkpoint, checkpoint_files
+from vqgpt.artifacts import TRAINER_STATE, DamagedFileError, check_checkpoint, checkpoint_files
 from vqgpt.config import ConfigError, save_config
 from vqgpt.distributed import multi_cpu_run
 from vqgpt.errors import VqgptError
@@ -244,7 +244,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         for p in root.iterdir()
         if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[5:].isdigit()
     ]
-    done = [p for p in done if (p / "trainer_state.json").is_file()]
+    done = [p for p in done if (p / TRAINER_STATE).is_file()]
     return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
@@ -256,7 +256,7 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
         found = list_checkpoints(output_dir)
         return found[-1] if found else None
     path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
+    if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder")
     return path
 
@@ -287,7 +287,7 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_text(tmp / "trainer_state.json", json.dumps(asdict(state)))
+        write_text(tmp / TRAINER_STATE, json.dumps(asdict(state)))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in list_checkpoints(output_dir)[: -keep or None] if keep else []:
@@ -386,7 +386,7 @@ def read_trainer_state(checkpoint: Path) -> TrainerState:
 
     Raises FileReadError naming the file when it is missing, not JSON (cut short) or lacks fields.
     """
-    path = checkpoint / "trainer_state.json"
+    path = checkpoint / TRAINER_STATE
     damaged = damaged_checkpoint(checkpoint)
     if not path.is_file():
         raise FileReadError(f"{path} is missing: {damaged}")

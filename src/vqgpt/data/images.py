@@ -180,14 +180,22 @@ class SkippedFile(NamedTuple):
     skip: ImageSkip
 
 
-def skip_lines(skipped: Sequence[SkippedFile]) -> list[str]:
-    """For a command's stderr: `N skipped (reason: count, ...)`, then `skipped FILE: why` each."""
-    if not skipped:
-        return []
-    counts = Counter(s.skip.reason for s in skipped)
-    return [f"{len(skipped)} skipped ({describe_skips(counts)})"] + [
-        f"skipped {s.file}: {s.skip.detail}" for s in skipped
+def input_summary(
+    done: int, verb: str, skipped: Sequence[SkippedFile], repeated: Sequence[Path]
+) -> str:
+    """For a command's stderr: `N image(s) VERB[, K skipped (reason: count, ...)]`, then
+    `skipped FILE: why` per skipped file and one line per input given more than once."""
+    lines = [f"{done} image(s) {verb}"]
+    if skipped:
+        counts = Counter(s.skip.reason for s in skipped)
+        lines[0] += f", {len(skipped)} skipped ({describe_skips(counts)})"
+        lines += [f"skipped {s.file}: {s.skip.detail}" for s in skipped]
+    times = Counter(repeated)  # in input order (a Counter keeps first insertion)
+    lines += [
+        f"{f}: given {'more than once' if n == 1 else f'{n + 1} times'}, {verb} once"
+        for f, n in times.items()
     ]
+    return "\n".join(lines)
 
 
 def nothing_readable(skipped: Sequence[SkippedFile]) -> ImageInputError:
@@ -305,17 +313,6 @@ def refuse_input_as_output(
                 f"{option} {out} is the input {given[key]}: writing it would destroy that input; "
                 f"give {option} another path"
             )
-
-
-def repeat_lines(repeated: Sequence[Path], done: str) -> list[str]:
-    """One line per input given more than once (however many times), in input order."""
-    counts: dict[Path, int] = {}
-    for f in repeated:
-        counts[f] = counts.get(f, 0) + 1
-    return [
-        f"{f}: given {'more than once' if n == 1 else f'{n + 1} times'}, {done} once"
-        for f, n in counts.items()
-    ]
 
 
 def check_output_file(

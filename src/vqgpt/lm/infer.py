@@ -19,12 +19,11 @@ from vqgpt.data.images import (
     ImageTransform,
     SkippedFile,
     check_output_file,
+    input_summary,
     list_images,
     nothing_readable,
     read_image,
     refuse_existing,
-    repeat_lines,
-    skip_lines,
     to_pil,
 )
 from vqgpt.figures import captioned_grid
@@ -144,11 +143,7 @@ class CaptionResult:
 
     def summary(self) -> str:
         """For stderr: the count, then one line per skipped or repeated input."""
-        lines = [f"{len(self.records)} image(s) captioned", *skip_lines(self.skipped)]
-        if lines[1:]:
-            lines[0] += ", " + lines.pop(1)
-        lines += repeat_lines(self.repeated, "captioned")
-        return "\n".join(lines)
+        return input_summary(len(self.records), "captioned", self.skipped, self.repeated)
 
 
 def caption_files(

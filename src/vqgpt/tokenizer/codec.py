@@ -17,14 +17,13 @@ from vqgpt.data.images import (
     ImageTransform,
     SkippedFile,
     check_output_file,
+    input_summary,
     list_images,
     nothing_readable,
     output_names,
     read_image,
     refuse_existing,
     refuse_input_as_output,
-    repeat_lines,
-    skip_lines,
     to_pil,
 )
 from vqgpt.figures import save_reconstruction_grid
@@ -54,11 +53,7 @@ class CodecResult:
 
     def summary(self) -> str:
         """For stderr: the count, then one line per skipped or repeated input."""
-        lines = [f"{self.processed} image(s) processed", *skip_lines(self.skipped)]
-        if lines[1:]:
-            lines[0] += ", " + lines.pop(1)
-        lines += repeat_lines(self.repeated, "processed")
-        return "\n".join(lines)
+        return input_summary(self.processed, "processed", self.skipped, self.repeated)
 
 
 def _batches(
