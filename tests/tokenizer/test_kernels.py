@@ -142,17 +142,53 @@ def test_nearest_code_dispatches_to_the_kernel(interpreted):
 
 
 def test_backend_choice_on_cpu(monkeypatch):
-    from vqgpt.tokenizer.quantize import SEARCH_BACKEND_ENV, _search_backend
+    from vqgpt.tokenizer.quantize import SEARCH_BACKEND_ENV, SearchBackend, _search_backend
 
     monkeypatch.delenv(SEARCH_BACKEND_ENV, raising=False)
     x = torch.zeros(2, 3)
-    assert _search_backend(x, None) == "chunked"  # auto: triton only for CUDA tensors
-    assert _search_backend(x, "triton") == "triton"
+    # auto: triton only for CUDA tensors
+    assert _search_backend(x, None) == SearchBackend("chunked", forced=False)
+    assert _search_backend(x, "triton") == SearchBackend("triton", forced=True)
     monkeypatch.setenv(SEARCH_BACKEND_ENV, "triton")
-    assert _search_backend(x, None) == "triton"
-    assert _search_backend(x, "chunked") == "chunked"  # the argument beats the environment
+    assert _search_backend(x, None) == SearchBackend("triton", forced=True)
+    assert _search_backend(x, "chunked").name == "chunked"  # the argument beats the environment
     with pytest.raises(ValueError, match="unknown"):
         _search_backend(x, "cuda")
+
+
+def test_a_failing_kernel_falls_back_with_one_warning(monkeypatch):
+    """A GPU whose triton cannot compile or launch the kernel: "auto" warns once, then searches
+    with the chunked path (same codes) for the rest of the process; a forced "triton" raises."""
+    import warnings
+
+    from vqgpt.tokenizer import kernels, quantize
+
+    monkeypatch.delenv(quantize.SEARCH_BACKEND_ENV, raising=False)
+    monkeypatch.setattr(quantize, "_triton_failure", "")
+    monkeypatch.setattr(quantize, "_kernel_can_run", lambda x: True)  # as on a CUDA machine
+    calls = []
+
+    def broken(x, codebook, **kw):
+        calls.append(1)
+        raise RuntimeError("PTX JIT compilation failed\n(long compiler log)")
+
+    monkeypatch.setattr(kernels, "nearest_code_triton", broken)
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(50, 6, generator=g), torch.randn(17, 6, generator=g)
+    want = quantize.nearest_code(x, e, 7, backend="chunked")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = quantize.nearest_code(x, e, 7)
+        second = quantize.nearest_code(x, e, 7)
+    assert torch.equal(first, want) and torch.equal(second, want)
+    assert calls == [1]  # tried once, never again in this process
+    assert len(caught) == 1 and caught[0].category is RuntimeWarning
+    message = str(caught[0].message)
+    assert "PTX JIT compilation failed" in message and "chunked" in message
+    assert "long compiler log" not in message  # one line
+    assert quantize._search_backend(x, None).name == "chunked"
+    with pytest.raises(RuntimeError, match="PTX"):  # asked for by name: no silent fallback
+        quantize.nearest_code(x, e, 7, backend="triton")
 
 
 @needs_triton

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import typing
+import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -140,17 +141,52 @@ SEARCH_BACKENDS = ("auto", "chunked", "triton")
 SEARCH_BACKEND_ENV = "VQGPT_NEAREST_CODE"  # forces a backend of `nearest_code` (tests, benchmarks)
 
 
-def _search_backend(x: Tensor, backend: str | None) -> str:
-    """`backend`, else $VQGPT_NEAREST_CODE, else auto: triton on CUDA when importable."""
+class SearchBackend(NamedTuple):
+    name: str  # "chunked" | "triton"
+    forced: bool  # asked for by name (argument or environment), not picked by "auto"
+
+
+# Why the Triton kernel is off for the rest of this process ("" while it has not failed): a GPU
+# whose compiler or driver cannot build or launch it falls back once, with one warning.
+_triton_failure = ""
+
+
+def _search_backend(x: Tensor, backend: str | None) -> SearchBackend:
+    """`backend`, else $VQGPT_NEAREST_CODE, else auto: triton on CUDA when importable (and not
+    failed before in this process)."""
     backend = backend or os.environ.get(SEARCH_BACKEND_ENV) or "auto"
     if backend not in SEARCH_BACKENDS:
         raise ValueError(
             f"nearest-code backend {backend!r} is unknown (argument or ${SEARCH_BACKEND_ENV}); "
             f"known: {list(SEARCH_BACKENDS)}"
         )
-    if backend == "auto":  # find_spec, not import: CPU runs never pay for importing triton
-        return "triton" if x.is_cuda and importlib.util.find_spec("triton") else "chunked"
-    return backend
+    if backend == "auto":
+        return SearchBackend("triton" if _auto_picks_triton(x) else "chunked", forced=False)
+    return SearchBackend(backend, forced=True)
+
+
+def _auto_picks_triton(x: Tensor) -> bool:
+    """Whether "auto" takes the kernel: it has not failed in this process and can run here."""
+    return not _triton_failure and _kernel_can_run(x)
+
+
+def _kernel_can_run(x: Tensor) -> bool:
+    """CUDA tensors and triton importable (find_spec: CPU runs never pay for importing it)."""
+    return x.is_cuda and importlib.util.find_spec("triton") is not None
+
+
+def _triton_failed(err: Exception) -> None:
+    """Turn the kernel off for this process, with one warning saying why and what runs instead."""
+    global _triton_failure
+    lines = str(err).strip().splitlines()
+    _triton_failure = f"{type(err).__name__}: {lines[0] if lines else ''}"
+    warnings.warn(
+        f"the Triton nearest-code kernel failed to compile or launch ({_triton_failure}); "
+        "using the chunked search from now on (same codes, slower). "
+        f"Set {SEARCH_BACKEND_ENV}=chunked to skip the kernel.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 @torch.no_grad()
@@ -163,6 +199,12 @@ def nearest_code(
     dropped, peak extra memory one `[chunk_size, K]` block, ties to the lowest index), or on CUDA
     with triton importable the fused kernel `vqgpt.tokenizer.kernels.nearest_code_triton` (exact
     float32); `backend` ("auto" | "chunked" | "triton") or $VQGPT_NEAREST_CODE forces one.
+    When "auto" picked the kernel and it fails to compile or launch (an old GPU, a broken
+    triton install), this call and every later one use the chunked search, after one
+    RuntimeWarning; a forced "triton" raises instead.
+
+    Raises:
+        ValueError: x or codebook not 2-D, their widths differ, or chunk_size < 1.
     """
     if x.ndim != 2 or codebook.ndim != 2 or x.shape[1] != codebook.shape[1]:
         raise ValueError(
@@ -171,10 +213,16 @@ def nearest_code(
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if _search_backend(x, backend) == "triton":
-        from vqgpt.tokenizer.kernels import nearest_code_triton
+    choice = _search_backend(x, backend)
+    if choice.name == "triton":
+        try:
+            from vqgpt.tokenizer.kernels import nearest_code_triton
 
-        return nearest_code_triton(x, codebook)
+            return nearest_code_triton(x, codebook)
+        except Exception as err:  # compile errors, out of resources, launch failures, imports
+            if choice.forced:
+                raise
+            _triton_failed(err)
     return hub.nearest_code(x, codebook, chunk_size)
 
 
