@@ -2,8 +2,9 @@
 
 Math (docs/design.md, "Quantizer math"): `z_q = e[k]`, `k = argmin_i ||z_e - e_i||^2`; codebook
 loss `||sg[z_e] - z_q||^2` (replaced by EMA updates when `ema` is on); commitment
-`||z_e - sg[z_q]||^2` weighted by `beta`; straight-through `z_q = z_e + (z_q - z_e).detach()`.
-All arithmetic runs in float32.
+`||z_e - sg[z_q]||^2` weighted by `beta`; the gradient crosses the code step by `estimator`:
+straight-through `z_q = z_e + (z_q - z_e).detach()` or the rotation trick (`estimators.py`;
+residual VQ: once, from z_e onto the sum of its codes). All arithmetic runs in float32.
 
 Multi-process: when `torch.distributed` is initialised, every codebook change made in a training
 forward is identical on all ranks, and equal to what one process with the whole global batch
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from vqgpt.config import ConfigError
 from vqgpt.export.hub import configuration_vqgpt as hub_config
 from vqgpt.export.hub import modeling_vqgpt as hub
+from vqgpt.tokenizer.estimators import ESTIMATORS, apply_estimator
 
 # ---------------------------------------------------------------------------------------------
 # config
@@ -63,6 +65,7 @@ class QuantizerConfig:
     codebook_dim: int | None = None  # factorised codes: project to this dim and search there
     l2_normalize: bool = False  # search / store l2-normalised codes (cosine similarity)
     beta: float = 0.25  # commitment weight
+    estimator: str = "ste"  # gradient across the code step: "ste" | "rotation" (estimators.py)
     num_quantizers: int = 1  # residual quantisation depth: codes per position (RVQ)
     init: str = "normal"  # "uniform" (seed: U(-1/K, 1/K)) | "normal"
     ema: bool = True  # EMA codebook updates instead of the codebook loss
@@ -87,6 +90,11 @@ class QuantizerConfig:
             raise ConfigError("quantizer.codebook_dim must be positive or null")
         if self.num_quantizers < 1:
             raise ConfigError("quantizer.num_quantizers must be at least 1")
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(
+                f"quantizer.estimator={self.estimator!r} is unknown; known: {list(ESTIMATORS)} "
+                "(ste: straight-through; rotation: the rotation trick, Fifty et al. 2025)"
+            )
         if self.init not in ("uniform", "normal"):
             raise ConfigError("quantizer.init must be 'uniform' or 'normal'")
         if not 0.0 < self.ema_decay < 1.0:
@@ -395,7 +403,7 @@ class Codebook(nn.Module):
 class QuantizerOutput(NamedTuple):
     """What `VectorQuantizer.forward` returns."""
 
-    quantized: Tensor  # [B, D, H, W], straight-through, in the input dtype
+    quantized: Tensor  # [B, D, H, W], value z_q, gradient by the estimator, input dtype
     codes: Tensor  # long [B, H, W], or [B, H, W, L] when num_quantizers > 1
     loss: Tensor  # codebook_loss + beta * commitment_loss (float32 scalar)
     commitment_loss: Tensor  # ||z - sg[z_q]||^2, mean per quantizer, summed (unweighted)
@@ -457,7 +465,7 @@ class VectorQuantizer(nn.Module):
                 z_q = z_q + q
                 residual = residual - q.detach()
                 all_codes.append(codes)
-            z_q = z + (z_q - z).detach()  # straight-through
+            z_q = apply_estimator(self.cfg.estimator, z, z_q)  # value z_q, a gradient to z
             out = hub.project(z_q, self.proj_out)
             quantized = rearrange(out, "(b h w) d -> b d h w", b=b, h=h, w=w).to(z_e.dtype)
             codes = torch.stack(all_codes, dim=-1)  # (N, L)
