@@ -21,8 +21,8 @@ the features is dropped silently, and a missing one is None. It decodes `.txt` (
 `.json` members itself: a `.json` that is not JSON, or a `.txt` that is not UTF-8, raises
 inside the builder and stops the load (we turn that into a DataError naming the shards; in a
 stream it stops the stream there). Image members stay bytes until accessed. So vqgpt passes
-the features itself, from the member kinds of the first shard (every image suffix found, `txt`,
-`json` with its fields inferred from the first objects): then a key with no image member has
+the features itself (jpg, jpeg, png, webp, txt always; `json` when the first shard has JSON
+members, its fields inferred from the first objects: fields first seen later are dropped): then a key with no image member has
 image None (read_image counts it as missing), a zero-byte, corrupt or non-image member is
 counted by read_image (empty / truncated / not an image), and a key with no caption keeps its
 image with text "". The caption is the `.txt` member, else the JSON field `data.caption_key`.
@@ -191,11 +191,12 @@ def standardize_columns(
             f"{where + ': ' if where else ''}the dataset already has a column {clash[0]!r} "
             f"besides data.{clash[0]}_column's; its columns: {names}"
         )
+    # undecoded before anything else: a rename of a stream decodes and re-encodes its images
+    feature = ds.features[image_column] if ds.features else None
+    if isinstance(feature, datasets.Image) and feature.decode:
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
     if renames:
         ds = ds.rename_columns(renames)
-    feature = ds.features["image"] if ds.features else None
-    if isinstance(feature, datasets.Image) and feature.decode:
-        ds = ds.cast_column("image", datasets.Image(decode=False))
     relative = base is not None and feature == datasets.Value("string")
 
     def fix(row: dict[str, Any]) -> dict[str, Any]:
@@ -236,12 +237,11 @@ class ShardFields(NamedTuple):
     """The member kinds of a WebDataset shard."""
 
     images: list[str]  # image suffixes found (jpg, png, ...), in WDS_IMAGE_SUFFIXES order
-    txt: bool
     json: list[dict]  # the first JSON objects (to infer the json column's fields)
 
 
 def shard_fields(path: str) -> ShardFields:
-    """The image suffixes, whether there are .txt members, and the first JSON objects of a shard."""
+    """The image suffixes and the first JSON objects of a shard."""
     import json
 
     suffixes: set[str] = set()
@@ -260,16 +260,16 @@ def shard_fields(path: str) -> ShardFields:
                 if isinstance(value, dict):
                     objects.append(value)
     images = [s for s in WDS_IMAGE_SUFFIXES if s in suffixes]
-    return ShardFields(images, "txt" in suffixes, objects)
+    return ShardFields(images, objects)
 
 
 def _wds_features(fields: ShardFields):
     import datasets
     import pyarrow as pa
 
-    features = {s: datasets.Image(decode=False) for s in fields.images}
-    if fields.txt:
-        features["txt"] = datasets.Value("string")
+    # every image suffix and txt, found in the first shard or not: a later shard may hold them
+    features = {s: datasets.Image(decode=False) for s in WDS_IMAGE_SUFFIXES}
+    features["txt"] = datasets.Value("string")
     if fields.json:
         schema = pa.Table.from_pylist(fields.json).schema  # the union of their fields
         features["json"] = datasets.Features.from_arrow_schema(schema)
@@ -300,7 +300,7 @@ def webdataset_dataset(files: DataFiles, cfg: Any):  # -> datasets.Dataset | Ite
         value = meta.get(key) if isinstance(meta, dict) and key else None
         return value if isinstance(value, str) else ""
 
-    drop = list(fields.images) + (["txt"] if fields.txt else [])
+    drop = [*WDS_IMAGE_SUFFIXES, "txt"]
     out_features = datasets.Features(
         image=datasets.Image(decode=False),
         text=datasets.Value("string"),
@@ -308,16 +308,18 @@ def webdataset_dataset(files: DataFiles, cfg: Any):  # -> datasets.Dataset | Ite
     )
 
     def convert(row: dict[str, Any]) -> dict[str, Any]:
-        image = next((row[s] for s in fields.images if row[s] is not None), None)
+        image = next((row[s] for s in WDS_IMAGE_SUFFIXES if row[s] is not None), None)
         return {"image": image, "text": caption(row.get("txt"), row.get("json"))}
 
     if isinstance(ds, datasets.IterableDataset):
         return ds.map(convert, remove_columns=drop, features=out_features)
-    if len(fields.images) == 1:
+    present = [s for s in WDS_IMAGE_SUFFIXES if ds.data.column(s).null_count < len(ds)]
+    if len(present) <= 1:
         # not streamed: only the small columns are computed; the images are renamed, not copied
         small = ds.select_columns([c for c in ("txt", "json") if c in ds.column_names])
         texts = [caption(r.get("txt"), r.get("json")) for r in small]
-        ds = ds.rename_column(fields.images[0], "image").remove_columns(drop[1:])
+        keep = present[0] if present else WDS_IMAGE_SUFFIXES[0]
+        ds = ds.rename_column(keep, "image").remove_columns([c for c in drop if c != keep])
         ds = ds.add_column("text", texts)
     else:  # several image suffixes: one column made row by row (a copy on disk)
         ds = ds.map(convert, remove_columns=drop, features=out_features)
