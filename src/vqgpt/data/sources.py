@@ -321,7 +321,7 @@ def _hub_dataset(cfg: DataConfig, split: str):
     from vqgpt.data.formats import standardize_columns
 
     if cfg.source.startswith(("/", "./", "../", "~")) or cfg.source.count("/") > 1:
-        raise DataError(f"data.source={cfg.source!r} looks like a path, but nothing is there")
+        raise DataError(f"data.source={cfg.source!r} looks like a path, but it does not exist")
     try:
         ds = datasets.load_dataset(cfg.source, split=split, streaming=cfg.streaming)
     except Exception as err:  # offline, unknown name, unknown split: all end here
