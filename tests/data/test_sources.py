@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from vqgpt.config import ConfigError, from_dict
+from vqgpt.data.formats import standardize_columns
 from vqgpt.data.images import ImageTransform, load_rgb, to_pil
 from vqgpt.data.shapes import ShapesConfig, write_image_folder
 from vqgpt.data.sources import (
@@ -24,7 +25,6 @@ from vqgpt.data.sources import (
     find_readable,
     image_text_dataset,
     load_image_dataset,
-    standardize_columns,
 )
 
 
@@ -323,9 +323,10 @@ def test_hub_source_offline_error(monkeypatch):
 def test_standardize_columns():
     ds = datasets.Dataset.from_dict({"img": ["a"], "caption": ["hi"], "extra": [1]})
     out = standardize_columns(ds, "img", "caption")
-    assert out.column_names == ["image", "text"] and out["text"] == ["hi"]
+    # the other columns are kept unchanged (the load_image_dataset contract)
+    assert out.column_names == ["image", "text", "extra"] and list(out["text"]) == ["hi"]
     out = standardize_columns(ds, "img", "")
-    assert out["text"] == [""]
+    assert list(out["text"]) == [""] and list(out["extra"]) == [1]
     with pytest.raises(DataError, match="'txt'"):
         standardize_columns(ds, "img", "txt")
 
@@ -353,13 +354,20 @@ def test_training_skip_counts_say_why(monkeypatch):
     assert "VQGPT_MAX_IMAGE_PIXELS" in text
 
 
-@pytest.mark.parametrize("name", ["red.png", "notes.txt", "archive.tar"])
-def test_a_file_as_source_is_named_a_file(tmp_path, monkeypatch, name):
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("red.png", "cannot tell the format of .*red.png from its suffix"),
+        ("notes.txt", "cannot tell the format of .*notes.txt from its suffix"),
+        ("archive.tar", "archive.tar is not a tar archive"),
+    ],
+)
+def test_a_file_as_source_is_named_a_file(tmp_path, monkeypatch, name, message):
     """`eval --data ../red.png`: an existing file, not a folder that does not exist."""
     (tmp_path / name).write_bytes(b"x")
     monkeypatch.chdir(tmp_path / "..")
     for source in (str(tmp_path / name), f"./{tmp_path.name}/{name}"):
-        with pytest.raises(DataError, match=r"is a file; it takes a folder of images"):
+        with pytest.raises(DataError, match=message):
             load_image_dataset(DataConfig(source=source), "test")
-    with pytest.raises(DataError, match="looks like a folder, but it does not exist"):
+    with pytest.raises(DataError, match="looks like a path, but it does not exist"):
         load_image_dataset(DataConfig(source=str(tmp_path / "gone")), "test")

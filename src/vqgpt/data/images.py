@@ -99,7 +99,9 @@ def _too_large(width: int, height: int, limit: int) -> ImageSkip:
     )
 
 
-def _open(src: ImageSource) -> Image.Image:
+def _open(src: ImageSource | None) -> Image.Image:
+    if src is None:  # a row with no image (a WebDataset key without an image member)
+        raise FileNotFoundError("no image")
     if isinstance(src, dict):  # the datasets Image feature, undecoded
         src = src["bytes"] if src.get("bytes") is not None else src.get("path")
         if src is None:
@@ -131,8 +133,9 @@ def _classify(err: Exception) -> ImageSkip:
     return ImageSkip("unreadable", f"unreadable ({type(err).__name__}: {text})")
 
 
-def read_image(src: ImageSource) -> ReadImage:
-    """Any image (path, bytes, PIL image, datasets dict) as RGB, or why it cannot be read.
+def read_image(src: ImageSource | None) -> ReadImage:
+    """Any image (path, bytes, PIL image, datasets dict) as RGB, or why it cannot be read
+    (None: missing).
 
     Never raises on bad data; the size limit is `max_image_pixels()` (checked on the header,
     before any pixel is decoded).

@@ -13,6 +13,7 @@ give ranks different batch sizes).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections import Counter
@@ -65,6 +66,7 @@ TEST_PHOTOS: dict[str, str] = {
     "clock_motion.png": "a clock",
 }
 MIN_CROP_SCALE = 0.25  # photo crops span 25%..100% of the photo's shorter side
+FORMATS = ("auto", "folder", "parquet", "arrow", "webdataset", "hub")  # data.format
 
 
 class DataError(VqgptError, RuntimeError):
@@ -90,13 +92,19 @@ class PhotosConfig:
 class DataConfig:
     """Where images come from and how they are prepared."""
 
-    source: str = "shapes"  # "shapes" | "photos" | a local image folder | a Hub dataset name
+    # "shapes" | "photos" | a folder | files, globs, brace notation (`s/{00000..00009}.tar`) |
+    # a Hub dataset name (data/formats.py)
+    source: str = "shapes"
+    format: str = "auto"  # auto (from the path) | folder | parquet | arrow | webdataset | hub
+    streaming: bool = False  # read as a datasets.IterableDataset: no copy in RAM or on disk
+    shuffle_buffer: int = 1000  # streamed training: rows in datasets' shuffle buffer
     image_size: int = 64  # side of the training images (shapes draw at shapes.image_size)
     num_images: int | None = None  # cap on the rows of each split
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     photos: PhotosConfig = field(default_factory=PhotosConfig)
-    image_column: str = "image"  # Hub datasets: renamed to "image"
-    text_column: str = "text"  # Hub datasets: renamed to "text"; "" = no captions (text "")
+    image_column: str = "image"  # Hub, Parquet, Arrow: renamed to "image"
+    text_column: str = "text"  # Hub, Parquet, Arrow: renamed to "text"; "" = no captions
+    caption_key: str = "caption"  # WebDataset: the caption's field in key.json (without key.txt)
     train_split: str = "train"
     eval_split: str = "test"
     random_crop: bool = False  # train transform: random instead of centre crop
@@ -115,6 +123,10 @@ class DataConfig:
             raise ConfigError("data.train_split and data.eval_split must be non-empty")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
+        if self.format not in FORMATS:
+            raise ConfigError(f"data.format={self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.shuffle_buffer < 1:
+            raise ConfigError("data.shuffle_buffer must be at least 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +145,9 @@ class SkipStats:
     too_large: int = 0  # over max_image_pixels() (VQGPT_MAX_IMAGE_PIXELS raises it)
     unsupported_mode: int = 0  # a pixel mode that cannot become RGB
     unreadable: int = 0  # any other decoding failure (corrupt data)
+    # images kept with text "" because they have no caption (not a skip: not in `total`);
+    # counted by the training views (find_readable, StreamingImageTextDataset)
+    no_caption: int = 0
     examples: list[str] = field(default_factory=list)
     max_examples: int = 10
 
@@ -160,16 +175,19 @@ class SkipStats:
 
     def merge(self, other: SkipStats) -> None:
         """Add another record's counts into this one."""
-        for k in SKIP_REASONS:
+        for k in (*SKIP_REASONS, "no_caption"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         room = self.max_examples - len(self.examples)
         self.examples.extend(other.examples[: max(room, 0)])
 
     def __str__(self) -> str:
+        uncaptioned = f"; {self.no_caption} image(s) without a caption (kept, text '')"
+        uncaptioned = uncaptioned if self.no_caption else ""
         if not self.total:
-            return "no images skipped"
-        return f"skipped {self.total} image(s) ({describe_skips(self.counts)}), e.g. " + "; ".join(
-            self.examples
+            return "no images skipped" + uncaptioned
+        shown = "; ".join(self.examples)
+        return f"skipped {self.total} image(s) ({describe_skips(self.counts)}), e.g. {shown}" + (
+            uncaptioned
         )
 
 
@@ -242,19 +260,41 @@ def _read_metadata(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _read_metadata_csv(path: Path) -> list[dict[str, Any]]:
+    import csv
+
+    from vqgpt.files import read_text
+
+    try:
+        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+        rows = list(reader)
+    except (OSError, csv.Error, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot be read as CSV ({err})") from None
+    if "file_name" not in (reader.fieldnames or []):
+        raise DataError(
+            f"{path}: the header needs a 'file_name' column (and 'text'); it has {reader.fieldnames}"
+        )
+    for number, row in enumerate(rows, start=2):
+        if not row.get("file_name"):
+            raise DataError(f"{path}:{number}: each row needs a file_name")
+    return rows
+
+
 def folder_dataset(folder: str | Path, split: str, stats: SkipStats | None = None):
-    """Readable images of `<folder>/<split>/` (else the whole folder) with their captions."""
+    """Readable images of `<folder>/<split>/` (else the whole folder) with their captions:
+    metadata.jsonl (JSON lines with file_name, text) or metadata.csv (columns file_name, text),
+    else every image file with text ""."""
     import datasets
 
     root = Path(folder)
     if (root / split).is_dir():
         root = root / split
     stats = stats if stats is not None else SkipStats()
-    if (root / "metadata.jsonl").is_file():
-        pairs = [
-            (root / row["file_name"], str(row.get("text") or ""))
-            for row in _read_metadata(root / "metadata.jsonl")
-        ]
+    if (root / "metadata.jsonl").is_file() or (root / "metadata.csv").is_file():
+        jsonl = (root / "metadata.jsonl").is_file()
+        read = _read_metadata if jsonl else _read_metadata_csv
+        rows = read(root / ("metadata.jsonl" if jsonl else "metadata.csv"))
+        pairs = [(root / row["file_name"], str(row.get("text") or "")) for row in rows]
     else:
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         pairs = [(p, "") for p in files if p.is_file()]
@@ -275,66 +315,75 @@ def folder_dataset(folder: str | Path, split: str, stats: SkipStats | None = Non
     )
 
 
-def standardize_columns(ds, image_column: str, text_column: str):  # -> datasets.Dataset
-    """Rename a dataset's columns to image / text (text "" when text_column is "")."""
-    missing = [c for c in (image_column, text_column) if c and c not in ds.column_names]
-    if missing:
-        raise DataError(
-            f"column(s) {missing} not in the dataset; it has {ds.column_names}. "
-            "Set data.image_column / data.text_column (text_column: '' for no captions)."
-        )
-    keep = [image_column] + ([text_column] if text_column else [])
-    ds = ds.select_columns(keep)
-    if not text_column:
-        ds = ds.add_column("text", [""] * len(ds))
-    renames = {k: v for k, v in ((image_column, "image"), (text_column, "text")) if k and k != v}
-    return ds.rename_columns(renames) if renames else ds
-
-
 def _hub_dataset(cfg: DataConfig, split: str):
     import datasets
 
-    if Path(cfg.source).expanduser().is_file():
-        raise DataError(
-            f"data.source={cfg.source!r} is a file; it takes a folder of images (with an "
-            "optional metadata.jsonl), 'shapes', 'photos' or a Hugging Face Hub dataset name"
-        )
+    from vqgpt.data.formats import standardize_columns
+
     if cfg.source.startswith(("/", "./", "../", "~")) or cfg.source.count("/") > 1:
-        raise DataError(f"data.source={cfg.source!r} looks like a folder, but it does not exist")
+        raise DataError(f"data.source={cfg.source!r} looks like a path, but it does not exist")
     try:
-        ds = datasets.load_dataset(cfg.source, split=split)
+        ds = datasets.load_dataset(cfg.source, split=split, streaming=cfg.streaming)
     except Exception as err:  # offline, unknown name, unknown split: all end here
         raise DataError(
-            f"data.source={cfg.source!r} is not 'shapes', 'photos' or an existing folder, and "
+            f"data.source={cfg.source!r} is not 'shapes', 'photos' or an existing path, and "
             f"loading it from the Hugging Face Hub failed ({type(err).__name__}: {err}). "
-            "Hub datasets need network access; offline, point data.source at a local image folder."
+            "Hub datasets need network access; offline, point data.source at local files."
         ) from err
-    return standardize_columns(ds, cfg.image_column, cfg.text_column)
+    return standardize_columns(ds, cfg.image_column, cfg.text_column, where=cfg.source)
+
+
+def _local_dataset(cfg: DataConfig, split: str, stats: SkipStats | None):
+    """cfg.source as local files (None when it names none: a Hub name)."""
+    from vqgpt.data import formats
+
+    found = formats.find_data_files(cfg.source, cfg.format, split)
+    if found is None:
+        return None
+    if found.format == "folder":
+        ds = folder_dataset(found.files[0], split, stats)
+        return ds.to_iterable_dataset() if cfg.streaming else ds
+    if found.format == "webdataset":
+        return formats.webdataset_dataset(found, cfg)
+    return formats.table_dataset(found, cfg)
 
 
 def load_image_dataset(cfg: DataConfig, split: str, stats: SkipStats | None = None):
-    """The `split` of cfg.source as a datasets.Dataset with image and text columns.
+    """The `split` of cfg.source: a datasets.Dataset, or a datasets.IterableDataset when
+    cfg.streaming.
 
-    `stats`, when given, collects the images a folder source skipped (they are also logged).
+    Columns: `image` (values `read_image` accepts, never decoded here: a bad image is counted
+    where it is read), `text` (str, "" when there is none) and the source's other columns
+    unchanged; rows in a deterministic order (files sorted after expansion). Formats:
+    `vqgpt.data.formats`. `stats`, when given, collects the images an image folder skipped (they
+    are also logged); other formats keep bad rows for the reader to count. DataError: nothing
+    at the path, a pattern matching nothing, a file that is not of its format, a missing column,
+    a Hub name that cannot be loaded.
     """
     cap = cfg.num_images
+    if cfg.source in ("shapes", "photos") and cfg.format in ("auto", "hub"):
+        ds = _builtin_dataset(cfg, split)
+        return ds.to_iterable_dataset() if cfg.streaming else ds
+    ds = None if cfg.format == "hub" else _local_dataset(cfg, split, stats)
+    if ds is None:
+        ds = _hub_dataset(cfg, split)
+    if cap is None:
+        return ds
+    return ds.take(cap) if cfg.streaming else ds.select(range(min(cap, len(ds))))
+
+
+def _builtin_dataset(cfg: DataConfig, split: str):
+    cap = cfg.num_images
+    n = "num_images" if split == "train" else "num_test_images"
     if cfg.source == "shapes":
-        n = "num_images" if split == "train" else "num_test_images"
         shapes = cfg.shapes
         if cap is not None and split in SPLITS:
             shapes = replace(shapes, **{n: min(cap, getattr(shapes, n))})
         return shapes_dataset(shapes, split)
-    if cfg.source == "photos":
-        photos = cfg.photos
-        if cap is not None and split in SPLITS:
-            n = "num_images" if split == "train" else "num_test_images"
-            photos = replace(photos, **{n: min(cap, getattr(photos, n))})
-        return photos_dataset(photos, split, cfg.image_size)
-    if Path(cfg.source).is_dir():
-        ds = folder_dataset(cfg.source, split, stats)
-    else:
-        ds = _hub_dataset(cfg, split)
-    return ds.select(range(min(cap, len(ds)))) if cap is not None else ds
+    photos = cfg.photos
+    if cap is not None and split in SPLITS:
+        photos = replace(photos, **{n: min(cap, getattr(photos, n))})
+    return photos_dataset(photos, split, cfg.image_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,22 +395,32 @@ class Readable(NamedTuple):
     stats: SkipStats
 
 
+def _row_name(row: dict[str, Any], i: int) -> str:
+    """A bad row's name for people: its image path, its WebDataset key, else its index."""
+    value = row.get("image")
+    name = value.get("path") if isinstance(value, dict) else None
+    if row.get("__key__"):
+        name = f"{row.get('__url__') or ''}:{row['__key__']}"
+    return str(name or f"row {i}")
+
+
 def find_readable(ds, image_column: str = "image") -> Readable:
-    """Decode every image once; the indices of the good rows and counts of the bad ones."""
+    """Decode every image once; the indices of the good rows and counts of the bad ones (and
+    of the good ones without a caption)."""
     import datasets
 
-    column = ds.select_columns([image_column])
+    names = [c for c in (image_column, "text", "__key__", "__url__") if c in ds.column_names]
+    column = ds.select_columns(names)
     if isinstance(column.features[image_column], datasets.Image):
         column = column.cast_column(image_column, datasets.Image(decode=False))
     indices, stats = [], SkipStats()
     for i, row in enumerate(column):
-        value = row[image_column]
-        skip = read_image(value).skip
+        skip = read_image(row[image_column]).skip
         if skip is not None:
-            name = value.get("path") if isinstance(value, dict) else None
-            stats.add_skip(skip, str(name or f"row {i}"))
+            stats.add_skip(skip, _row_name({**row, "image": row[image_column]}, i))
         else:
             indices.append(i)
+            stats.no_caption += "text" in row and not row["text"]
     return Readable(indices, stats)
 
 
@@ -411,11 +470,67 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def image_text_dataset(cfg: DataConfig, split: str, train: bool, seed: int = 0) -> ImageTextDataset:
+class StreamingImageTextDataset(torch.utils.data.IterableDataset):
+    """A datasets.IterableDataset as a stream of {'pixel_values': [3, H, W], 'text': str}.
+
+    Rows whose image does not decode are skipped and counted in `stats` as they pass (in this
+    process: with DataLoader workers each worker counts its own); rows without a caption are kept
+    and counted. When `shuffle_buffer` is set the order is datasets' `shuffle(seed,
+    buffer_size)`: shards shuffled, then rows through the buffer, reshuffled per `set_epoch`;
+    the same in every process. Random crops are drawn per (seed, epoch, position in the stream).
+    An epoch ends when the stream does (no len()).
+    """
+
+    def __init__(
+        self, hf_dataset, transform: ImageTransform, seed: int = 0, shuffle_buffer: int = 0
+    ) -> None:
+        super().__init__()
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self.stats = SkipStats()
+        if shuffle_buffer:
+            hf_dataset = hf_dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        self.ds = hf_dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of the next pass: its shuffle order and its crops."""
+        self.epoch = epoch
+        self.ds.set_epoch(epoch)
+
+    def __iter__(self):
+        for i, row in enumerate(self.ds):
+            image, skip = read_image(row["image"])
+            if image is None:
+                self.stats.add_skip(skip, _row_name(row, i))
+                continue
+            self.stats.no_caption += not row.get("text")
+            pixels = self.transform(image, crop_seed=(self.seed, self.epoch, i))
+            yield {"pixel_values": pixels, "text": row.get("text") or ""}
+
+
+def image_text_dataset(
+    cfg: DataConfig, split: str, train: bool, seed: int = 0, max_rows: int | None = None
+) -> ImageTextDataset | StreamingImageTextDataset:
     """Load `split` and wrap it for training (random crop only when `train` and cfg.random_crop,
-    drawn from `seed`)."""
+    drawn from `seed`).
+
+    With cfg.streaming a training split is a `StreamingImageTextDataset` (shuffled through
+    cfg.shuffle_buffer); any other split keeps its first `max_rows` rows (all when None) in
+    memory as an `ImageTextDataset` (an evaluation set).
+    """
+    import datasets
+
     transform = ImageTransform(cfg.image_size, random_crop=train and cfg.random_crop)
-    return ImageTextDataset(load_image_dataset(cfg, split), transform, seed)
+    ds = load_image_dataset(cfg, split)
+    if isinstance(ds, datasets.IterableDataset):
+        if train:
+            return StreamingImageTextDataset(ds, transform, seed, cfg.shuffle_buffer)
+        rows = ds.take(max_rows) if max_rows is not None else ds
+        ds = datasets.Dataset.from_list(list(rows), features=ds.features)
+    elif max_rows is not None:
+        ds = ds.select(range(min(max_rows, len(ds))))
+    return ImageTextDataset(ds, transform, seed)
 
 
 __all__ = [
@@ -426,6 +541,7 @@ __all__ = [
     "PhotosConfig",
     "Readable",
     "SkipStats",
+    "StreamingImageTextDataset",
     "TEST_PHOTOS",
     "TRAIN_PHOTOS",
     "collate",
@@ -435,5 +551,4 @@ __all__ = [
     "load_image_dataset",
     "load_rgb",
     "photos_dataset",
-    "standardize_columns",
 ]

@@ -12,7 +12,13 @@ from accelerate import skip_first_batches
 from torch.utils.data import DataLoader
 
 from vqgpt.config import load_config
-from vqgpt.data.sources import DataConfig, collate, image_text_dataset
+from vqgpt.data.sources import (
+    DataConfig,
+    DataError,
+    StreamingImageTextDataset,
+    collate,
+    image_text_dataset,
+)
 from vqgpt.tokenizer.evaluate import EvalConfig, evaluate_tokenizer
 from vqgpt.tokenizer.losses import LossConfig, VQLoss
 from vqgpt.tokenizer.metrics import code_histogram, stats_from_histogram
@@ -62,6 +68,20 @@ def load_recipe(
     return load_config(TokenizerRecipe, path, overrides, patch, patch_source)
 
 
+def whole_batches(batches, batch_size: int):
+    """A streamed epoch's batches; DataError when it gives none (a stream of fewer usable images
+    than one batch would otherwise loop over empty epochs forever)."""
+    empty = True
+    for batch in batches:
+        empty = False
+        yield batch
+    if empty:
+        raise DataError(
+            f"the streamed train split gave fewer usable images than one batch "
+            f"(train.batch_size={batch_size})"
+        )
+
+
 def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
     """Train (or resume) a VQ-VAE; returns the <run>/final folder."""
     tc = recipe.train
@@ -72,16 +92,19 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
     train_set = image_text_dataset(recipe.data, recipe.data.train_split, train=True, seed=tc.seed)
     if train_set.stats.total:
         accelerator.print(f"train data: {train_set.stats}", file=sys.stderr)
-    if len(train_set) < tc.batch_size:
+    streamed = isinstance(train_set, StreamingImageTextDataset)  # no len(): checked per epoch
+    if not streamed and len(train_set) < tc.batch_size:
         raise ValueError(
             f"train split has {len(train_set)} usable images, fewer than one batch "
             f"(train.batch_size={tc.batch_size})"
         )
-    # the global batch (Accelerate splits it across processes), in the seedable sampler's order
+    # the global batch (Accelerate splits it across processes), in the seedable sampler's order;
+    # a stream is shuffled by datasets, and under N processes rank 0 reads it and sends each rank
+    # its slice of the global batch (Accelerate's dispatch_batches for iterable datasets)
     loader = DataLoader(
         train_set,
         batch_size=tc.batch_size,
-        shuffle=True,
+        shuffle=not streamed,
         drop_last=True,
         collate_fn=collate,
         num_workers=recipe.data.num_workers,
@@ -107,7 +130,9 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
 
     eval_set = None
     if accelerator.is_main_process and recipe.eval.max_images > 0:
-        eval_set = image_text_dataset(recipe.data, recipe.data.eval_split, train=False)
+        eval_set = image_text_dataset(
+            recipe.data, recipe.data.eval_split, train=False, max_rows=recipe.eval.max_images
+        )
 
     def evaluate(step: int) -> str | None:
         if eval_set is None or not len(eval_set):
@@ -120,7 +145,8 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
     def epoch_batches(epoch: int, skip: int):
         loader.set_epoch(epoch)
         train_set.set_epoch(epoch)  # random crops are drawn per (seed, epoch, row)
-        return resumed_iterator(skip_first_batches(loader, skip)) if skip else loader
+        batches = resumed_iterator(skip_first_batches(loader, skip)) if skip else loader
+        return batches if not streamed or skip else whole_batches(batches, tc.batch_size)
 
     # codes seen since the last log (the perplexity logged is that of all of them, every rank's)
     histogram = torch.zeros(raw_model.codebook_size, dtype=torch.float64)
