@@ -372,14 +372,41 @@ def test_other_chunk_rows_or_an_older_layout_is_redone(tokenizer, tmp_path, monk
 
 
 @pytest.mark.slow
-def test_two_processes_write_the_same_dataset(
-    reference, accelerate_launcher, tmp_path, run_cli, write_yaml
+def test_two_processes_finish_a_one_process_run_and_stream(
+    reference,
+    tokenizer,
+    accelerate_launcher,
+    tmp_path,
+    run_cli,
+    run_command,
+    write_yaml,
+    monkeypatch,
 ):
+    """~40 s: 2 processes resume a 1-process run killed after 2 chunks; a 2-process streamed run
+    with bad images equals one process, its skips summed over chunks and ranks."""
     cfg, _ = reference
     out = tmp_path / "out2"
-    recipe = write_yaml(tmp_path / "lm.yaml", {"data": to_dict(replace(cfg, output_dir=str(out)))})
+    chunked = replace(cfg, output_dir=str(out), chunk_rows=8)  # train: 5 chunks, test: 2
+    encode = pretok.encode_images
+    calls = []
+
+    def fail_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return encode(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pretok, "encode_images", fail_third)
+        with pytest.raises(RuntimeError, match="killed"):
+            pretokenize(chunked)
+    assert [read_chunk_info(out / "train", c) is not None for c in range(5)] == [1, 1, 0, 0, 0]
+
+    recipe = write_yaml(tmp_path / "lm.yaml", {"data": to_dict(chunked)})
     proc = run_cli("pretokenize", "--config", str(recipe), launcher=accelerate_launcher)
     assert proc.stderr.count("(written)") == 2  # the summary comes from rank 0 only
+    assert "train: 40 rows, 5 chunks (3 encoded, 2 kept)" in proc.stderr
+    assert "test: 16 rows, 2 chunks (2 encoded, 0 kept)" in proc.stderr
     for split in ("train", "test"):
         one, two = load_codes(cfg.output_dir, split), load_codes(out, split)
         assert two.features == one.features
@@ -390,7 +417,21 @@ def test_two_processes_write_the_same_dataset(
             a.source,
             a.tokenizer_fingerprint,
         )
-    assert sorted(p.name for p in out.iterdir()) == ["test", "train"]  # no shard or tmp left
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train"]  # no scratch left
+
+    # streamed rows with bad images: ranks 0 and 1 encode chunks 0, 2 and 1, 3
+    streamed = tmp_path / "streamed"
+    launch = [*accelerate_launcher, str(ROWS_SCRIPT), "stream", str(tokenizer), str(streamed)]
+    run_command(launch)
+    ds = rows_script.rows_dataset()
+    monkeypatch.setattr(pretok, "load_image_dataset", lambda cfg, split, stats=None: ds)
+    single = rows_config(tokenizer, tmp_path / "single")
+    pretokenize(single)
+    assert load_codes(streamed, "train")[:] == load_codes(single.output_dir, "train")[:]
+    info = read_split_info(streamed, "train")
+    assert info.skipped.counts == {"not_an_image": 3, "empty": 1}
+    chunks = [read_chunk_info(streamed / "train", c) for c in range(4)]
+    assert [c.skipped.total for c in chunks] == [1, 2, 0, 1] and info.rows == 26
 
 
 # ---------------------------------------------------------------------------------------------
