@@ -22,9 +22,9 @@ that turns a format's path into a dataset.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -79,7 +79,7 @@ def write_corpus(root: Path, n: int) -> dict[str, Path]:
                 for suffix, data in ((".jpg", jpegs[i]), (".txt", texts[i].encode())):
                     info = tarfile.TarInfo(f"{i:06d}{suffix}")
                     info.size = len(data)
-                    tar.addfile(info, __import__("io").BytesIO(data))
+                    tar.addfile(info, io.BytesIO(data))
     return {"folder": folder, "parquet": parquet, "webdataset": wds}
 
 
@@ -87,10 +87,10 @@ def load_corpus(fmt: str, path: Path):  # -> datasets.Dataset with image + text
     """The corpus in one format as a dataset (later: load_image_dataset(DataConfig(source=...)))."""
     import datasets
 
-    from vqgpt.data.sources import DataConfig, folder_dataset, standardize_columns
+    from vqgpt.data.sources import folder_dataset, standardize_columns
 
     if fmt == "folder":
-        return folder_dataset(DataConfig(source=str(path)).source, "train")
+        return folder_dataset(path, "train")
     files = sorted(str(p) for p in path.iterdir())
     ds = datasets.load_dataset("parquet" if fmt == "parquet" else "webdataset", data_files=files,
                                split="train")  # fmt: skip
@@ -117,7 +117,7 @@ def write_tokenizer(path: Path) -> Path:
 # the measured work, each in its own process
 
 
-def run_pretokenize(fmt: str, corpus: Path, tokenizer: Path, out: Path) -> dict:
+def run_pretokenize(fmt: str, corpus: Path, tokenizer: Path, out: Path) -> None:
     """pretokenize the corpus (under however many processes were launched); rows and seconds."""
     import vqgpt.lm.pretokenize as pretok
     from vqgpt.data.sources import DataConfig
@@ -139,7 +139,6 @@ def run_pretokenize(fmt: str, corpus: Path, tokenizer: Path, out: Path) -> dict:
         print(json.dumps({"rows": result.splits["train"].rows, "seconds": seconds}))
     sys.stdout.flush()
     leave_process_group()
-    return {}
 
 
 def run_reading(fmt: str, corpus: Path) -> None:
