@@ -196,3 +196,37 @@ def test_bench_sampling_hf_baseline_draws_image_codes(tiny_gpt2, repo_root):
     codes = bench.hf_generate(model, layout, prompts, seed=0)
     assert codes.shape == (len(captions), layout.tokens_per_image)
     assert ((codes >= 0) & (codes < layout.codebook_size)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/bench_data.py: the corpus in three formats reads back the same rows
+
+
+def test_bench_data_corpus_reads_the_same_rows_in_every_format(repo_root, tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location(
+        "bench_data", repo_root / "scripts" / "bench_data.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    corpus = bench.write_corpus(tmp_path / "corpus", 10)
+    assert len(list(corpus["parquet"].glob("*.parquet"))) == 2
+    assert len(list(corpus["webdataset"].glob("*.tar"))) == 4
+    from vqgpt.data.images import read_image
+
+    read = {}
+    for fmt in bench.FORMATS:
+        ds = bench.load_corpus(fmt, corpus[fmt])
+        assert ds.column_names[:2] == ["image", "text"] and len(ds) == 10, fmt
+        images = [read_image(v).image for v in ds.cast_column("image", _no_decode())["image"]]
+        read[fmt] = (ds["text"], [im.tobytes() for im in images])
+    assert read["parquet"] == read["folder"] == read["webdataset"]  # same JPEGs, same order
+    row = {"format": "folder", "processes": 1, "rows": 10, "seconds": 2.0, "rss_mb": 600.0}
+    out = bench.table([{**row, "read": {"rows": 10, "seconds": 0.5}}], 10)
+    assert out.splitlines()[-1] == "| folder | 1 | 5 | 600 | 20 | 4.0x |"
+
+
+def _no_decode():
+    import datasets
+
+    return datasets.Image(decode=False)

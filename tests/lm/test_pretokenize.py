@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,19 +18,23 @@ import pytest
 import torch
 from PIL import Image
 
+import vqgpt.lm.pretokenize as pretok
 from vqgpt.cli import main as cli_main
 from vqgpt.config import ConfigError, from_dict, to_dict
 from vqgpt.data.images import ImageTransform, load_rgb
 from vqgpt.data.shapes import ShapesConfig, shapes_dataset, write_image_folder
 from vqgpt.data.sources import DataConfig, load_image_dataset
 from vqgpt.lm.pretokenize import (
+    CHUNK_RECORD,
     MARKER,
     PretokenizeConfig,
+    chunk_name,
     codes_dtype,
     codes_tensor,
     encode_rows,
     load_codes,
     pretokenize,
+    read_chunk_info,
     read_split_info,
     tokenizer_fingerprint,
 )
@@ -34,6 +43,7 @@ from vqgpt.tokenizer.quantize import QuantizerConfig
 from vqgpt.tokenizer.vqvae import VQVAE, ModelConfig, VQVAEConfig
 
 BATCH = 4  # divides every shard below, so 1 and 2 processes run the same batch shapes
+ROWS_SCRIPT = Path(__file__).parent / "dist_scripts" / "pretokenize_rows.py"
 SHAPES = dict(num_images=40, num_test_images=16, image_size=32)
 
 
@@ -49,6 +59,44 @@ def direct_codes(model, images: list[Image.Image]) -> torch.Tensor:
     transform = ImageTransform(model.config.arch.image_size)
     pixels = torch.stack([transform(load_rgb(im)) for im in images])
     return torch.cat([model.encode(chunk) for chunk in pixels.split(BATCH)])
+
+
+def load_rows_script():
+    """tests/lm/dist_scripts/pretokenize_rows.py as a module: its rows with bad images."""
+    spec = importlib.util.spec_from_file_location("pretokenize_rows", ROWS_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+rows_script = load_rows_script()
+
+
+def rows_config(tokenizer: Path, out: Path) -> PretokenizeConfig:
+    """The config pretokenize_rows.py runs with."""
+    return PretokenizeConfig(
+        tokenizer=str(tokenizer),
+        images=DataConfig(source="rows", image_size=32),
+        output_dir=str(out),
+        splits=["train"],
+        batch_size=BATCH,
+        chunk_rows=rows_script.CHUNK_ROWS,
+    )
+
+
+def count_encoded_chunks(monkeypatch, chunk_rows: int) -> list[int]:
+    """Record the chunk of every `encode_images` call that pretokenize makes from now on."""
+    calls: list[int] = []
+    encode = pretok.encode_images
+
+    def counting(model, values, *args, **kwargs):
+        values = iter(values)
+        first = next(values)
+        calls.append(first[0] // chunk_rows)
+        return encode(model, [first, *values], *args, **kwargs)
+
+    monkeypatch.setattr(pretok, "encode_images", counting)
+    return calls
 
 
 def mtimes(folder: Path) -> dict[str, int]:
@@ -201,15 +249,164 @@ def test_residual_codes_are_stored_as_h_w_levels(tmp_path):
     assert (codes_dtype(2**15), codes_dtype(2**15 + 1)) == (np.int16, np.int32)
 
 
-@pytest.mark.slow
-def test_two_processes_write_the_same_dataset(
-    reference, accelerate_launcher, tmp_path, run_cli, write_yaml
+# ---------------------------------------------------------------------------------------------
+# chunks: layout, equality with one pass, resume after a kill, streamed input
+
+
+@pytest.mark.parametrize("kind", ["map", "stream"])
+def test_chunks_equal_encoding_all_rows_at_once(tokenizer, tmp_path, monkeypatch, kind):
+    ds = rows_script.rows_dataset()  # 30 rows, 3 garbage and 1 empty image
+    source = rows_script.source(kind)
+    monkeypatch.setattr(pretok, "load_image_dataset", lambda cfg, split, stats=None: source)
+    cfg = rows_config(tokenizer, tmp_path / "out")
+    result = pretokenize(cfg).splits["train"]
+    whole = encode_rows(load_tokenizer_model(tokenizer), ds, range(len(ds)), BATCH)
+
+    got = load_codes(cfg.output_dir, "train")
+    assert got.column_names == ["codes", "text", "id"]
+    assert got["id"] == whole.rows == [i for i in range(30) if i not in (3, 11, 12, 25)]
+    assert got["text"] == [ds[i]["text"] for i in whole.rows]
+    assert torch.equal(codes_tensor(got[:]), torch.from_numpy(whole.codes).long())
+
+    split_dir = tmp_path / "out" / "train"
+    names = [chunk_name(c) for c in range(4)]
+    assert sorted(p.name for p in split_dir.iterdir()) == [*names, MARKER]
+    assert {Path(f["filename"]).parent.name for f in got.cache_files} == set(names)  # mmapped
+    info = read_split_info(cfg.output_dir, "train")
+    chunks = [read_chunk_info(split_dir, c) for c in range(4)]
+    assert [(c.start, c.stop, c.rows) for c in chunks] == [
+        (0, 8, 7),
+        (8, 16, 6),
+        (16, 24, 8),
+        (24, 30, 5),
+    ]
+    assert (info.chunks, info.chunk_rows_kept, info.source_rows) == (names, [7, 6, 8, 5], 30)
+    # skips add up over the chunks: the split's counts are the sum of the chunks'
+    assert [c.skipped.total for c in chunks] == [1, 2, 0, 1]
+    assert result.skipped.counts == info.skipped.counts == whole.stats.counts
+    assert whole.stats.counts == {"not_an_image": 3, "empty": 1}
+    assert (result.rows, result.chunks, result.chunks_encoded) == (26, 4, 4)
+
+
+KILL_SCRIPT = """
+import sys, time
+import vqgpt.lm.pretokenize as pretok
+from vqgpt.data.shapes import ShapesConfig
+from vqgpt.data.sources import DataConfig
+write = pretok._write_chunk
+def slow(*args, **kwargs):  # a pause after each chunk: the kill lands between two chunks
+    info = write(*args, **kwargs)
+    time.sleep(2)
+    return info
+pretok._write_chunk = slow
+shapes = ShapesConfig(num_images=40, num_test_images=16, image_size=32)
+pretok.pretokenize(pretok.PretokenizeConfig(
+    tokenizer=sys.argv[1], images=DataConfig(source="shapes", image_size=32, shapes=shapes),
+    output_dir=sys.argv[2], splits=["train"], batch_size=4, chunk_rows=8))
+"""
+
+
+def test_killed_run_resumes_only_the_unfinished_chunks(
+    tokenizer, reference, tmp_path, monkeypatch, cli_env
 ):
+    out = tmp_path / "out"
+    split_dir = out / "train"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(tokenizer), str(out)],
+        env=cli_env(),
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while not (split_dir / chunk_name(1) / CHUNK_RECORD).is_file():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no second chunk appeared"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {c for c in range(5) if read_chunk_info(split_dir, c) is not None}
+    assert {0, 1} <= finished and len(finished) < 5
+    assert read_split_info(out, "train") is None  # no index: unfinished
+    with pytest.raises(FileNotFoundError):
+        load_codes(out, "train")
+    (split_dir / f"{chunk_name(4)}.tmp").mkdir()  # as if killed while saving chunk 4
+    (split_dir / f"{chunk_name(4)}.tmp" / "data-00000-of-00001.arrow").write_bytes(b"torn")
+    kept = {c: mtimes(split_dir / chunk_name(c)) for c in finished}
+
+    encoded = count_encoded_chunks(monkeypatch, chunk_rows=8)
+    cfg, _ = reference
+    resumed = replace(cfg, output_dir=str(out), splits=["train"], chunk_rows=8)
+    result = pretokenize(resumed).splits["train"]
+    assert sorted(encoded) == sorted(set(range(5)) - finished)  # only the unfinished ones
+    assert (result.chunks, result.chunks_encoded) == (5, 5 - len(finished))
+    assert {c: mtimes(split_dir / chunk_name(c)) for c in finished} == kept
+    assert sorted(p.name for p in split_dir.iterdir()) == [chunk_name(c) for c in range(5)] + [
+        MARKER
+    ]
+    uninterrupted = load_codes(cfg.output_dir, "train")
+    assert load_codes(out, "train")[:] == uninterrupted[:]
+
+
+def test_other_chunk_rows_or_an_older_layout_is_redone(tokenizer, tmp_path, monkeypatch):
+    ds = rows_script.rows_dataset()
+    monkeypatch.setattr(pretok, "load_image_dataset", lambda cfg, split, stats=None: ds)
+    cfg = rows_config(tokenizer, tmp_path / "out")
+    split_dir = tmp_path / "out" / "train"
+    split_dir.mkdir(parents=True)  # a split as format 1 wrote it: one Arrow dataset
+    ds.select(range(3)).remove_columns("image").save_to_disk(str(split_dir))
+    (split_dir / MARKER).write_text(json.dumps({"version": 1, "split": "train", "rows": 3}))
+    assert read_split_info(cfg.output_dir, "train") is None
+    with pytest.raises(FileNotFoundError):
+        load_codes(cfg.output_dir, "train")
+    assert pretokenize(cfg).did_work
+    assert sorted(p.name for p in split_dir.iterdir()) == [chunk_name(c) for c in range(4)] + [
+        MARKER
+    ]
+
+    encoded = count_encoded_chunks(monkeypatch, chunk_rows=16)
+    again = pretokenize(replace(cfg, chunk_rows=16)).splits["train"]
+    assert sorted(encoded) == [0, 1] and (again.chunks, again.chunks_encoded) == (2, 2)
+    assert sorted(p.name for p in split_dir.iterdir()) == [chunk_name(0), chunk_name(1), MARKER]
+    assert load_codes(cfg.output_dir, "train")["id"] == [
+        i for i in range(30) if i not in (3, 11, 12, 25)
+    ]
+
+
+@pytest.mark.slow
+def test_two_processes_finish_a_one_process_run_and_stream(
+    reference,
+    tokenizer,
+    accelerate_launcher,
+    tmp_path,
+    run_cli,
+    run_command,
+    write_yaml,
+    monkeypatch,
+):
+    """~40 s: 2 processes resume a 1-process run killed after 2 chunks; a 2-process streamed run
+    with bad images equals one process, its skips summed over chunks and ranks."""
     cfg, _ = reference
     out = tmp_path / "out2"
-    recipe = write_yaml(tmp_path / "lm.yaml", {"data": to_dict(replace(cfg, output_dir=str(out)))})
+    chunked = replace(cfg, output_dir=str(out), chunk_rows=8)  # train: 5 chunks, test: 2
+    encode = pretok.encode_images
+    calls = []
+
+    def fail_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return encode(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pretok, "encode_images", fail_third)
+        with pytest.raises(RuntimeError, match="killed"):
+            pretokenize(chunked)
+    assert [read_chunk_info(out / "train", c) is not None for c in range(5)] == [1, 1, 0, 0, 0]
+
+    recipe = write_yaml(tmp_path / "lm.yaml", {"data": to_dict(chunked)})
     proc = run_cli("pretokenize", "--config", str(recipe), launcher=accelerate_launcher)
     assert proc.stderr.count("(written)") == 2  # the summary comes from rank 0 only
+    assert "train: 40 rows, 5 chunks (3 encoded, 2 kept)" in proc.stderr
+    assert "test: 16 rows, 2 chunks (2 encoded, 0 kept)" in proc.stderr
     for split in ("train", "test"):
         one, two = load_codes(cfg.output_dir, split), load_codes(out, split)
         assert two.features == one.features
@@ -220,7 +417,21 @@ def test_two_processes_write_the_same_dataset(
             a.source,
             a.tokenizer_fingerprint,
         )
-    assert sorted(p.name for p in out.iterdir()) == ["test", "train"]  # no shard or tmp left
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train"]  # no scratch left
+
+    # streamed rows with bad images: ranks 0 and 1 encode chunks 0, 2 and 1, 3
+    streamed = tmp_path / "streamed"
+    launch = [*accelerate_launcher, str(ROWS_SCRIPT), "stream", str(tokenizer), str(streamed)]
+    run_command(launch)
+    ds = rows_script.rows_dataset()
+    monkeypatch.setattr(pretok, "load_image_dataset", lambda cfg, split, stats=None: ds)
+    single = rows_config(tokenizer, tmp_path / "single")
+    pretokenize(single)
+    assert load_codes(streamed, "train")[:] == load_codes(single.output_dir, "train")[:]
+    info = read_split_info(streamed, "train")
+    assert info.skipped.counts == {"not_an_image": 3, "empty": 1}
+    chunks = [read_chunk_info(streamed / "train", c) for c in range(4)]
+    assert [c.skipped.total for c in chunks] == [1, 2, 0, 1] and info.rows == 26
 
 
 # ---------------------------------------------------------------------------------------------

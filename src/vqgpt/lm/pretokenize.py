@@ -1,6 +1,14 @@
 """Pretokenisation: every image of a dataset split -> its code grid, encoded once, cached on disk.
 
-Output, per split, at `<output_dir>/<split>/`: a `datasets` Arrow dataset (`save_to_disk`) with
+Output, per split, at `<output_dir>/<split>/`:
+
+    chunk-00000/            a `datasets` Arrow dataset (`save_to_disk`) of source rows [0, R)
+        data-*.arrow, dataset_info.json, state.json
+        vqgpt_chunk.json    `ChunkInfo`: source rows [start, stop), rows kept, skips, identity
+    chunk-00001/            source rows [R, 2R) ... (R = chunk_rows)
+    vqgpt_pretokenize.json  `SplitInfo`: the index (chunks in order, rows, skips); written last
+
+Each chunk dataset has the columns
 
     codes   Array2D (h, w), int16 (int32 when K > 32768); Array3D (h, w, L) for residual VQ.
             The grid lives in the feature's shape: `ds.features["codes"].shape == (h, w)`, and
@@ -8,24 +16,32 @@ Output, per split, at `<output_dir>/<split>/`: a `datasets` Arrow dataset (`save
     text    the caption
     ...     every other column of the source except `image` (e.g. the shapes `objects`)
 
-in the source's row order; unreadable or missing images are skipped and counted. The folder also
-holds `vqgpt_pretokenize.json` (`SplitInfo`): the tokenizer's fingerprint (sha256 of config.json
-and its safetensors), the source description, rows and skips. It is written last, so its presence
-means the split is complete; a re-run with the same tokenizer and source does no work.
+in the source's row order; unreadable or missing images are skipped and counted. `load_codes`
+concatenates the chunks in order (memory-mapped). Identity: the tokenizer's fingerprint (sha256 of
+config.json and its safetensors), the source description, chunk_rows and FORMAT_VERSION.
 
-Several processes (`accelerate launch`): rank r encodes the contiguous rows [r*n/W, (r+1)*n/W) and
-saves them to `<split>.shards/rank<r>/`; rank 0 concatenates the shards in rank order into
-`<split>.tmp/` and renames it to `<split>/`. Multi-node runs need output_dir on a shared filesystem.
+Resuming: a chunk is written to `chunk-NNNNN.tmp/` (its record last) and renamed, so a finished
+chunk is whole. A run keeps every chunk whose record matches its identity and encodes the others;
+the index is written only when every chunk is there, so its presence means the split is complete
+and a re-run with the same identity does no work. Anything else in the split folder (a leftover
+`.tmp`, a chunk of another tokenizer or source, an older layout) is deleted first.
+
+Several processes (`accelerate launch`, several nodes with output_dir on a shared filesystem):
+chunk c belongs to rank c % world, so any world size resumes any other's work. The input is a
+map-style `datasets.Dataset` (a chunk's rows are read directly) or a `datasets.IterableDataset`
+(every rank walks the stream and decodes only its own unfinished chunks' images).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,16 +52,22 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from vqgpt.config import ConfigError, to_dict
-from vqgpt.data.images import ImageTransform, read_image
+from vqgpt.data.images import ImageTransform, describe_skips, read_image
 from vqgpt.data.sources import DataConfig, DataError, SkipStats, load_image_dataset
 from vqgpt.distributed import process_state
-from vqgpt.files import read_json, read_text, write_text
+from vqgpt.files import read_text, write_text
 from vqgpt.tokenizer.codec import load_tokenizer_model, resolve_model_dir
 from vqgpt.tokenizer.vqvae import VQVAE
 
-MARKER = "vqgpt_pretokenize.json"
-FORMAT_VERSION = 1
-SCRATCH = (".tmp", ".shards")  # suffixes of the working folders beside a split
+MARKER = "vqgpt_pretokenize.json"  # the split's index; present = complete
+CHUNK_RECORD = "vqgpt_chunk.json"  # inside each chunk folder
+FORMAT_VERSION = 2  # 2: chunk-NNNNN/ folders and an index (1: one Arrow dataset per split)
+SCRATCH = (".tmp", ".shards")  # suffixes of working folders (a split may not end with one)
+
+
+def chunk_name(chunk: int) -> str:
+    """The folder of chunk `chunk` under its split: chunk-00003."""
+    return f"chunk-{chunk:05d}"
 
 
 @dataclass
@@ -54,9 +76,10 @@ class PretokenizeConfig:
 
     tokenizer: str = "runs/tokenizer"  # a stage-one run folder or its final/ folder
     images: DataConfig = field(default_factory=DataConfig)  # the dataset to encode
-    output_dir: str = "runs/codes"  # one Arrow dataset per split: <output_dir>/<split>/
+    output_dir: str = "runs/codes"  # per split: <output_dir>/<split>/chunk-NNNNN/ + an index
     splits: list[str] | None = None  # None: [images.train_split, images.eval_split]
     batch_size: int = 64  # images per encoder call (per process)
+    chunk_rows: int = 10_000  # source rows per chunk: the unit of resuming and of sharing work
 
     def __post_init__(self) -> None:
         if not self.tokenizer:
@@ -65,6 +88,8 @@ class PretokenizeConfig:
             raise ConfigError("output_dir must name a folder for the codes")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
+        if self.chunk_rows < 1:
+            raise ConfigError(f"chunk_rows={self.chunk_rows} must be at least 1")
         if self.splits is None:
             self.splits = list(dict.fromkeys([self.images.train_split, self.images.eval_split]))
         if not self.splits:
@@ -77,18 +102,60 @@ class PretokenizeConfig:
 
 
 @dataclass
+class Identity:
+    """What a chunk or a split was made from: all must match for it to be kept."""
+
+    tokenizer_fingerprint: str
+    source: dict[str, Any]  # `describe_source`
+    chunk_rows: int
+    version: int = FORMAT_VERSION
+
+
+@dataclass
+class ChunkInfo:
+    """`chunk-NNNNN/vqgpt_chunk.json`: one finished chunk."""
+
+    chunk: int
+    start: int  # source rows [start, stop)
+    stop: int
+    rows: int  # rows written (source rows less skipped images)
+    skipped: SkipStats
+    identity: Identity
+
+    def to_json(self) -> str:
+        """This record as indented JSON."""
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ChunkInfo:
+        """Inverse of `to_json`."""
+        data = json.loads(text)
+        data["skipped"] = SkipStats(**data["skipped"])
+        data["identity"] = Identity(**data["identity"])
+        return cls(**data)
+
+
+@dataclass
 class SplitInfo:
-    """What `vqgpt_pretokenize.json` records about a finished split."""
+    """What `vqgpt_pretokenize.json` records about a finished split: its index."""
 
     split: str
-    rows: int  # rows written
-    skipped: SkipStats  # images left out, per reason
+    rows: int  # rows written, all chunks
+    skipped: SkipStats  # images left out, per reason (loading + every chunk)
     grid: list[int]  # codes shape of one image: [h, w] or [h, w, L]
     codebook_size: int
     tokenizer: str  # the path it was given (for people; the fingerprint decides)
     tokenizer_fingerprint: str
     source: dict[str, Any]  # `describe_source`
+    chunk_rows: int
+    source_rows: int  # rows of the source split (the chunks cover [0, source_rows))
+    chunks: list[str]  # chunk folder names, in row order
+    chunk_rows_kept: list[int]  # rows written per chunk
     version: int = FORMAT_VERSION
+
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.tokenizer_fingerprint, self.source, self.chunk_rows, self.version)
 
     def to_json(self) -> str:
         """This record as indented JSON."""
@@ -111,6 +178,8 @@ class SplitResult:
     rows: int
     skipped: SkipStats
     already_done: bool  # True: a finished output matched, nothing was encoded
+    chunks: int = 0  # chunks of the split
+    chunks_encoded: int = 0  # chunks encoded by this call (all processes); the rest were kept
 
 
 @dataclass
@@ -188,15 +257,25 @@ def describe_source(images: DataConfig, split: str) -> dict[str, Any]:
     return desc
 
 
-def read_split_info(output_dir: str | Path, split: str) -> SplitInfo | None:
-    """The record of a finished split; None when the split is missing or unfinished."""
-    path = Path(output_dir) / split / MARKER
+def _read_record(path: Path, cls):
+    """A ChunkInfo / SplitInfo from `path`; None when missing, older or damaged."""
     if not path.is_file():
         return None
     try:
-        return SplitInfo.from_json(read_text(path))
-    except (ValueError, TypeError, KeyError):  # an older or damaged record: treat as unfinished
+        return cls.from_json(read_text(path))
+    except (ValueError, TypeError, KeyError, AttributeError):  # an older or damaged record
         return None
+
+
+def read_split_info(output_dir: str | Path, split: str) -> SplitInfo | None:
+    """The index of a finished split; None when the split is missing, unfinished or older."""
+    info = _read_record(Path(output_dir) / split / MARKER, SplitInfo)
+    return info if info is not None and info.version == FORMAT_VERSION else None
+
+
+def read_chunk_info(split_dir: str | Path, chunk: int) -> ChunkInfo | None:
+    """The record of a finished chunk of the split in `split_dir`; None when there is none."""
+    return _read_record(Path(split_dir) / chunk_name(chunk) / CHUNK_RECORD, ChunkInfo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,19 +298,28 @@ def _codes_feature(model: VQVAE):
     return datasets.Array2D((h, w), dtype)
 
 
-@torch.no_grad()
-def encode_rows(
-    model: VQVAE, ds, rows: range, batch_size: int, progress: str | None = None
-) -> EncodedRows:
-    """Encode the images of `rows` of `ds` in batches; undecodable images are skipped, counted.
-
-    `progress` is the description of a tqdm bar over the rows; None shows none.
-    """
+def _undecoded(ds):
+    """`ds` with its `image` column left as bytes / paths (read_image decodes each one)."""
     import datasets
 
-    images = ds.select_columns(["image"])
-    if isinstance(images.features["image"], datasets.Image):
-        images = images.cast_column("image", datasets.Image(decode=False))
+    features = ds.features
+    if features is not None and isinstance(features.get("image"), datasets.Image):
+        return ds.cast_column("image", datasets.Image(decode=False))
+    return ds
+
+
+@torch.no_grad()
+def encode_images(
+    model: VQVAE,
+    values: Iterable[tuple[int, Any]],
+    batch_size: int,
+    progress: Progress | None = None,
+) -> EncodedRows:
+    """Encode (row, image value) pairs in batches; undecodable images are skipped, counted.
+
+    An image value is what `read_image` takes (a path, bytes, a {bytes, path} dict, a PIL image).
+    `progress`, when given, advances by one per row and counts the skips.
+    """
     transform = ImageTransform(model.config.arch.image_size, random_crop=False)
     dtype = codes_dtype(model.codebook_size)
     kept: list[int] = []
@@ -244,35 +332,193 @@ def encode_rows(
         codes.append(model.encode(pixels).cpu().numpy().astype(dtype))  # (B, h, w[, L])
         pending.clear()
 
-    with tqdm(total=len(rows), desc=progress, disable=progress is None, unit="img") as bar:
-        for start in range(rows.start, rows.stop, batch_size):
-            stop = min(start + batch_size, rows.stop)
-            for i, value in zip(range(start, stop), images[start:stop]["image"], strict=True):
-                image, skip = read_image(value)
-                if image is None:
-                    name = value.get("path") if isinstance(value, dict) else None
-                    stats.add_skip(skip, str(name or f"row {i}"))
-                    continue
-                kept.append(i)
-                pending.append(transform(image))
-                if len(pending) == batch_size:
-                    flush()
-            bar.update(stop - start)
+    for i, value in values:
+        image, skip = read_image(value)
+        if image is None:
+            name = value.get("path") if isinstance(value, dict) else None
+            stats.add_skip(skip, str(name or f"row {i}"))
+        else:
+            kept.append(i)
+            pending.append(transform(image))
+            if len(pending) == batch_size:
+                flush()
+        if progress is not None:
+            progress.row(skipped=image is None)
     if pending:
         flush()
     empty = np.zeros((0, *_codes_feature(model).shape), dtype=dtype)
     return EncodedRows(kept, np.concatenate(codes) if codes else empty, stats)
 
 
-def _shard_dataset(ds, encoded: EncodedRows, model: VQVAE):
-    """codes + every source column but `image`, for the encoded rows."""
+def _column_values(ds, rows: range, batch_size: int) -> Iterator[tuple[int, Any]]:
+    """(row, image value) of `rows` of a map-style dataset, read a batch at a time."""
+    images = _undecoded(ds.select_columns(["image"]))
+    for start in range(rows.start, rows.stop, batch_size):
+        stop = min(start + batch_size, rows.stop)
+        yield from zip(range(start, stop), images[start:stop]["image"], strict=True)
+
+
+def encode_rows(
+    model: VQVAE, ds, rows: range, batch_size: int, progress: str | None = None
+) -> EncodedRows:
+    """Encode the images of `rows` of a map-style `ds` in batches; undecodable ones are skipped.
+
+    `progress` is the description of a tqdm bar over the rows; None shows none.
+    """
+    with Progress(len(rows), progress, progress is not None) as bar:
+        return encode_images(model, _column_values(ds, rows, batch_size), batch_size, bar)
+
+
+class Progress:
+    """A tqdm bar over images (its rate: images/s) whose postfix counts the skipped ones."""
+
+    def __init__(self, total: int | None, desc: str | None, show: bool) -> None:
+        self.bar = tqdm(total=total, desc=desc, disable=not show, unit="img", dynamic_ncols=True)
+        self.skipped = 0
+
+    def row(self, skipped: bool) -> None:
+        """One image read (and encoded, unless `skipped`)."""
+        self.bar.update(1)
+        if skipped:
+            self.skipped += 1
+            self.bar.set_postfix(skipped=self.skipped, refresh=False)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# chunks: which rows, from a map-style dataset or a stream
+
+
+class Chunk(NamedTuple):
+    """The rows [index * chunk_rows, ...) of the source that one process encodes."""
+
+    index: int
+    start: int  # first source row
+    values: Iterator[tuple[int, Any]]  # (source row, image value), read as consumed
+    rest: Any  # (kept source rows) -> datasets.Dataset of every column but `image`
+
+
+class ChunkPlan:
+    """The chunks `todo(c)` accepts, in order; `source_rows` once every row was passed over."""
+
+    def __init__(self, ds, chunk_rows: int, todo, batch_size: int) -> None:
+        import datasets
+
+        self.ds, self.chunk_rows, self.todo, self.batch_size = ds, chunk_rows, todo, batch_size
+        self.streamed = isinstance(ds, datasets.IterableDataset)
+        self.source_rows: int | None = None if self.streamed else len(ds)
+
+    def rows_to_encode(self) -> int | None:
+        """Source rows of the accepted chunks (None for a stream: its length is unknown)."""
+        if self.source_rows is None:
+            return None
+        n, r = self.source_rows, self.chunk_rows
+        return sum(min(n, (c + 1) * r) - c * r for c in range(-(-n // r)) if self.todo(c))
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return self._stream() if self.streamed else self._map()
+
+    def _map(self) -> Iterator[Chunk]:
+        rest = self.ds.remove_columns("image")
+        n, r = len(self.ds), self.chunk_rows
+        for c in range(-(-n // r)):
+            if self.todo(c):
+                rows = range(c * r, min(n, (c + 1) * r))
+                values = _column_values(self.ds, rows, self.batch_size)
+                yield Chunk(c, rows.start, values, rest.select)
+
+    def _stream(self) -> Iterator[Chunk]:
+        import datasets
+
+        ds = self.ds if self.ds.features is not None else self.ds._resolve_features()
+        ds = _undecoded(ds)
+        features = datasets.Features({k: v for k, v in ds.features.items() if k != "image"})
+        seen = 0
+
+        def numbered() -> Iterator[tuple[int, dict]]:
+            nonlocal seen
+            for i, row in enumerate(ds):
+                seen = i + 1
+                yield i, row
+
+        # groupby passes over the rows of a chunk it is not asked for without decoding them
+        for c, group in itertools.groupby(numbered(), key=lambda item: item[0] // self.chunk_rows):
+            if not self.todo(c):
+                continue
+            others: dict[int, dict] = {}  # the chunk's other columns, by source row
+
+            def rest(kept: list[int], others=others):
+                return datasets.Dataset.from_list([others[i] for i in kept], features=features)
+
+            yield Chunk(c, c * self.chunk_rows, _image_values(group, others), rest)
+        self.source_rows = seen
+
+
+def _image_values(rows: Iterable[tuple[int, dict]], others: dict[int, dict]):
+    """(row, image value) of streamed rows; their other columns go to `others[row]`."""
+    for i, row in rows:
+        others[i] = {k: v for k, v in row.items() if k != "image"}
+        yield i, row["image"]
+
+
+def _chunk_number(name: str) -> int | None:
+    """3 for "chunk-00003"; None for any other name."""
+    prefix, _, digits = name.partition("-")
+    return int(digits) if prefix == "chunk" and digits.isdigit() else None
+
+
+def _finished_chunks(split_dir: Path, identity: Identity) -> set[int]:
+    """The chunks in `split_dir` whose record matches `identity`."""
+    if not split_dir.is_dir():
+        return set()
+    found = set()
+    for entry in split_dir.iterdir():
+        c = _chunk_number(entry.name)
+        info = read_chunk_info(split_dir, c) if c is not None else None
+        if info is not None and info.chunk == c and info.identity == identity:
+            found.add(c)
+    return found
+
+
+def _clear_split(split_dir: Path, identity: Identity) -> None:
+    """Delete the index first, then everything but the chunks made with `identity`."""
+    (split_dir / MARKER).unlink(missing_ok=True)
+    split_dir.mkdir(parents=True, exist_ok=True)
+    keep = {chunk_name(c) for c in _finished_chunks(split_dir, identity)}
+    for entry in split_dir.iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _write_chunk(
+    split_dir: Path, chunk: Chunk, encoded: EncodedRows, model: VQVAE, identity: Identity
+) -> ChunkInfo:
+    """Save one chunk's rows to chunk-NNNNN.tmp/, its record last, and rename it into place."""
     import datasets
 
     codes = datasets.Dataset.from_dict(
         {"codes": encoded.codes}, features=datasets.Features(codes=_codes_feature(model))
     )
-    rest = ds.remove_columns("image").select(encoded.rows)
-    return datasets.concatenate_datasets([codes, rest], axis=1)
+    data = datasets.concatenate_datasets([codes, chunk.rest(encoded.rows)], axis=1)
+    final = split_dir / chunk_name(chunk.index)
+    tmp = split_dir / f"{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    data.save_to_disk(str(tmp))
+    stop = chunk.start + len(encoded.rows) + encoded.stats.total  # every row: kept or skipped
+    info = ChunkInfo(chunk.index, chunk.start, stop, len(data), encoded.stats, identity)
+    write_text(tmp / CHUNK_RECORD, info.to_json())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +537,15 @@ def _check_rows(info: SplitInfo) -> None:
         raise DataError(f"split {info.split!r}: no image could be read ({info.skipped})")
 
 
+def _identity(fingerprint: str, source: dict[str, Any], chunk_rows: int) -> Identity:
+    """The identity as its JSON record reads back (tuples become lists), for comparisons."""
+    return Identity(**json.loads(json.dumps(asdict(Identity(fingerprint, source, chunk_rows)))))
+
+
+def _describe_skips(stats: SkipStats) -> str:
+    return f"{stats.total} skipped ({describe_skips(stats.counts)})" if stats.total else "0 skipped"
+
+
 def _pretokenize_split(
     state: PartialState,
     model: VQVAE,
@@ -299,67 +554,82 @@ def _pretokenize_split(
     split: str,
     fingerprint: str,
 ) -> SplitResult:
-    import datasets
-
     out = Path(cfg.output_dir)
-    final, tmp, shards = out / split, out / f"{split}.tmp", out / f"{split}.shards"
-    source = describe_source(images, split)
+    split_dir = out / split
+    identity = _identity(fingerprint, describe_source(images, split), cfg.chunk_rows)
     done = read_split_info(out, split)
-    if (
-        done is not None
-        and done.version == FORMAT_VERSION
-        and done.tokenizer_fingerprint == fingerprint
-        and done.source == source
-    ):
-        _note(state, f"{split}: already pretokenized in {final} ({done.rows} rows), nothing to do")
+    if done is not None and done.identity == identity:
+        _note(
+            state, f"{split}: already pretokenized in {split_dir} ({done.rows} rows), nothing to do"
+        )
         _check_rows(done)
-        return SplitResult(split, final, done.rows, done.skipped, already_done=True)
+        return SplitResult(split, split_dir, done.rows, done.skipped, True, chunks=len(done.chunks))
 
+    began = time.perf_counter()
     # Every rank loads the split (folder sources count missing / unreadable files here, the same
-    # on every rank) and encodes its contiguous slice of the rows.
+    # on every rank); rank 0 clears what cannot be kept before any rank writes.
     load_stats = SkipStats()
     ds = load_image_dataset(images, split, load_stats)
+    if state.is_main_process:
+        _clear_split(split_dir, identity)
+    state.wait_for_everyone()
+    kept = _finished_chunks(split_dir, identity)
     rank, world = state.process_index, state.num_processes
-    rows = range(len(ds) * rank // world, len(ds) * (rank + 1) // world)
-    bar = f"pretokenize {split}" if state.is_main_process else None
-    encoded = encode_rows(model, ds, rows, cfg.batch_size, progress=bar)
-    shard = shards / f"rank{rank:05d}"
-    shutil.rmtree(shard, ignore_errors=True)
-    shards.mkdir(parents=True, exist_ok=True)
-    _shard_dataset(ds, encoded, model).save_to_disk(str(shard))
-    write_text(shards / f"rank{rank:05d}.json", json.dumps(asdict(encoded.stats)))
+    plan = ChunkPlan(
+        ds, cfg.chunk_rows, lambda c: c % world == rank and c not in kept, cfg.batch_size
+    )
+    show = state.is_main_process
+    with Progress(plan.rows_to_encode(), f"pretokenize {split}", show) as progress:
+        for chunk in plan:
+            encoded = encode_images(model, chunk.values, cfg.batch_size, progress)
+            _write_chunk(split_dir, chunk, encoded, model, identity)
     state.wait_for_everyone()
 
-    if state.is_main_process:
-        parts = [datasets.load_from_disk(str(shards / f"rank{r:05d}")) for r in range(world)]
-        skipped = load_stats
-        for r in range(world):
-            skipped.merge(SkipStats(**read_json(shards / f"rank{r:05d}.json")))
-        merged = datasets.concatenate_datasets(parts)
-        shutil.rmtree(tmp, ignore_errors=True)
-        merged.save_to_disk(str(tmp))
-        info = SplitInfo(
-            split=split,
-            rows=len(merged),
-            skipped=skipped,
-            grid=list(_codes_feature(model).shape),
-            codebook_size=model.codebook_size,
-            tokenizer=str(cfg.tokenizer),
-            tokenizer_fingerprint=fingerprint,
-            source=source,
+    assert plan.source_rows is not None  # known once the plan was walked
+    num_chunks = -(-plan.source_rows // cfg.chunk_rows)
+    chunks = [read_chunk_info(split_dir, c) for c in range(num_chunks)]
+    missing = [c for c, info in enumerate(chunks) if info is None or info.identity != identity]
+    if missing:
+        raise DataError(
+            f"{split_dir}: chunk(s) {missing[:10]} of {num_chunks} were not written (a process "
+            "failed?); run pretokenize again to finish them"
         )
-        write_text(tmp / MARKER, info.to_json())  # last: its presence means complete
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        shutil.rmtree(shards, ignore_errors=True)
-        if skipped.total:
-            _note(state, f"{split}: {skipped}")
+    skipped = load_stats
+    for info in chunks:
+        skipped.merge(info.skipped)
+    info = SplitInfo(
+        split=split,
+        rows=sum(c.rows for c in chunks),
+        skipped=skipped,
+        grid=list(_codes_feature(model).shape),
+        codebook_size=model.codebook_size,
+        tokenizer=str(cfg.tokenizer),
+        tokenizer_fingerprint=fingerprint,
+        source=identity.source,
+        chunk_rows=cfg.chunk_rows,
+        source_rows=plan.source_rows,
+        chunks=[chunk_name(c.chunk) for c in chunks],
+        chunk_rows_kept=[c.rows for c in chunks],
+    )
+    if state.is_main_process:  # the index, last: its presence means the split is complete
+        tmp = split_dir / f"{MARKER}.tmp"
+        write_text(tmp, info.to_json())
+        os.replace(tmp, split_dir / MARKER)
+    encoded_now = [c for c in chunks if c.chunk not in kept]
+    rate = sum(c.stop - c.start for c in encoded_now) / max(time.perf_counter() - began, 1e-9)
+    _note(
+        state,
+        f"pretokenize {split}: {info.rows} rows, {num_chunks} chunks ({len(encoded_now)} encoded, "
+        f"{num_chunks - len(encoded_now)} kept), {_describe_skips(skipped)}, "
+        f"{rate:.1f} images/s",
+    )
     state.wait_for_everyone()
-    info = read_split_info(out, split)
-    if info is None:
-        raise DataError(f"{final}: rank 0 did not finish writing the split")
+    if read_split_info(out, split) is None:
+        raise DataError(f"{split_dir}: rank 0 did not finish writing the split's index")
     _check_rows(info)
-    return SplitResult(split, final, info.rows, info.skipped, already_done=False)
+    return SplitResult(
+        split, split_dir, info.rows, skipped, False, num_chunks, chunks_encoded=len(encoded_now)
+    )
 
 
 def pretokenize(cfg: PretokenizeConfig) -> PretokenizeResult:
@@ -382,15 +652,18 @@ def pretokenize(cfg: PretokenizeConfig) -> PretokenizeResult:
 
 
 def load_codes(output_dir: str | Path, split: str):  # -> datasets.Dataset
-    """The pretokenized `split` (columns codes, text, ...) as a datasets.Dataset."""
+    """The pretokenized `split` (columns codes, text, ...): its chunks in order, memory-mapped."""
     import datasets
 
-    if read_split_info(output_dir, split) is None:
+    info = read_split_info(output_dir, split)
+    if info is None:
         raise FileNotFoundError(
             f"{Path(output_dir) / split}: no finished pretokenized split here; "
             "run `vqgpt pretokenize --config LM_RECIPE` first"
         )
-    return datasets.load_from_disk(str(Path(output_dir) / split))
+    folder = Path(output_dir) / split
+    parts = [datasets.load_from_disk(str(folder / name)) for name in info.chunks]
+    return datasets.concatenate_datasets(parts)
 
 
 def codes_tensor(row_or_batch: Mapping[str, Any] | Any) -> torch.Tensor:
@@ -405,18 +678,25 @@ def codes_tensor(row_or_batch: Mapping[str, Any] | Any) -> torch.Tensor:
 
 
 __all__ = [
+    "CHUNK_RECORD",
     "MARKER",
+    "ChunkInfo",
     "EncodedRows",
+    "Identity",
     "PretokenizeConfig",
     "PretokenizeResult",
+    "Progress",
     "SplitInfo",
     "SplitResult",
+    "chunk_name",
     "codes_dtype",
     "codes_tensor",
     "describe_source",
+    "encode_images",
     "encode_rows",
     "load_codes",
     "pretokenize",
+    "read_chunk_info",
     "read_split_info",
     "tokenizer_fingerprint",
 ]
