@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 FORMATS = ("folder", "parquet", "webdataset")
+STREAMED = "webdataset-stream"  # the WebDataset shards read as a stream (data.streaming: true)
 PARQUET_FILES, TARS = 2, 4
 
 
@@ -83,20 +84,20 @@ def write_corpus(root: Path, n: int) -> dict[str, Path]:
     return {"folder": folder, "parquet": parquet, "webdataset": wds}
 
 
+def corpus_config(fmt: str, path: Path):  # -> DataConfig
+    """The data section a user would write for the corpus in one format."""
+    from vqgpt.data.sources import DataConfig
+
+    streaming = fmt == STREAMED
+    fmt = "webdataset" if streaming else fmt
+    return DataConfig(source=str(path), format=fmt, image_size=64, streaming=streaming)
+
+
 def load_corpus(fmt: str, path: Path):  # -> datasets.Dataset with image + text
-    """The corpus in one format as a dataset (later: load_image_dataset(DataConfig(source=...)))."""
-    import datasets
+    """The corpus in one format through vqgpt's one data entry point (`load_image_dataset`)."""
+    from vqgpt.data.sources import load_image_dataset
 
-    from vqgpt.data.sources import folder_dataset, standardize_columns
-
-    if fmt == "folder":
-        return folder_dataset(path, "train")
-    files = sorted(str(p) for p in path.iterdir())
-    ds = datasets.load_dataset("parquet" if fmt == "parquet" else "webdataset", data_files=files,
-                               split="train")  # fmt: skip
-    if fmt == "webdataset":
-        return standardize_columns(ds, "jpg", "txt")
-    return ds
+    return load_image_dataset(corpus_config(fmt, path), "train")
 
 
 def write_tokenizer(path: Path) -> Path:
@@ -120,13 +121,11 @@ def write_tokenizer(path: Path) -> Path:
 def run_pretokenize(fmt: str, corpus: Path, tokenizer: Path, out: Path) -> None:
     """pretokenize the corpus (under however many processes were launched); rows and seconds."""
     import vqgpt.lm.pretokenize as pretok
-    from vqgpt.data.sources import DataConfig
     from vqgpt.distributed import leave_process_group
 
-    pretok.load_image_dataset = lambda cfg, split, stats=None: load_corpus(fmt, corpus)
     cfg = pretok.PretokenizeConfig(
         tokenizer=str(tokenizer),
-        images=DataConfig(source=f"bench-{fmt}", image_size=64),
+        images=corpus_config(fmt, corpus),
         output_dir=str(out),
         splits=["train"],
         batch_size=64,
@@ -150,7 +149,11 @@ def run_reading(fmt: str, corpus: Path) -> None:
     ds = load_corpus(fmt, corpus)
     transform = ImageTransform(64)
     rows = 0
-    for _, value in _column_values(ds, range(len(ds)), 64):
+    if fmt == STREAMED:
+        values = (row["image"] for row in ds)
+    else:
+        values = (value for _, value in _column_values(ds, range(len(ds)), 64))
+    for value in values:
         image, _ = read_image(value)
         if image is not None:
             transform(image)
@@ -194,7 +197,8 @@ def bench(n: int, work: Path) -> list[dict]:
         load_corpus(fmt, corpus[fmt])
     rows = []
     script = str(Path(__file__).resolve())
-    for fmt in FORMATS:
+    corpus[STREAMED] = corpus["webdataset"]
+    for fmt in (*FORMATS, STREAMED):
         read = measured([sys.executable, script, "--work", "read", fmt, str(corpus[fmt])], env)
         for processes in (1, 2):
             out = work / f"codes-{fmt}-{processes}"
