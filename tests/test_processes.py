@@ -69,6 +69,26 @@ def test_tokenizer_in_two_processes_trains_like_one(
     assert lrs[:2] == [lrs[0], lrs[0]] and lrs[2] < lrs[1]  # warm-up 2 steps, then cosine
 
 
+def test_streamed_shards_in_two_processes_train_like_one(
+    tmp_path, repo_root, run_cli, tiny_tokenizer_recipe, write_yaml, accelerate_launcher
+):
+    """A stream has no sampler to split: rank 0 reads it and sends each rank its slice of the
+    global batch (Accelerate's dispatch_batches), so the batches are those of one process."""
+    shards = repo_root / "tests/fixtures/captioned/webdataset"
+    data = dict(source=f"{shards}/{{00000..00002}}.tar", streaming=True, shuffle_buffer=16)
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"run{processes}"
+        recipe = tiny_tokenizer_recipe(out, train=dict(save_every=0, max_steps=4), data=data)
+        recipe["data"].pop("shapes")
+        launcher = accelerate_launcher if processes == 2 else None
+        run_cli("train-tokenizer", "--config", str(write_yaml(tmp_path / "r.yaml", recipe)),
+                launcher=launcher)  # fmt: skip
+        runs[processes] = out
+    assert summary(runs[2])["num_processes"] == 2
+    assert_same_training(runs[1], runs[2], "total", rel=1e-4)
+
+
 @pytest.mark.parametrize(
     "name, sections",
     [

@@ -470,6 +470,12 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def collate_pixels(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack pixel_values into [B, 3, H, W], nothing else: stage one needs no text, and under
+    several processes Accelerate sends a streamed batch from rank 0 as tensors only."""
+    return {"pixel_values": torch.stack([b["pixel_values"] for b in batch])}
+
+
 class StreamingImageTextDataset(torch.utils.data.IterableDataset):
     """A datasets.IterableDataset as a stream of {'pixel_values': [3, H, W], 'text': str}.
 
@@ -545,6 +551,7 @@ __all__ = [
     "TEST_PHOTOS",
     "TRAIN_PHOTOS",
     "collate",
+    "collate_pixels",
     "find_readable",
     "folder_dataset",
     "image_text_dataset",

@@ -16,7 +16,7 @@ from vqgpt.data.sources import (
     DataConfig,
     DataError,
     StreamingImageTextDataset,
-    collate,
+    collate_pixels,
     image_text_dataset,
 )
 from vqgpt.tokenizer.evaluate import EvalConfig, evaluate_tokenizer
@@ -106,7 +106,7 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
         batch_size=tc.batch_size,
         shuffle=not streamed,
         drop_last=True,
-        collate_fn=collate,
+        collate_fn=collate_pixels,
         num_workers=recipe.data.num_workers,
     )
 
