@@ -153,3 +153,18 @@ def test_stage_one_trains_and_resumes_on_a_streamed_webdataset(
     assert sorted(reference) == [1, 2, 3, 4] and sorted(again) == [3, 4]
     assert all(again[s] == reference[s] for s in again), (again, reference)
     assert (full / "final" / "model.safetensors").is_file()
+
+
+def test_split_in_the_source_picks_each_splits_shards(captioned, tmp_path):
+    """`{split}` in data.source is the split's name: train and test read their own shards."""
+    import shutil
+
+    for split, shard in (("train", "00000"), ("test", "00001")):
+        (tmp_path / split).mkdir()
+        shutil.copy(captioned / "webdataset" / f"{shard}.tar", tmp_path / split / "0.tar")
+    cfg = DataConfig(source=f"{tmp_path}/{{split}}/{{0..0}}.tar")
+    texts = {split: load_image_dataset(cfg, split)["text"] for split in ("train", "test")}
+    for split, shard in (("train", "00000"), ("test", "00001")):
+        alone = DataConfig(source=str(captioned / "webdataset" / f"{shard}.tar"))
+        assert texts[split] == load_image_dataset(alone, split)["text"]
+    assert texts["train"] != texts["test"]

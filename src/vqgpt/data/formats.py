@@ -60,12 +60,15 @@ def _matches(pattern: str) -> list[str]:
 def find_data_files(source: str, fmt: str, split: str) -> DataFiles | None:
     """The local files `source` names (None when it names nothing local: a Hub name).
 
+    `{split}` in `source` is the split's name (`shards/{split}-{0000..0099}.tar`: each split its
+    own shards); without it every split reads the same files, unless a folder has `<split>/`.
+
     DataError: a pattern that matches nothing, a folder with nothing to read, files of mixed or
     unknown suffixes (set data.format), a .tar that is not a tar archive.
     """
     from braceexpand import braceexpand
 
-    patterns = [os.path.expanduser(p) for p in braceexpand(source)]
+    patterns = [os.path.expanduser(p) for p in braceexpand(source.replace("{split}", split))]
     found: list[str] = []
     for pattern in patterns:
         matched = _matches(pattern)
