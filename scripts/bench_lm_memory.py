@@ -108,15 +108,14 @@ def measure(output_dir: Path, micro_batches: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    parser.add_argument("--rows", type=int, nargs="+", help="corpus sizes (default 10000 500000)")
-    parser.add_argument("--micro-batches", type=int, help="per size (default 200)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # a pretokenized folder
+    parser.add_argument("--micro-batches", type=int, help=argparse.SUPPRESS)  # the child's
     args = parser.parse_args()
-    batches = args.micro_batches or (10 if args.quick else 200)
+    batches = 10 if args.quick else 200
     if args.child:
-        print(json.dumps(measure(args.child, batches)))
+        print(json.dumps(measure(args.child, args.micro_batches)))
         return
-    sizes = args.rows or ([1_000, 10_000] if args.quick else [10_000, 500_000])
+    sizes = [1_000, 10_000] if args.quick else [10_000, 500_000]
     import datasets
 
     datasets.disable_progress_bars()

@@ -196,3 +196,45 @@ def test_bench_sampling_hf_baseline_draws_image_codes(tiny_gpt2, repo_root):
     codes = bench.hf_generate(model, layout, prompts, seed=0)
     assert codes.shape == (len(captions), layout.tokens_per_image)
     assert ((codes >= 0) & (codes < layout.codebook_size)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/bench_lm_memory.py
+
+
+def test_bench_lm_memory_measures_each_size_and_tables_the_difference(repo_root, tmp_path):
+    """The benchmark's parts in this process (its CLI runs each size in a fresh one): synthetic
+    splits load_codes accepts, the batches iterated, one table row per size and the difference."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_lm_memory", repo_root / "scripts" / "bench_lm_memory.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = []
+    for rows in (300, 3000):
+        bench.write_codes(tmp_path / str(rows), "train", rows)
+        results.append(bench.measure(tmp_path / str(rows), micro_batches=3))
+    assert [(r["rows"], r["micro_batches"]) for r in results] == [(300, 3), (3000, 3)]
+    assert all(r["tokens"] > 3 * 47 * (64 + 4) for r in results)  # every row holds an image
+    table = bench.table(results, 3)
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    assert [ln.split("|")[1].strip() for ln in lines] == ["rows", "300", "3,000", "3,000 - 300"]
+    peak = [float(ln.split("|")[5]) for ln in lines[1:]]
+    assert peak[2] == pytest.approx(peak[1] - peak[0], abs=0.11) and peak[0] > 0
+
+
+@pytest.mark.slow
+def test_bench_lm_memory_quick_cli(cli_env, repo_root):
+    """~20 s: --quick, each size in its own process."""
+    script = repo_root / "scripts" / "bench_lm_memory.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [ln.split("|")[1].strip() for ln in result.stdout.splitlines() if ln.startswith("| ")]
+    assert rows == ["rows", "1,000", "10,000", "10,000 - 1,000"]
+    assert "10 micro-batches" in result.stdout
