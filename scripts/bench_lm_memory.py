@@ -8,9 +8,10 @@ K = 1024, captions of a few words) in the on-disk form `vqgpt pretokenize` write
 size, in a fresh subprocess: imports, opens the bank (`ExampleBank` over `load_codes`, the real
 GPT-2 BPE), builds epoch 0 with the lm/shapes sequences (max_length 88, no packing, t2i prefix
 20; batch 47) and iterates the first micro-batches. Reports VmRSS once ready (imports done, tokenizer built), after
-opening the bank and after the batches (split into anonymous memory and mapped file pages, the
-latter the Arrow file's pages the reads touched: the kernel can drop them at any time), the peak
-(ru_maxrss), and the difference between the sizes.
+opening the bank and after the batches, split into anonymous memory (RssAnon: what the process
+allocated) and mapped file pages (RssFile: shared libraries, and the pages of the memory-mapped
+Arrow files that opening and reading touched; page cache the kernel can drop at any time, at
+most the Arrow files' size), the peak (ru_maxrss, both kinds), and the difference between sizes.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def measure(output_dir: Path, micro_batches: int) -> dict:
         if done == micro_batches:
             break
     out["batches"] = _memory()
-    out.update(rows=len(bank), micro_batches=done, tokens=tokens)
+    arrow = sum(Path(f["filename"]).stat().st_size for f in bank.dataset.cache_files)
+    out.update(rows=len(bank), micro_batches=done, tokens=tokens, arrow_mib=arrow / 2**20)
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -142,15 +144,17 @@ def table(results: list[dict], micro_batches: int) -> str:
     lines = [
         f"LM data path memory: {micro_batches} micro-batches of 47 x 88 tokens (lm/shapes "
         f"sequences), grid {GRID[0]}x{GRID[1]}, K={CODEBOOK_SIZE}; MiB\n",
-        "| rows | RSS ready | RSS load (anon / file) | RSS batches (anon / file) | peak | s |",
-        "|---|---|---|---|---|---|",
+        "| rows | Arrow files | RSS ready | RSS load (anon / file) | RSS batches (anon / file) "
+        "| peak | s |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def split(m: dict) -> str:
         return f"{m['VmRSS']:.1f} ({m['RssAnon']:.1f} / {m['RssFile']:.1f})"
 
     def row(label: str, r: dict) -> str:
-        cells = [label, f"{r['ready']['VmRSS']:.1f}", split(r["load"]), split(r["batches"])]
+        cells = [label, f"{r['arrow_mib']:.1f}", f"{r['ready']['VmRSS']:.1f}"]
+        cells += [split(r["load"]), split(r["batches"])]
         cells += [f"{r['batches']['peak']:.1f}", f"{r['seconds']:.1f}"]
         return "| " + " | ".join(cells) + " |"
 
@@ -160,7 +164,8 @@ def table(results: list[dict], micro_batches: int) -> str:
         stage: {k: last[stage][k] - first[stage][k] for k in first[stage]}
         for stage in ("ready", "load", "batches")
     }
-    delta["seconds"] = last["seconds"] - first["seconds"]
+    for key in ("seconds", "arrow_mib"):
+        delta[key] = last[key] - first[key]
     lines.append(row(f"{last['rows']:,} - {first['rows']:,}", delta))
     return "\n".join(lines)
 

@@ -219,7 +219,7 @@ def test_bench_lm_memory_measures_each_size_and_tables_the_difference(repo_root,
     table = bench.table(results, 3)
     lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
     assert [ln.split("|")[1].strip() for ln in lines] == ["rows", "300", "3,000", "3,000 - 300"]
-    peak = [float(ln.split("|")[5]) for ln in lines[1:]]
+    peak = [float(ln.split("|")[6]) for ln in lines[1:]]
     assert peak[2] == pytest.approx(peak[1] - peak[0], abs=0.11) and peak[0] > 0
 
 
