@@ -230,3 +230,28 @@ def _no_decode():
     import datasets
 
     return datasets.Image(decode=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/bench_lm_memory.py
+
+
+def test_bench_lm_memory_measures_each_size_and_tables_the_difference(repo_root, tmp_path):
+    """The benchmark's parts in this process (its CLI runs each size in a fresh one): synthetic
+    splits load_codes accepts, the batches iterated, one table row per size and the difference."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_lm_memory", repo_root / "scripts" / "bench_lm_memory.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = []
+    for rows in (300, 3000):
+        bench.write_codes(tmp_path / str(rows), "train", rows)
+        results.append(bench.measure(tmp_path / str(rows), micro_batches=3))
+    assert [(r["rows"], r["micro_batches"]) for r in results] == [(300, 3), (3000, 3)]
+    assert all(r["tokens"] > 3 * 47 * (64 + 4) for r in results)  # every row holds an image
+    table = bench.table(results, 3)
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    assert [ln.split("|")[1].strip() for ln in lines] == ["rows", "300", "3,000", "3,000 - 300"]
+    peak = [float(ln.split("|")[6]) for ln in lines[1:]]
+    assert peak[2] == pytest.approx(peak[1] - peak[0], abs=0.11) and peak[0] > 0

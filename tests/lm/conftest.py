@@ -1,11 +1,15 @@
-"""Fixtures of the stage-two decoding tests: references to hold the KV-cache loops against."""
+"""Fixtures of the stage-two tests: references to hold the KV-cache loops against, and banks of
+examples held in memory."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from vqgpt.lm.batches import ExampleBank
 from vqgpt.lm.vocab import VocabLayout
 
 
@@ -83,3 +87,36 @@ def image_prompt():
 def random_codes():
     """(layout, n, seed=1) -> seeded codes [n, h, w]."""
     return _random_codes
+
+
+class _IdsTokenizer:
+    """A stand-in JointTokenizer for banks: a caption is its ids written out ("3 7 12")."""
+
+    def __init__(self, layout: VocabLayout) -> None:
+        self.layout = layout
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        return [[int(t) for t in text.split()] for text in texts]
+
+
+def _memory_bank(
+    codes: torch.Tensor, text_ids: list[list[int]], layout: VocabLayout
+) -> ExampleBank:
+    """An ExampleBank over an in-memory Arrow dataset of codes [n, h, w] and caption ids."""
+    import datasets
+
+    features = datasets.Features(
+        {"codes": datasets.Array2D(layout.grid, "int16"), "text": datasets.Value("string")}
+    )
+    rows = {
+        "codes": codes.to(torch.int16).numpy(),
+        "text": [" ".join(map(str, ids)) for ids in text_ids],
+    }
+    dataset = datasets.Dataset.from_dict(rows, features=features)
+    return ExampleBank(dataset, _IdsTokenizer(layout), Path("."))
+
+
+@pytest.fixture(scope="session")
+def memory_bank():
+    """(codes [n, h, w], caption ids, layout) -> an ExampleBank held in memory."""
+    return _memory_bank

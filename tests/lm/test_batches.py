@@ -2,63 +2,203 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from types import SimpleNamespace
+import importlib.util
+import random
+import tracemalloc
 
 import pytest
 import torch
 
-from vqgpt.lm.batches import ExampleBank, build_epoch
-from vqgpt.lm.sequences import SequenceConfig
-from vqgpt.lm.vocab import VocabLayout
+from vqgpt.lm import batches as batches_module
+from vqgpt.lm.batches import ExampleBank, build_epoch, shuffled_rows
+from vqgpt.lm.sequences import SequenceConfig, collate, fit, make_example
+from vqgpt.lm.vocab import JointTokenizer, VocabLayout
 
 LAYOUT = VocabLayout(codebook_size=8, grid=(2, 2), text_vocab_size=30)
 
 
-def bank(n: int = 40) -> ExampleBank:
-    gen = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 8, (n, 2, 2), generator=gen)
-    text_ids = [
-        [int(t) for t in torch.randint(0, 29, (1 + i % 5,), generator=gen)] for i in range(n)
-    ]
-    tokenizer = SimpleNamespace(layout=LAYOUT)  # build_epoch reads the layout only
-    return ExampleBank(codes, text_ids, [""] * n, tokenizer, Path("."))
+@pytest.fixture
+def bank(memory_bank):
+    """(n, longest caption) -> a bank of n seeded rows, captions of 0..longest tokens."""
+
+    def make(n: int = 40, longest: int = 5) -> ExampleBank:
+        gen = torch.Generator().manual_seed(0)
+        codes = torch.randint(0, 8, (n, 2, 2), generator=gen)
+        lengths = [i % (longest + 1) for i in range(n)]
+        text_ids = [torch.randint(0, 29, (k,), generator=gen).tolist() for k in lengths]
+        return memory_bank(codes, text_ids, LAYOUT)
+
+    return make
+
+
+def eager_epoch(bank, seq, epoch, batch_size, rank, world, accumulation=1):
+    """The eager build_epoch this module's lazy one replaced (every example of the epoch in
+    memory at once): the reference it must match batch for batch."""
+    rng = random.Random(f"vqgpt-lm-{seq.seed}-{epoch}")
+    order = list(range(len(bank)))
+    rng.shuffle(order)
+    rows = bank.read(range(len(bank)))
+    examples = [make_example(rows.codes[i], rows.text_ids[i], bank.layout, seq, rng) for i in order]
+    fitted = fit(examples, bank.layout, seq)
+    windows = fitted.examples
+    per_step = batch_size * accumulation
+    b = batch_size // world
+    out = []
+    for s in range(len(windows) // per_step):
+        step_windows = windows[s * per_step : (s + 1) * per_step]
+        weight = sum(sum(w.loss_weights[1:]) for w in step_windows)
+        normalizer = torch.tensor(max(weight, 1e-12) / (world * accumulation))
+        for m in range(accumulation):
+            start = s * per_step + m * batch_size + rank * b
+            batch = collate(windows[start : start + b], pad_id=bank.layout.eos_id)
+            batch["normalizer"] = normalizer
+            out.append(batch)
+    return out, fitted.skipped
+
+
+def assert_same_batches(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        for key in w:
+            assert g[key].dtype == w[key].dtype and torch.equal(g[key], w[key]), key
 
 
 def target_weight(batch: dict) -> float:
     return float(batch["loss_weights"][:, 1:].sum())
 
 
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 10, 257, 5000])
+@pytest.mark.parametrize("seed", ["vqgpt-lm-0-0", "vqgpt-lm-3-7"])
+def test_shuffled_rows_is_random_shuffle(n, seed):
+    reference, ours = random.Random(seed), random.Random(seed)
+    order = list(range(n))
+    reference.shuffle(order)
+    assert list(shuffled_rows(n, ours)) == order
+    assert ours.random() == reference.random()  # the same draws: the task choices follow on
+
+
+SEQUENCES = {
+    "packed": SequenceConfig(max_length=24, pack=True, seed=3),
+    "rows, prefix, more t2i and dropout": SequenceConfig(
+        max_length=24, pack=False, t2i_prefix_length=6, t2i_ratio=0.7, caption_dropout=0.3, seed=1
+    ),
+    # max_length 8 holds eos boi 4 codes eoi eos only: a t2i example with a caption is skipped
+    "packed, too long": SequenceConfig(max_length=8, pack=True, seed=2),
+    "rows, too long": SequenceConfig(max_length=8, pack=False, t2i_ratio=0.9, seed=4),
+}
+
+
+@pytest.mark.parametrize("name", list(SEQUENCES))
+@pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("accumulation", [1, 2])
-def test_ranks_split_each_global_batch_and_share_its_normalizer(accumulation):
+def test_lazy_epoch_is_the_eager_epoch(bank, monkeypatch, name, world, accumulation):
+    monkeypatch.setattr(batches_module, "READ_ROWS", 7)  # several reads, one cut mid-step
+    seq, data = SEQUENCES[name], bank(53)
+    for rank in range(world):
+        want, skipped = eager_epoch(data, seq, 1, 4, rank, world, accumulation)
+        built = build_epoch(data, seq, 1, 4, rank, world, accumulation)
+        assert built.skipped == 0 and built.steps == 0  # nothing is built before iterating
+        assert_same_batches(list(built), want)
+        assert want and built.steps == len(want) // accumulation
+        assert built.skipped == skipped
+        assert (skipped > 0) == name.endswith("too long")
+        assert_same_batches(list(built), want)  # iterating again builds the same epoch
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_skips_the_first_micro_batches_without_collating_them(
+    bank, monkeypatch, accumulation
+):
+    seq, data = SEQUENCES["packed"], bank(60)
+    full = list(build_epoch(data, seq, 2, 4, 1, 2, accumulation))
+    collated = []
+
+    def counting_collate(*args, **kwargs):
+        collated.append(1)
+        return collate(*args, **kwargs)
+
+    monkeypatch.setattr(batches_module, "collate", counting_collate)
+    for skip in (0, 1, 2, 3, len(full) - 1, len(full), len(full) + 2):
+        collated.clear()
+        built = build_epoch(data, seq, 2, 4, 1, 2, accumulation, skip=skip)
+        assert_same_batches(list(built), full[skip:])
+        assert len(collated) == max(len(full) - skip, 0)
+        assert built.steps == len(full) // accumulation  # the whole epoch was built
+
+
+def test_an_epoch_too_small_for_one_step_has_no_batches(bank):
+    built = build_epoch(bank(3), SequenceConfig(max_length=24, pack=False), 0, 4, 0, 1)
+    assert list(built) == [] and built.steps == 0  # train_lm's ConfigError reads steps
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_ranks_split_each_global_batch_and_share_its_normalizer(bank, accumulation):
     seq = SequenceConfig(max_length=24, pack=True, seed=3)
     data = bank()
-    one = build_epoch(data, seq, epoch=1, batch_size=4, rank=0, world=1, accumulation=accumulation)
+    one = list(build_epoch(data, seq, 1, batch_size=4, rank=0, world=1, accumulation=accumulation))
     two = [
-        build_epoch(data, seq, epoch=1, batch_size=4, rank=r, world=2, accumulation=accumulation)
+        list(build_epoch(data, seq, 1, batch_size=4, rank=r, world=2, accumulation=accumulation))
         for r in range(2)
     ]
-    assert len(one.batches) % accumulation == 0  # whole optimizer steps only
-    assert len(two[0].batches) == len(two[1].batches) == len(one.batches)
-    for i, whole in enumerate(one.batches):
-        halves = [two[r].batches[i] for r in range(2)]
+    assert len(one) % accumulation == 0  # whole optimizer steps only
+    assert len(two[0]) == len(two[1]) == len(one)
+    for i, whole in enumerate(one):
+        halves = [two[r][i] for r in range(2)]
         width = whole["input_ids"].shape[1]
         rows = torch.cat([torch.nn.functional.pad(h["input_ids"], (0, width - h["input_ids"].shape[1]), value=LAYOUT.eos_id) for h in halves])  # fmt: skip
         assert torch.equal(rows, whole["input_ids"])  # rank 0's rows, then rank 1's
         # the normalizer: the step's total target weight / (processes x accumulation)
         step = slice(i - i % accumulation, i - i % accumulation + accumulation)
-        total = sum(target_weight(b) for b in one.batches[step])
+        total = sum(target_weight(b) for b in one[step])
         assert float(whole["normalizer"]) == pytest.approx(total / accumulation)
         assert float(halves[0]["normalizer"]) == float(halves[1]["normalizer"])
         assert float(halves[0]["normalizer"]) == pytest.approx(total / (2 * accumulation))
 
 
-def test_epochs_differ_and_repeat():
+def test_epochs_differ_and_repeat(bank):
     seq, data = SequenceConfig(max_length=24, seed=3), bank()
-    a = build_epoch(data, seq, epoch=0, batch_size=4, rank=0, world=1)
-    b = build_epoch(data, seq, epoch=1, batch_size=4, rank=0, world=1)
-    again = build_epoch(data, seq, epoch=0, batch_size=4, rank=0, world=1)
-    assert not torch.equal(a.batches[0]["input_ids"], b.batches[0]["input_ids"])
-    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a.batches, again.batches, strict=True))  # fmt: skip
+    a = list(build_epoch(data, seq, epoch=0, batch_size=4, rank=0, world=1))
+    b = list(build_epoch(data, seq, epoch=1, batch_size=4, rank=0, world=1))
+    assert not torch.equal(a[0]["input_ids"], b[0]["input_ids"])
+    assert_same_batches(list(build_epoch(data, seq, epoch=0, batch_size=4, rank=0, world=1)), a)
     with pytest.raises(ValueError, match="does not split"):
         build_epoch(data, seq, epoch=0, batch_size=3, rank=0, world=2)
+
+
+def test_bank_reads_rows_in_the_order_asked_and_checks_the_grid(memory_bank):
+    codes = torch.arange(5 * 4).reshape(5, 2, 2) % 8
+    data = memory_bank(codes, [[i] * i for i in range(5)], LAYOUT)
+    rows = data.read([4, 0, 2])
+    assert torch.equal(rows.codes, codes[[4, 0, 2]]) and rows.codes.dtype == torch.long
+    assert rows.text_ids == [[4] * 4, [], [2, 2]]
+    assert data.read([]).codes.shape == (0, 2, 2) and len(data) == 5
+    with pytest.raises(ValueError, match=r"grid \(2, 2\).*makes \(2, 3\).*pretokenize again"):
+        ExampleBank(data.dataset, JointTokenizer.build(8, (2, 3)), data.image_tokenizer_dir)
+
+
+def test_an_epoch_over_a_large_split_does_not_hold_it(repo_root, tmp_path):
+    """50,000 rows of 8x8 codes on disk (6.4 MB as int16, 26 MB as a LongTensor; their captions'
+    ids as lists far more): opening the bank and building a few steps allocates a small part of
+    it, the shuffled order (4 bytes a row) included."""
+    path = repo_root / "scripts" / "bench_lm_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_lm_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # its writer makes the split as pretokenize does
+    rows = 50_000
+    bench.write_codes(tmp_path, "train", rows)
+    from vqgpt.lm.pretokenize import load_codes
+
+    tokenizer = JointTokenizer.build(bench.CODEBOOK_SIZE, bench.GRID)
+    seq = SequenceConfig(max_length=88, pack=False, t2i_prefix_length=20)
+    tracemalloc.start()
+    try:
+        data = ExampleBank(load_codes(tmp_path, "train"), tokenizer, tmp_path)
+        built = iter(build_epoch(data, seq, epoch=0, batch_size=16, rank=0, world=1))
+        for _ in range(5):
+            assert next(built)["input_ids"].shape[0] == 16
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    codes_bytes = rows * 64 * 2  # int16
+    assert peak < codes_bytes / 4, f"peak {peak / 2**20:.1f} MiB"

@@ -43,17 +43,7 @@ def test_group_masks_select_each_task_and_kind():
     assert set(masks) == {f"{t}{k}" for t in ("t2i", "caption") for k in ("", "/image", "/text")}
 
 
-class _Bank:
-    """What `evaluate_lm` reads of an ExampleBank."""
-
-    def __init__(self, codes, text_ids) -> None:
-        self.codes, self.text_ids, self.layout = codes, text_ids, LAYOUT
-
-    def __len__(self) -> int:
-        return len(self.text_ids)
-
-
-def test_evaluation_of_captions_at_and_past_the_maximum_length(tiny_gpt2):
+def test_evaluation_of_captions_at_and_past_the_maximum_length(tiny_gpt2, memory_bank):
     # held-out captions as long as the window allows, and longer: cut as training cuts them,
     # never run past the position table (IndexError)
     n_positions = 20
@@ -61,7 +51,7 @@ def test_evaluation_of_captions_at_and_past_the_maximum_length(tiny_gpt2):
     budget = token_budget(n_positions, LAYOUT).caption
     seq = SequenceConfig(max_length=n_positions)
     codes = torch.stack([CODES, CODES.flip(0), CODES])
-    bank = _Bank(codes, [[3] * budget, [4] * (budget + 7), CAP])
+    bank = memory_bank(codes, [[3] * budget, [4] * (budget + 7), CAP], LAYOUT)
     examples = eval_examples(bank, seq, limit=3)
     assert max(len(ex) for ex in examples) == n_positions
     assert len(examples) == 6

@@ -62,6 +62,22 @@ def test_killed_run_resumes_with_the_same_next_step_loss(
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-7), step
 
 
+def test_an_epoch_smaller_than_one_step_is_a_config_error(
+    lm_run, tiny_tokenizer_run, tmp_path, run_cli, tiny_lm_recipe, write_yaml
+):
+    # 64 images pack into fewer windows than one step of 64: found while the epoch is built
+    recipe = tiny_lm_recipe(
+        tiny_tokenizer_run, tmp_path / "run", lm_run.parent / "codes", train=dict(batch_size=64)
+    )
+    cfg = write_yaml(tmp_path / "r.yaml", recipe)
+    result = run_cli("train-lm", "--config", str(cfg), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    *status, line = result.stderr.strip().splitlines()  # status: the codes are cached already
+    assert line.startswith("vqgpt train-lm: error: one epoch of 64 examples packs into fewer ")
+    assert "than one optimizer step of train.batch_size=64" in line
+    assert status and all("already pretokenized" in s for s in status)
+
+
 @pytest.mark.slow
 def test_two_process_run_trains_and_saves_once(
     tiny_tokenizer_run, tmp_path, accelerate_launcher, run_cli, tiny_lm_recipe, write_yaml

@@ -1,51 +1,80 @@
-"""Stage-two data: a split's cached image codes and caption ids, turned into per-epoch batches."""
+"""Stage-two data: a split's cached image codes and caption ids, turned into per-epoch batches.
+
+Nothing here holds a split in memory: the bank reads rows from the memory-mapped Arrow dataset
+(`load_codes`) and tokenizes their captions when they are asked for, and an epoch is built one
+optimizer step at a time as it is iterated. Resident memory is the shuffled row order (4 bytes a
+row) plus one step's windows, whatever the corpus size (`scripts/bench_lm_memory.py`).
+"""
 
 from __future__ import annotations
 
+import array
 import random
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from vqgpt.lm.pretokenize import PretokenizeConfig, codes_tensor, load_codes
-from vqgpt.lm.sequences import SequenceConfig, collate, fit, make_example
+from vqgpt.lm.sequences import Example, FitStream, SequenceConfig, collate, make_example
 from vqgpt.lm.vocab import JointTokenizer, VocabLayout
 from vqgpt.tokenizer.codec import resolve_model_dir
 from vqgpt.tokenizer.vqvae import VQVAEConfig
 
+if TYPE_CHECKING:
+    import datasets
 
-@dataclass
+READ_ROWS = 256  # rows an epoch reads (and whose captions it tokenizes) at a time
+
+
+class BankRows(NamedTuple):
+    """Some rows of a bank, in the order asked for."""
+
+    codes: torch.Tensor  # (n, h, w) long
+    text_ids: list[list[int]]  # each caption's BPE ids
+
+
 class ExampleBank:
-    """One split: codes [N, h, w], caption token ids, and the vocabulary that joins them."""
+    """One split: image codes and captions read on demand from its memory-mapped Arrow dataset
+    (columns `codes` (h, w) and `text`), and the vocabulary that joins them."""
 
-    codes: torch.Tensor  # (N, h, w)
-    text_ids: list[list[int]]
-    texts: list[str]
-    tokenizer: JointTokenizer
-    image_tokenizer_dir: Path
+    def __init__(
+        self, dataset: datasets.Dataset, tokenizer: JointTokenizer, image_tokenizer_dir: Path
+    ) -> None:
+        grid = tuple(dataset.features["codes"].shape)
+        if grid != tuple(tokenizer.layout.grid):
+            where = dataset.cache_files[0]["filename"] if dataset.cache_files else "the dataset"
+            raise ValueError(
+                f"{where}: cached codes have grid {grid}, the tokenizer in {image_tokenizer_dir} "
+                f"makes {tuple(tokenizer.layout.grid)}: pretokenize again"
+            )
+        self.dataset = dataset.with_format("numpy", columns=["codes", "text"])
+        self.tokenizer = tokenizer
+        self.image_tokenizer_dir = image_tokenizer_dir
 
     @property
     def layout(self) -> VocabLayout:
         return self.tokenizer.layout
 
     def __len__(self) -> int:
-        return len(self.text_ids)
+        return len(self.dataset)
+
+    def read(self, rows: Sequence[int]) -> BankRows:
+        """The codes and caption ids of `rows` (one Arrow gather; captions tokenized now)."""
+        rows = [int(r) for r in rows]
+        if not rows:
+            return BankRows(torch.empty((0, *self.layout.grid), dtype=torch.long), [])
+        batch = self.dataset[rows]
+        texts = [str(t) for t in batch["text"].tolist()]
+        return BankRows(codes_tensor(batch["codes"]), self.tokenizer.encode_texts(texts))
 
     @classmethod
     def load(cls, data: PretokenizeConfig, split: str, tokenizer: JointTokenizer) -> ExampleBank:
-        """Read `split` of the pretokenized codes, checked against `tokenizer`'s layout."""
+        """Open `split` of the pretokenized codes, checked against `tokenizer`'s layout."""
         model_dir, codebook_size, grid = _image_tokenizer(data)
         tokenizer.layout.check_compatible(codebook_size, grid)
-        ds = load_codes(data.output_dir, split)
-        texts = list(ds["text"])
-        codes = codes_tensor(ds["codes"]).long()
-        if tuple(codes.shape[1:]) != tuple(grid):
-            raise ValueError(
-                f"{data.output_dir}/{split}: cached codes have grid {tuple(codes.shape[1:])}, the "
-                f"tokenizer in {model_dir} makes {tuple(grid)}: pretokenize again"
-            )
-        return cls(codes, tokenizer.encode_texts(texts), texts, tokenizer, model_dir)
+        return cls(load_codes(data.output_dir, split), tokenizer, model_dir)
 
 
 def _image_tokenizer(data: PretokenizeConfig) -> tuple[Path, int, tuple[int, int]]:
@@ -66,12 +95,76 @@ def joint_tokenizer(data: PretokenizeConfig, base: str | None = None) -> JointTo
     return JointTokenizer.build(codebook_size, grid, base=base)
 
 
-@dataclass
-class EpochBatches:
-    """This rank's micro-batches of one epoch, and how many examples were too long to keep."""
+def shuffled_rows(n: int, rng: random.Random) -> array.array:
+    """range(n) in the order `rng.shuffle(list(range(n)))` leaves it, drawing the same numbers
+    from `rng`, in a flat array (4 bytes a row) instead of a list of n int objects."""
+    order = array.array("i" if n < 2**31 else "q", range(n))
+    randbelow = rng._randbelow  # CPython's Random.shuffle: Fisher-Yates over _randbelow(i + 1)
+    for i in reversed(range(1, n)):
+        j = randbelow(i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order
 
-    batches: list[dict[str, torch.Tensor]]
-    skipped: int
+
+class EpochBatches:
+    """This rank's micro-batches of one epoch (`build_epoch`), built one optimizer step at a time
+    as they are iterated. After a full iteration `steps` is the epoch's number of optimizer
+    steps and `skipped` the examples left out as too long (both count as they go)."""
+
+    def __init__(
+        self,
+        bank: ExampleBank,
+        seq: SequenceConfig,
+        epoch: int,
+        batch_size: int,
+        rank: int,
+        world: int,
+        accumulation: int,
+        skip: int,
+    ) -> None:
+        if batch_size % world:
+            raise ValueError(f"batch_size {batch_size} does not split across {world} processes")
+        self.bank, self.seq, self.epoch = bank, seq, epoch
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.accumulation, self.skip = accumulation, skip
+        self.steps = 0
+        self._fitted: FitStream | None = None
+
+    @property
+    def skipped(self) -> int:
+        """Examples left out as too long so far."""
+        return self._fitted.skipped if self._fitted is not None else 0
+
+    def _examples(self, rng: random.Random) -> Iterator[Example]:
+        """The epoch's examples in shuffled order: the shuffle, then each row's task, from `rng`."""
+        order = shuffled_rows(len(self.bank), rng)
+        for start in range(0, len(order), READ_ROWS):
+            rows = self.bank.read(order[start : start + READ_ROWS])
+            for codes, text_ids in zip(rows.codes, rows.text_ids, strict=True):
+                yield make_example(codes, text_ids, self.bank.layout, self.seq, rng)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        rng = random.Random(f"vqgpt-lm-{self.seq.seed}-{self.epoch}")
+        self._fitted = FitStream(self._examples(rng), self.bank.layout, self.seq)
+        self.steps = 0
+        per_step = self.batch_size * self.accumulation
+        b = self.batch_size // self.world
+        step: list[Example] = []
+        for window in self._fitted:
+            step.append(window)
+            if len(step) < per_step:
+                continue
+            first = self.steps * self.accumulation  # the step's first micro-batch in the epoch
+            self.steps += 1
+            if first + self.accumulation > self.skip:
+                weight = sum(sum(w.loss_weights[1:]) for w in step)  # the step's targets
+                normalizer = torch.tensor(max(weight, 1e-12) / (self.world * self.accumulation))
+                for m in range(max(self.skip - first, 0), self.accumulation):
+                    start = m * self.batch_size + self.rank * b
+                    batch = collate(step[start : start + b], pad_id=self.bank.layout.eos_id)
+                    batch["normalizer"] = normalizer
+                    yield batch
+            step = []
 
 
 def build_epoch(
@@ -82,8 +175,10 @@ def build_epoch(
     rank: int,
     world: int,
     accumulation: int = 1,
+    skip: int = 0,
 ) -> EpochBatches:
-    """Shuffle, pick tasks, pack and split one epoch; deterministic in (seq.seed, epoch).
+    """Shuffle, pick tasks, pack and split one epoch; deterministic in (seq.seed, epoch). Lazy:
+    the result builds its micro-batches as it is iterated (see `EpochBatches`).
 
     Every rank builds the same windows. Global micro-batch g holds windows [g*B, (g+1)*B) of
     `batch_size` B; rank r takes its rows [g*B + r*b, g*B + (r+1)*b), b = B / world: the union
@@ -92,27 +187,17 @@ def build_epoch(
     step never spans two epochs. Each micro-batch carries "normalizer": the summed loss weight of
     its optimizer step's targets (every micro-batch of the step, every rank) / (world *
     accumulation): the weighted mean of the whole step is what every configuration trains on.
-    A resumed run rebuilds the epoch and skips the micro-batches already done.
+    A resumed run passes `skip`, the micro-batches already done: their examples are built again
+    (the shuffle, task draws and packing depend on them) but not collated.
     """
-    if batch_size % world:
-        raise ValueError(f"batch_size {batch_size} does not split across {world} processes")
-    rng = random.Random(f"vqgpt-lm-{seq.seed}-{epoch}")
-    order = list(range(len(bank)))
-    rng.shuffle(order)
-    examples = [make_example(bank.codes[i], bank.text_ids[i], bank.layout, seq, rng) for i in order]
-    fitted = fit(examples, bank.layout, seq)
-    windows = fitted.examples
-    per_step = batch_size * accumulation
-    steps = len(windows) // per_step
-    b = batch_size // world
-    batches = []
-    for s in range(steps):
-        step_windows = windows[s * per_step : (s + 1) * per_step]
-        weight = sum(sum(w.loss_weights[1:]) for w in step_windows)  # the step's targets
-        normalizer = torch.tensor(max(weight, 1e-12) / (world * accumulation))
-        for m in range(accumulation):
-            start = s * per_step + m * batch_size + rank * b
-            batch = collate(windows[start : start + b], pad_id=bank.layout.eos_id)
-            batch["normalizer"] = normalizer
-            batches.append(batch)
-    return EpochBatches(batches, fitted.skipped)
+    return EpochBatches(bank, seq, epoch, batch_size, rank, world, accumulation, skip)
+
+
+__all__ = [
+    "BankRows",
+    "EpochBatches",
+    "ExampleBank",
+    "build_epoch",
+    "joint_tokenizer",
+    "shuffled_rows",
+]

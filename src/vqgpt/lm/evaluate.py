@@ -71,9 +71,10 @@ def eval_examples(bank: ExampleBank, seq: SequenceConfig, limit: int) -> list[Ex
     """Both tasks for each of the first `limit` images (no caption dropout, no packing), cut to
     `seq.max_length` as training cuts them (`truncate`; one left with no target is left out)."""
     out = []
-    for i in range(min(limit, len(bank))):
+    rows = bank.read(range(min(limit, len(bank))))
+    for codes, text_ids in zip(rows.codes, rows.text_ids, strict=True):
         for build in (build_t2i, build_caption):
-            example = build(bank.codes[i], bank.text_ids[i], bank.layout, seq)
+            example = build(codes, text_ids, bank.layout, seq)
             example = truncate(example, seq.max_length, bank.layout)
             if example is not None:
                 out.append(example)

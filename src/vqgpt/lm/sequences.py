@@ -28,7 +28,7 @@ special tokens (boi, eoi, eos); 0 where masked. Documents have task weight 1.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -371,27 +371,29 @@ def truncate(example: Example, max_length: int, layout: VocabLayout) -> Example 
     return ex if ex.num_targets else None
 
 
-def pack(examples: Sequence[Example], max_length: int, pad_id: int) -> list[Example]:
+def pack(examples: Iterable[Example], max_length: int, pad_id: int) -> list[Example]:
     """Greedily fill windows of exactly `max_length` with whole examples; pad tails with `pad_id`.
 
     Examples follow one another directly (each starts with the eos that separates it from the
     one before); padding has label -100, weight 0 and task id -1. Truncate long examples first.
     """
-    windows: list[Example] = []
+    return list(iter_pack(examples, max_length, pad_id))
+
+
+def iter_pack(examples: Iterable[Example], max_length: int, pad_id: int) -> Iterator[Example]:
+    """`pack` one window at a time: a window is out as soon as the next example does not fit it."""
     current: list[Example] = []
     used = 0
 
-    def flush() -> None:
+    def window() -> Example:
         pad = max_length - used
         tasks = {ex.task for ex in current}
-        windows.append(
-            Example(
-                [i for ex in current for i in ex.input_ids] + [pad_id] * pad,
-                [i for ex in current for i in ex.labels] + [IGNORE_INDEX] * pad,
-                [w for ex in current for w in ex.loss_weights] + [0.0] * pad,
-                tasks.pop() if len(tasks) == 1 else "mixed",
-                [t for ex in current for t in ex.task_ids] + [PAD_TASK] * pad,
-            )
+        return Example(
+            [i for ex in current for i in ex.input_ids] + [pad_id] * pad,
+            [i for ex in current for i in ex.labels] + [IGNORE_INDEX] * pad,
+            [w for ex in current for w in ex.loss_weights] + [0.0] * pad,
+            tasks.pop() if len(tasks) == 1 else "mixed",
+            [t for ex in current for t in ex.task_ids] + [PAD_TASK] * pad,
         )
 
     for ex in examples:
@@ -401,13 +403,12 @@ def pack(examples: Sequence[Example], max_length: int, pad_id: int) -> list[Exam
                 f"truncate() it first (or use fit())"
             )
         if used + len(ex) > max_length:
-            flush()
+            yield window()
             current, used = [], 0
         current.append(ex)
         used += len(ex)
     if current:
-        flush()
-    return windows
+        yield window()
 
 
 class Fitted(NamedTuple):
@@ -417,13 +418,31 @@ class Fitted(NamedTuple):
     skipped: int
 
 
-def fit(examples: Sequence[Example], layout: VocabLayout, cfg: SequenceConfig) -> Fitted:
+def fit(examples: Iterable[Example], layout: VocabLayout, cfg: SequenceConfig) -> Fitted:
     """Truncate each example to `cfg.max_length` (counting skips), then pack if `cfg.pack`."""
-    kept = [truncate(ex, cfg.max_length, layout) for ex in examples]
-    fitted = [ex for ex in kept if ex is not None]
-    if cfg.pack:
-        fitted = pack(fitted, cfg.max_length, layout.eos_id)
-    return Fitted(fitted, sum(ex is None for ex in kept))
+    stream = FitStream(examples, layout, cfg)
+    return Fitted(list(stream), stream.skipped)
+
+
+class FitStream:
+    """`fit` one window at a time, for an epoch too large to hold: iterate it (once) for the
+    windows; `skipped` counts the examples left out as too long so far."""
+
+    def __init__(self, examples: Iterable[Example], layout: VocabLayout, cfg: SequenceConfig):
+        self.examples, self.layout, self.cfg = examples, layout, cfg
+        self.skipped = 0
+
+    def _kept(self) -> Iterator[Example]:
+        for example in self.examples:
+            cut = truncate(example, self.cfg.max_length, self.layout)
+            if cut is None:
+                self.skipped += 1
+            else:
+                yield cut
+
+    def __iter__(self) -> Iterator[Example]:
+        kept = self._kept()
+        return iter_pack(kept, self.cfg.max_length, self.layout.eos_id) if self.cfg.pack else kept
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,6 +476,7 @@ __all__ = [
     "TASKS",
     "TASK_IDS",
     "Example",
+    "FitStream",
     "Fitted",
     "SequenceConfig",
     "SequenceLengthError",
@@ -466,6 +486,7 @@ __all__ = [
     "build_t2i",
     "collate",
     "fit",
+    "iter_pack",
     "make_example",
     "pack",
     "t2i_prefix",

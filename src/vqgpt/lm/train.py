@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
         metrics.log(step, result.to_log(), kind="eval")
         return result.summary()
 
-    def epoch_batches(epoch: int, skip: int) -> list[dict[str, torch.Tensor]]:
+    def epoch_batches(epoch: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
         built = build_epoch(
             bank,
             seq,
@@ -126,18 +127,20 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
             accelerator.process_index,
             accelerator.num_processes,
             tc.gradient_accumulation_steps,
+            skip,
         )
-        if not built.batches:
+        yield from built  # built one optimizer step at a time
+        if not built.steps:
             raise ConfigError(
                 f"one epoch of {len(bank)} examples packs into fewer windows than one optimizer "
                 f"step of train.batch_size={tc.batch_size} x gradient_accumulation_steps="
                 f"{tc.gradient_accumulation_steps}: lower them"
             )
-        if epoch == 0 and skip == 0 and built.skipped:
+        if epoch == 0 and built.skipped:
             accelerator.print(
-                f"sequences: {built.skipped} example(s) too long, skipped", file=sys.stderr
+                f"sequences: {built.skipped} example(s) of epoch 0 too long, skipped",
+                file=sys.stderr,
             )
-        return built.batches[skip:]
 
     def train_step(batch: dict[str, torch.Tensor], step: int) -> dict[str, Metric]:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
