@@ -5,7 +5,7 @@
 
 Writes synthetic pretokenized codes (`write_codes`: random int16 codes of the demo's 8x8 grid,
 K = 1024, captions of a few words) in the on-disk form `vqgpt pretokenize` writes, then, per
-size, in a fresh subprocess: imports, opens the bank (`ExampleBank` over `load_codes`, the real
+size, in a fresh subprocess: imports, opens the bank (`ExampleBank` over `ArrowRows(codes_files(...))`, the real
 GPT-2 BPE), builds epoch 0 with the lm/shapes sequences (max_length 88, no packing, t2i prefix
 20; batch 47) and iterates the first micro-batches. Reports VmRSS once ready (imports done, tokenizer built), after
 opening the bank and after the batches, split into anonymous memory (RssAnon: what the process
@@ -89,15 +89,16 @@ def _memory() -> dict[str, float]:
 
 def measure(output_dir: Path, micro_batches: int) -> dict:
     """Child: open the bank, iterate `micro_batches` of epoch 0; memory at each point."""
+    from vqgpt.lm.arrow_rows import ArrowRows
     from vqgpt.lm.batches import ExampleBank, build_epoch
-    from vqgpt.lm.pretokenize import load_codes
+    from vqgpt.lm.pretokenize import codes_files
     from vqgpt.lm.sequences import SequenceConfig
     from vqgpt.lm.vocab import JointTokenizer
 
     tokenizer = JointTokenizer.build(CODEBOOK_SIZE, GRID)
     out = {"ready": _memory()}  # imports done, tokenizer built
     start = time.perf_counter()
-    bank = ExampleBank(load_codes(output_dir, "train"), tokenizer, output_dir)
+    bank = ExampleBank(ArrowRows(codes_files(output_dir, "train")), tokenizer, output_dir)
     out["load"] = _memory()
     seq = SequenceConfig(max_length=88, pack=False, t2i_prefix_length=20, t2i_ratio=0.5)
     done = tokens = 0
@@ -107,7 +108,7 @@ def measure(output_dir: Path, micro_batches: int) -> dict:
         if done == micro_batches:
             break
     out["batches"] = _memory()
-    arrow = sum(Path(f["filename"]).stat().st_size for f in bank.dataset.cache_files)
+    arrow = sum(Path(f).stat().st_size for f in bank.rows.files)
     out.update(rows=len(bank), micro_batches=done, tokens=tokens, arrow_mib=arrow / 2**20)
     out["seconds"] = time.perf_counter() - start
     return out

@@ -174,7 +174,7 @@ def test_bank_reads_rows_in_the_order_asked_and_checks_the_grid(memory_bank):
     assert rows.text_ids == [[4] * 4, [], [2, 2]]
     assert data.read([]).codes.shape == (0, 2, 2) and len(data) == 5
     with pytest.raises(ValueError, match=r"grid \(2, 2\).*makes \(2, 3\).*pretokenize again"):
-        ExampleBank(data.dataset, JointTokenizer.build(8, (2, 3)), data.image_tokenizer_dir)
+        ExampleBank(data.rows, JointTokenizer.build(8, (2, 3)), data.image_tokenizer_dir)
 
 
 def test_an_epoch_over_a_large_split_does_not_hold_it(repo_root, tmp_path):
@@ -187,13 +187,14 @@ def test_an_epoch_over_a_large_split_does_not_hold_it(repo_root, tmp_path):
     spec.loader.exec_module(bench)  # its writer makes the split as pretokenize does
     rows = 50_000
     bench.write_codes(tmp_path, "train", rows)
-    from vqgpt.lm.pretokenize import load_codes
+    from vqgpt.lm.arrow_rows import ArrowRows
+    from vqgpt.lm.pretokenize import codes_files
 
     tokenizer = JointTokenizer.build(bench.CODEBOOK_SIZE, bench.GRID)
     seq = SequenceConfig(max_length=88, pack=False, t2i_prefix_length=20)
     tracemalloc.start()
     try:
-        data = ExampleBank(load_codes(tmp_path, "train"), tokenizer, tmp_path)
+        data = ExampleBank(ArrowRows(codes_files(tmp_path, "train")), tokenizer, tmp_path)
         built = iter(build_epoch(data, seq, epoch=0, batch_size=16, rank=0, world=1))
         for _ in range(5):
             assert next(built)["input_ids"].shape[0] == 16

@@ -1,9 +1,11 @@
 """Stage-two data: a split's cached image codes and caption ids, turned into per-epoch batches.
 
-Nothing here holds a split in memory: the bank reads rows from the memory-mapped Arrow dataset
-(`load_codes`) and tokenizes their captions when they are asked for, and an epoch is built one
-optimizer step at a time as it is iterated. Resident memory is the shuffled row order (4 bytes a
-row) plus one step's windows, whatever the corpus size (`scripts/bench_lm_memory.py`).
+Nothing here holds a split in memory: the bank reads rows from the split's Arrow files
+(`codes_files`) with plain file reads (`arrow_rows.ArrowRows`: a memory map would leave every page
+it touched in the resident set) and tokenizes their captions when they are asked for, and an
+epoch is built one optimizer step at a time as it is iterated. Resident memory is the shuffled
+row order (4 bytes a row) plus one step's windows, whatever the corpus size
+(`scripts/bench_lm_memory.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from vqgpt.lm.pretokenize import PretokenizeConfig, codes_tensor, load_codes
+from vqgpt.lm.arrow_rows import ArrowRows, grid_codes
+from vqgpt.lm.pretokenize import PretokenizeConfig, codes_files, codes_tensor
 from vqgpt.lm.sequences import Example, FitStream, SequenceConfig, collate, make_example
 from vqgpt.lm.vocab import JointTokenizer, VocabLayout
 from vqgpt.tokenizer.codec import resolve_model_dir
@@ -36,20 +39,32 @@ class BankRows(NamedTuple):
 
 
 class ExampleBank:
-    """One split: image codes and captions read on demand from its memory-mapped Arrow dataset
-    (columns `codes` (h, w) and `text`), and the vocabulary that joins them."""
+    """One split: image codes and captions read on demand, and the vocabulary that joins them.
+
+    `rows` is the split's Arrow files (`ArrowRows(codes_files(...))`, what `load` opens: file
+    reads, nothing memory-mapped) or any `datasets.Dataset` with the same columns (`codes` (h, w),
+    `text`; tests build small ones in memory).
+
+    Raises:
+        ValueError: the codes' grid is not the tokenizer's.
+    """
 
     def __init__(
-        self, dataset: datasets.Dataset, tokenizer: JointTokenizer, image_tokenizer_dir: Path
+        self,
+        rows: ArrowRows | datasets.Dataset,
+        tokenizer: JointTokenizer,
+        image_tokenizer_dir: Path,
     ) -> None:
-        grid = tuple(dataset.features["codes"].shape)
+        grid = tuple(rows.features["codes"].shape)
         if grid != tuple(tokenizer.layout.grid):
-            where = dataset.cache_files[0]["filename"] if dataset.cache_files else "the dataset"
+            where = rows.files[0] if isinstance(rows, ArrowRows) else "the dataset"
             raise ValueError(
                 f"{where}: cached codes have grid {grid}, the tokenizer in {image_tokenizer_dir} "
                 f"makes {tuple(tokenizer.layout.grid)}: pretokenize again"
             )
-        self.dataset = dataset.with_format("numpy", columns=["codes", "text"])
+        if not isinstance(rows, ArrowRows):
+            rows = rows.with_format("numpy", columns=["codes", "text"])
+        self.rows = rows
         self.tokenizer = tokenizer
         self.image_tokenizer_dir = image_tokenizer_dir
 
@@ -58,23 +73,29 @@ class ExampleBank:
         return self.tokenizer.layout
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.rows)
 
     def read(self, rows: Sequence[int]) -> BankRows:
-        """The codes and caption ids of `rows` (one Arrow gather; captions tokenized now)."""
+        """The codes and caption ids of `rows` (one gather; captions tokenized now)."""
         rows = [int(r) for r in rows]
         if not rows:
             return BankRows(torch.empty((0, *self.layout.grid), dtype=torch.long), [])
-        batch = self.dataset[rows]
-        texts = [str(t) for t in batch["text"].tolist()]
-        return BankRows(codes_tensor(batch["codes"]), self.tokenizer.encode_texts(texts))
+        if isinstance(self.rows, ArrowRows):
+            columns = self.rows.take(rows, ["codes", "text"])
+            codes = torch.from_numpy(grid_codes(columns["codes"], self.layout.grid)).long()
+            texts = [str(t) for t in columns["text"].to_pylist()]
+        else:
+            batch = self.rows[rows]
+            codes = codes_tensor(batch["codes"])
+            texts = [str(t) for t in batch["text"].tolist()]
+        return BankRows(codes, self.tokenizer.encode_texts(texts))
 
     @classmethod
     def load(cls, data: PretokenizeConfig, split: str, tokenizer: JointTokenizer) -> ExampleBank:
         """Open `split` of the pretokenized codes, checked against `tokenizer`'s layout."""
         model_dir, codebook_size, grid = _image_tokenizer(data)
         tokenizer.layout.check_compatible(codebook_size, grid)
-        return cls(load_codes(data.output_dir, split), tokenizer, model_dir)
+        return cls(ArrowRows(codes_files(data.output_dir, split)), tokenizer, model_dir)
 
 
 def _image_tokenizer(data: PretokenizeConfig) -> tuple[Path, int, tuple[int, int]]:

@@ -55,7 +55,7 @@ from vqgpt.config import ConfigError, to_dict
 from vqgpt.data.images import ImageTransform, describe_skips, read_image
 from vqgpt.data.sources import DataConfig, DataError, SkipStats, load_image_dataset
 from vqgpt.distributed import process_state
-from vqgpt.files import read_text, write_text
+from vqgpt.files import read_json, read_text, write_text
 from vqgpt.tokenizer.codec import load_tokenizer_model, resolve_model_dir
 from vqgpt.tokenizer.vqvae import VQVAE
 
@@ -666,6 +666,27 @@ def load_codes(output_dir: str | Path, split: str):  # -> datasets.Dataset
     return datasets.concatenate_datasets(parts)
 
 
+def codes_files(output_dir: str | Path, split: str) -> list[Path]:
+    """The Arrow files of a finished split, in row order (its chunks' `save_to_disk` files), for
+    readers that open them without `datasets` (`vqgpt.lm.arrow_rows.ArrowRows`).
+
+    Raises:
+        FileNotFoundError: the split is missing or unfinished.
+    """
+    info = read_split_info(output_dir, split)
+    if info is None:
+        raise FileNotFoundError(
+            f"{Path(output_dir) / split}: no finished pretokenized split here; "
+            "run `vqgpt pretokenize --config LM_RECIPE` first"
+        )
+    files = []
+    for name in info.chunks:
+        chunk = Path(output_dir) / split / name
+        state = read_json(chunk / "state.json")  # datasets' record of the folder's files
+        files += [chunk / f["filename"] for f in state["_data_files"]]
+    return files
+
+
 def codes_tensor(row_or_batch: Mapping[str, Any] | Any) -> torch.Tensor:
     """A row's or a batch's `codes` (lists, arrays or tensors) as a LongTensor [..., h, w]."""
     value = row_or_batch["codes"] if isinstance(row_or_batch, Mapping) else row_or_batch
@@ -690,6 +711,7 @@ __all__ = [
     "SplitResult",
     "chunk_name",
     "codes_dtype",
+    "codes_files",
     "codes_tensor",
     "describe_source",
     "encode_images",
