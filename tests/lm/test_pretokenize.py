@@ -485,3 +485,41 @@ def test_missing_output_and_missing_tokenizer_are_clear_errors(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.startswith("vqgpt pretokenize: error:") and "nope: no such folder" in err
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# every input format, streamed or not, gives the same codes
+
+
+def test_every_format_streamed_or_not_gives_the_same_codes(tokenizer, tmp_path, repo_root):
+    """The captioned photos as an image folder, Parquet files and WebDataset shards (loaded or
+    streamed, chunk boundaries inside the files): the same codes and captions, row for row."""
+    captioned = repo_root / "tests" / "fixtures" / "captioned"
+    sources = {
+        "folder": dict(source=str(captioned / "folder")),
+        "parquet": dict(source=str(captioned / "parquet"), text_column="caption"),
+        "webdataset": dict(source=str(captioned / "webdataset" / "{00000..00001}.tar")),
+        "webdataset-stream": dict(
+            source=str(captioned / "webdataset" / "{00000..00001}.tar"), streaming=True
+        ),
+    }
+    rows = {}
+    for name, data in sources.items():
+        cfg = PretokenizeConfig(
+            tokenizer=str(tokenizer),
+            images=DataConfig(image_size=32, **data),
+            output_dir=str(tmp_path / name),
+            splits=["train"],
+            batch_size=BATCH,
+            chunk_rows=7,
+        )
+        assert pretokenize(cfg).splits["train"].rows > 0
+        ds = load_codes(tmp_path / name, "train")
+        rows[name] = (codes_tensor(ds["codes"]), list(ds["text"]))
+    n = len(rows["webdataset"][1])  # the first two shards: a prefix of the folder's rows
+    assert n > 7 and rows["webdataset"][1] == rows["folder"][1][:n]
+    assert torch.equal(rows["webdataset"][0], rows["folder"][0][:n])
+    for name in ("parquet",):
+        assert rows[name][1] == rows["folder"][1] and torch.equal(rows[name][0], rows["folder"][0])
+    assert rows["webdataset-stream"][1] == rows["webdataset"][1]
+    assert torch.equal(rows["webdataset-stream"][0], rows["webdataset"][0])
