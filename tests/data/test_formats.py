@@ -168,3 +168,23 @@ def test_split_in_the_source_picks_each_splits_shards(captioned, tmp_path):
         alone = DataConfig(source=str(captioned / "webdataset" / f"{shard}.tar"))
         assert texts[split] == load_image_dataset(alone, split)["text"]
     assert texts["train"] != texts["test"]
+
+
+def test_streamed_training_reports_what_the_stream_skipped(
+    captioned, tmp_path, cli_in_process, tiny_tokenizer_recipe, write_yaml
+):
+    """The broken shard streamed: the first epoch ends with one line of skips by reason."""
+    data = dict(source=str(captioned / "broken/00000.tar"), streaming=True, shuffle_buffer=4)
+    train = dict(batch_size=2, max_steps=2, save_every=0, eval_every=0)
+    recipe = tiny_tokenizer_recipe(
+        tmp_path / "run", data=data, train=train, eval=dict(max_images=0)
+    )
+    recipe["data"].pop("shapes")
+    result = cli_in_process(
+        "train-tokenizer", "--config", str(write_yaml(tmp_path / "r.yaml", recipe))
+    )
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("train data, epoch")]
+    assert len(lines) == 1 and lines[0].startswith("train data, epoch 0: skipped 4 image(s)")
+    for reason in ("missing file: 1", "empty file: 1", "not an image: 1", "truncated: 1"):
+        assert reason in lines[0]
+    assert "1 image(s) without a caption" in lines[0]

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from accelerate import skip_first_batches
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from vqgpt.config import load_config
 from vqgpt.data.sources import (
@@ -146,7 +147,23 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
         loader.set_epoch(epoch)
         train_set.set_epoch(epoch)  # random crops are drawn per (seed, epoch, row)
         batches = resumed_iterator(skip_first_batches(loader, skip)) if skip else loader
-        return batches if not streamed or skip else whole_batches(batches, tc.batch_size)
+        if not streamed:
+            return batches
+        return streamed_epoch(batches if skip else whole_batches(batches, tc.batch_size), epoch)
+
+    reported: list[int] = []  # epochs whose skipped rows were printed (the first one only)
+
+    def streamed_epoch(batches, epoch: int):
+        """A streamed epoch, then (the first time) what it skipped: counted as the rows passed,
+        in this process (the reader under several processes; DataLoader workers count their
+        own, which are not printed)."""
+        train_set.stats = type(train_set.stats)()
+        yield from batches
+        stats = train_set.stats
+        if not reported and (stats.total or stats.no_caption):
+            if accelerator.is_main_process:  # on a line of its own, above the progress bar
+                tqdm.write(f"train data, epoch {epoch}: {stats}", file=sys.stderr)
+            reported.append(epoch)
 
     # codes seen since the last log (the perplexity logged is that of all of them, every rank's)
     histogram = torch.zeros(raw_model.codebook_size, dtype=torch.float64)
