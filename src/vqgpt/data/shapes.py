@@ -159,14 +159,14 @@ def caption(scene: ShapeScene) -> str:
     return " and ".join(f"a {o.size} {o.color} {o.shape} at the {o.position}" for o in objects)
 
 
-def _alternation(words: tuple[str, ...] | dict[str, object]) -> str:
-    # longest first so "top left" wins over "top"
+def alternation(words: tuple[str, ...] | dict[str, object]) -> str:
+    """A regex alternation of `words`, longest first (so "top left" wins over "top")."""
     return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
 
 
 _OBJECT_RE = re.compile(
-    rf"a (?P<size>{_alternation(SIZES)}) (?P<color>{_alternation(COLORS)}) "
-    rf"(?P<shape>{_alternation(SHAPES)}) at the (?P<position>{_alternation(POSITIONS)})"
+    rf"a (?P<size>{alternation(SIZES)}) (?P<color>{alternation(COLORS)}) "
+    rf"(?P<shape>{alternation(SHAPES)}) at the (?P<position>{alternation(POSITIONS)})"
 )
 
 
@@ -244,7 +244,8 @@ def render(scene: ShapeScene, image_size: int) -> Image.Image:
     return image.reduce(s)  # box filter: an s x s block average
 
 
-def _check_split(split: str) -> int:
+def split_index(split: str) -> int:
+    """The index of a split name in SPLITS (its seed stream); ShapesError for an unknown one."""
     if split not in SPLITS:
         raise ShapesError(f"unknown shapes split {split!r}; known: {', '.join(SPLITS)}")
     return SPLITS.index(split)
@@ -252,7 +253,7 @@ def _check_split(split: str) -> int:
 
 def make_example(cfg: ShapesConfig, index: int, split: str = "train") -> ShapeExample:
     """Example `index` of `split`: depends only on (cfg.seed, split, index)."""
-    rng = np.random.default_rng([cfg.seed, _check_split(split), index])
+    rng = np.random.default_rng([cfg.seed, split_index(split), index])
     while True:  # redraw until the caption belongs to this split (~1.1 tries train, ~10 test)
         scene = sample_scene(rng, cfg)
         text = caption(scene)
@@ -264,7 +265,7 @@ def shapes_dataset(cfg: ShapesConfig, split: str = "train"):  # -> datasets.Data
     """The shapes split as a datasets.Dataset with columns image, text, objects (JSON)."""
     import datasets
 
-    n = cfg.num_images if _check_split(split) == 0 else cfg.num_test_images
+    n = cfg.num_images if split_index(split) == 0 else cfg.num_test_images
     examples = [make_example(cfg, i, split) for i in range(n)]
     features = datasets.Features(
         image=datasets.Image(), text=datasets.Value("string"), objects=datasets.Value("string")
@@ -329,6 +330,7 @@ __all__ = [
     "ShapeScene",
     "ShapesConfig",
     "ShapesError",
+    "alternation",
     "caption",
     "cell_box",
     "make_example",
@@ -338,6 +340,7 @@ __all__ = [
     "render",
     "sample_scene",
     "shapes_dataset",
+    "split_index",
     "split_of",
     "write_image_folder",
 ]

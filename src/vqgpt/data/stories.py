@@ -55,12 +55,12 @@ from vqgpt.data.shapes import (
     ShapeScene,
     ShapesConfig,
     ShapesError,
-    _alternation,
-    _check_split,
+    alternation,
     caption,
     parse_caption,
     render,
     sample_scene,
+    split_index,
     split_of,
 )
 
@@ -184,14 +184,14 @@ def description_sentence(objects: list[ShapeObject], where: str) -> str:
 
 
 _OBJ = (
-    rf"(?P<size>{_alternation(SIZES)}) (?P<color>{_alternation(COLORS)}) "
-    rf"(?P<shape>{_alternation(SHAPES)})"
+    rf"(?P<size>{alternation(SIZES)}) (?P<color>{alternation(COLORS)}) "
+    rf"(?P<shape>{alternation(SHAPES)})"
 )
-_POS = rf"(?P<value>{_alternation(POSITIONS)})"
+_POS = rf"(?P<value>{alternation(POSITIONS)})"
 _CHANGE_RES: dict[str, re.Pattern] = {
     "move": re.compile(rf"the {_OBJ} (?:moves|moved) to the {_POS}"),
-    "recolor": re.compile(rf"the {_OBJ} (?:turns|turned) (?P<value>{_alternation(COLORS)})"),
-    "reshape": re.compile(rf"the {_OBJ} (?:becomes|became) a (?P<value>{_alternation(SHAPES)})"),
+    "recolor": re.compile(rf"the {_OBJ} (?:turns|turned) (?P<value>{alternation(COLORS)})"),
+    "reshape": re.compile(rf"the {_OBJ} (?:becomes|became) a (?P<value>{alternation(SHAPES)})"),
     "resize": re.compile(rf"the {_OBJ} (?P<value>grows|grew|shrinks|shrank)"),
     "add": re.compile(rf"a {_OBJ} (?:appears|appeared) at the {_POS}"),
     "remove": re.compile(rf"the {_OBJ} (?:disappears|disappeared)"),
@@ -415,7 +415,7 @@ def draw_story(story: Story, image_size: int) -> list[dict]:
 
 def make_story(cfg: StoriesConfig, index: int, split: str = "train") -> StoryExample:
     """Story `index` of `split`: depends only on (cfg.seed, split, index)."""
-    rng = np.random.default_rng([cfg.seed, _check_split(split), index, STREAM])
+    rng = np.random.default_rng([cfg.seed, split_index(split), index, STREAM])
     while True:  # redraw until the first scene's caption belongs to this split
         story = _sample_story(rng, cfg)
         if split_of(caption(ShapeScene(story.scenes[0].objects, story.background))) == split:
@@ -426,7 +426,7 @@ def stories_dataset(cfg: StoriesConfig, split: str = "train"):  # -> datasets.Da
     """The stories split as a datasets.Dataset: segments (the document) and story (JSON)."""
     import datasets
 
-    n = cfg.num_stories if _check_split(split) == 0 else cfg.num_test_stories
+    n = cfg.num_stories if split_index(split) == 0 else cfg.num_test_stories
     examples = [make_story(cfg, i, split) for i in range(n)]
     return datasets.Dataset.from_dict(
         {
@@ -480,7 +480,7 @@ def story_prompts(example: StoryExample, index: int) -> list[StoryPrompt]:
 
 def stories_prompts(cfg: StoriesConfig, split: str = "test") -> list[StoryPrompt]:
     """Held-out prompts: every scene of every story of `split` (num_test_stories for "test")."""
-    n = cfg.num_stories if _check_split(split) == 0 else cfg.num_test_stories
+    n = cfg.num_stories if split_index(split) == 0 else cfg.num_test_stories
     return [p for i in range(n) for p in story_prompts(make_story(cfg, i, split), i)]
 
 
