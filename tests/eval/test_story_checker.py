@@ -1,8 +1,12 @@
 """The story checker: 100% on the true images and sentences, low on shuffled ones, and answers of
 the wrong kind or none at all count as wrong."""
 
+import functools
+import importlib.util
 import math
+import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -86,3 +90,93 @@ def test_a_score_with_no_prompts_of_its_kind_is_nan(truth):
     assert "| text faithfulness | - |" in scores.markdown()
     with pytest.raises(ValueError, match="2 answers"):
         story_scores(prompts[:1], answers[:2])
+
+
+@pytest.fixture(scope="module")
+def script(repo_root):
+    """scripts/stories_eval.py as a module."""
+    spec = importlib.util.spec_from_file_location(
+        "stories_eval", repo_root / "scripts" / "stories_eval.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["stories_eval"] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["stories_eval"]
+
+
+@functools.cache
+def _held_out_stories():
+    return [make_story(CFG, i, "test") for i in range(CFG.num_test_stories)]
+
+
+def _oracle(documents):
+    """A fake generator that continues each held-out document with its true next segment."""
+    out = []
+    for segments in documents:
+        for story in _held_out_stories():
+            head = story.segments[: len(segments)]
+            if [s["text"] for s in head] == [s["text"] for s in segments] and _same_images(
+                head, segments
+            ):
+                out.append(story.segments[len(segments) :])
+                break
+        else:
+            raise AssertionError("a prompt that is no held-out story")
+    return out
+
+
+def _same_images(a, b):
+    return all(
+        (x["image"] is None) == (y["image"] is None)
+        and (x["image"] is None or np.array_equal(np.asarray(x["image"]), np.asarray(y["image"])))
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_the_script_scores_a_generator_in_batches(script, truth):
+    prompts, _ = truth
+    calls = []
+
+    def oracle(documents):
+        calls.append(len(documents))
+        return _oracle(documents)
+
+    scores = script.evaluate_stories(prompts, oracle, batch_size=7)
+    assert scores.image.accuracy == scores.text.accuracy == 1.0
+    assert sum(calls) == len(prompts) and max(calls) == 7
+    silent = script.evaluate_stories(prompts, lambda docs: [[] for _ in docs], batch_size=50)
+    assert silent.image.accuracy == silent.text.accuracy == 0.0
+    with pytest.raises(ValueError, match="continued 0 of"):
+        script.evaluate_stories(prompts, lambda docs: [], batch_size=4)
+
+
+def test_the_script_prints_one_table_with_caption_and_t2i_scores(script, truth):
+    prompts, answers = truth
+    pipeline = {
+        "caption": {"exact_match": 0.5, "n": 200},
+        "t2i": {"cfg=1": {"accuracy": 0.25, "n": 200}, "cfg=1.5": {"accuracy": 0.75, "n": 200}},
+    }
+    table = script.summary_table(story_scores(prompts, answers), pipeline)
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 5
+    assert "| stories: image fidelity (objects asked for, found) | 100.0% |" in table
+    assert "| captioning: exact match (greedy) | 50.0% | 200 |" in table
+    assert "| text-to-image: all objects right (cfg=1.5) | 75.0% | 200 |" in table
+
+
+def test_the_script_reads_the_stories_of_the_runs_recipe(script, tmp_path):
+    (tmp_path / "config.yaml").write_text(
+        "data:\n  documents:\n    source: shapes_stories\n    stories: {num_test_stories: 7}\n"
+    )
+    assert script.run_stories_config(tmp_path) == StoriesConfig(num_test_stories=7)
+    (tmp_path / "config.yaml").write_text("data:\n  tokenizer: runs/t\n")
+    assert script.run_stories_config(tmp_path) == StoriesConfig()
+
+
+def test_the_script_says_when_document_generation_is_missing(script, monkeypatch):
+    import vqgpt.lm.infer as infer
+
+    monkeypatch.delattr(infer, "continue_documents", raising=False)
+    with pytest.raises(SystemExit, match="continue_documents"):
+        script.document_generator(None, None)

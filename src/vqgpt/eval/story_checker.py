@@ -57,12 +57,17 @@ class StoryScores(NamedTuple):
         head = "| stories (held-out prompts) | right | " + " | ".join(kinds) + " | missing | n |"
         rows = [head, "|---|---|" + "---|" * len(kinds) + "---|---|"]
         for name, s in (("image fidelity", self.image), ("text faithfulness", self.text)):
-            cells = [name, _pct(s.accuracy), *(_pct(s.by_kind.get(k, math.nan)) for k in kinds)]
+            cells = [
+                name,
+                percent(s.accuracy),
+                *(percent(s.by_kind.get(k, math.nan)) for k in kinds),
+            ]
             rows.append("| " + " | ".join([*cells, str(s.missing), str(s.n)]) + " |")
         return "\n".join(rows) + "\n"
 
 
-def _pct(x: float) -> str:
+def percent(x: float) -> str:
+    """A share as '87.5%', NaN (no prompt of that kind) as '-'."""
     return "-" if math.isnan(x) else f"{100 * x:.1f}%"
 
 
@@ -149,6 +154,7 @@ __all__ = [
     "TextFaithfulness",
     "answer_of",
     "image_fidelity",
+    "percent",
     "story_scores",
     "text_faithfulness",
     "text_names",

@@ -1,0 +1,150 @@
+"""Shapes stories: score a trained LM on held-out story prompts, next to its caption and t2i scores.
+
+For every held-out story prompt (`data.stories.stories_prompts`: each scene of each test story, cut
+before its image when its sentence asks for it, after its image when a sentence should describe it)
+the LM continues the document once (single draws); `eval.story_checker` scores the images it opens
+(image fidelity: the checker finds the objects the sentence asked for) and the sentences it writes
+(text faithfulness: they name the image's objects). The same LM's held-out captioning and
+text-to-image scores (`eval.pipeline.evaluate_pipeline`) follow, all as Markdown tables.
+
+    python scripts/stories_eval.py --run runs/stories/lm [--num-stories 200] [--num-images 200]
+
+The stories are those of the run's recipe (<run>/config.yaml, data.documents.stories), so the
+held-out prompts are the split the LM never saw. Documents are continued by
+`vqgpt.lm.infer.continue_documents` (issue 14's document generation); any callable of the
+`ContinueDocuments` shape does (the tests use a fake one).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
+
+import yaml
+
+from vqgpt.config import from_dict
+from vqgpt.data.stories import StoriesConfig, StoryPrompt, stories_prompts
+from vqgpt.eval.story_checker import Answer, StoryScores, answer_of, percent, story_scores
+
+
+class ContinueDocuments(Protocol):
+    def __call__(self, documents: list[list[dict]]) -> list[list[dict]]:
+        """Per document (segments {"text", "image"}), the segments the model writes after it;
+        only the first is scored, so a generator may stop after one."""
+        ...
+
+
+def story_answers(
+    prompts: Sequence[StoryPrompt], generate: ContinueDocuments, batch_size: int
+) -> list[Answer]:
+    """Continue each prompt's document once (in batches) and pick out its answer."""
+    answers: list[Answer] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        continuations = generate([list(p.segments) for p in chunk])
+        if len(continuations) != len(chunk):
+            raise ValueError(
+                f"the generator continued {len(continuations)} of {len(chunk)} documents"
+            )
+        answers += [answer_of(p, c) for p, c in zip(chunk, continuations, strict=True)]
+    return answers
+
+
+def evaluate_stories(
+    prompts: Sequence[StoryPrompt], generate: ContinueDocuments, batch_size: int = 16
+) -> StoryScores:
+    """Image fidelity and text faithfulness of one continuation per prompt."""
+    return story_scores(prompts, story_answers(prompts, generate, batch_size))
+
+
+def summary_table(stories: StoryScores, pipeline: dict | None = None) -> str:
+    """One Markdown table: the two story scores, then (given `PipelineEval.to_json()`) the same
+    LM's held-out caption exact match and text-to-image accuracy at each guidance scale."""
+    rows = [
+        (
+            "stories: image fidelity (objects asked for, found)",
+            stories.image.accuracy,
+            stories.image.n,
+        ),
+        (
+            "stories: text faithfulness (image's objects named)",
+            stories.text.accuracy,
+            stories.text.n,
+        ),
+    ]
+    if pipeline is not None:
+        caption = pipeline["caption"]
+        rows.append(("captioning: exact match (greedy)", caption["exact_match"], caption["n"]))
+        rows += [
+            (f"text-to-image: all objects right ({name})", s["accuracy"], s["n"])
+            for name, s in pipeline["t2i"].items()
+        ]
+    lines = ["| held-out score | value | n |", "|---|---|---|"]
+    lines += [f"| {name} | {percent(value)} | {n} |" for name, value, n in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run_stories_config(run: str | Path) -> StoriesConfig:
+    """The stories of a run's recipe (<run>/config.yaml, data.documents.stories); defaults when
+    the recipe names none."""
+    recipe = yaml.safe_load((Path(run) / "config.yaml").read_text(encoding="utf-8")) or {}
+    stories = (recipe.get("data") or {}).get("documents", {}).get("stories", {})  # ALIGN: key path
+    return from_dict(StoriesConfig, stories, "data.documents.stories")
+
+
+def document_generator(pipe, sampling) -> ContinueDocuments:  # pipe: vqgpt.lm.pipeline.Pipeline
+    """The LM's document continuation (`vqgpt.lm.infer.continue_documents`), one segment each."""
+    try:
+        from vqgpt.lm.infer import continue_documents
+    except ImportError as err:
+        raise SystemExit(
+            "stories_eval needs vqgpt.lm.infer.continue_documents (issue 14's document "
+            "generation), which this checkout does not have yet"
+        ) from err
+    # ALIGN after merge: the signature of continue_documents
+    return lambda documents: continue_documents(pipe, documents, sampling, max_segments=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--run", required=True, help="a trained LM run folder (config.yaml, final/)"
+    )
+    parser.add_argument("--num-stories", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--num-images", type=int, default=200, help="caption / t2i held-out images")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-pipeline", action="store_true", help="stories scores only")
+    args = parser.parse_args(argv)
+
+    from vqgpt.eval.pipeline import PipelineEvalConfig, evaluate_pipeline
+    from vqgpt.lm.pipeline import Pipeline
+    from vqgpt.lm.sampling import SamplingConfig
+    from vqgpt.lm.train import load_lm_recipe
+
+    stories = run_stories_config(args.run)
+    if args.num_stories is not None:
+        stories = replace(stories, num_test_stories=args.num_stories)
+    prompts = stories_prompts(stories, "test")
+    pipe = Pipeline.from_pretrained(args.run)
+    sampling = SamplingConfig(seed=args.seed, batch_size=args.batch_size)  # single draws
+    scores = evaluate_stories(prompts, document_generator(pipe, sampling), args.batch_size)
+    pipeline = None
+    if not args.no_pipeline:
+        recipe = load_lm_recipe(Path(args.run) / "config.yaml")
+        cfg = PipelineEvalConfig(
+            num_images=args.num_images, seed=args.seed, batch_size=args.batch_size
+        )
+        pipeline = evaluate_pipeline(pipe, recipe.data.images, cfg)
+    print(f"{args.run}: {stories.num_test_stories} held-out stories, {len(prompts)} prompts\n")
+    print(summary_table(scores, None if pipeline is None else pipeline.to_json()))
+    print(scores.markdown())
+    if pipeline is not None:
+        print(pipeline.markdown())
+
+
+if __name__ == "__main__":
+    main()
