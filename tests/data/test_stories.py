@@ -115,6 +115,16 @@ def test_segments_and_ground_truth_agree_with_the_drawn_images():
     assert 0.3 < kinds / scenes < 0.8 and wheres == {"before", "after"}
 
 
+@pytest.mark.parametrize("max_objects", [1, 9])
+def test_one_object_or_a_full_grid_still_make_true_stories(max_objects):
+    cfg = StoriesConfig(max_objects=max_objects, min_scenes=4, change_fraction=1.0)
+    for i in range(10):
+        scenes = make_story(cfg, i).story.scenes
+        for previous, scene in zip(scenes, scenes[1:], strict=False):
+            assert scene_from_text(scene.text, previous.objects) == scene.objects
+            assert 1 <= len(scene.objects) <= max_objects
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 @pytest.mark.parametrize(
     "change",

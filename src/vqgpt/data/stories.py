@@ -344,7 +344,15 @@ def _sample_change(
     free = [p for p in POSITIONS if p not in {o.position for o in objects}]
     while True:
         kind = _pick(rng, CHANGES)
-        if kind == "add" and len(objects) >= max_objects or kind == "remove" and len(objects) < 2:
+        full = len(objects) >= max_objects
+        if (
+            kind == "add"
+            and full
+            or kind == "remove"
+            and len(objects) < 2
+            or not free
+            and kind == "move"
+        ):
             continue
         if kind == "add":
             new = ShapeObject(
@@ -355,7 +363,7 @@ def _sample_change(
             target = _pick(rng, objects)
             value = None
             if kind == "move":
-                value = _pick(rng, free)  # a scene fills at most max_objects <= 9 cells
+                value = _pick(rng, free)
             elif kind == "recolor":
                 value = _pick(rng, [c for c in COLORS if c != target.color])
             elif kind == "reshape":
@@ -387,12 +395,12 @@ def _sample_story(rng: np.random.Generator, cfg: StoriesConfig) -> Story:
             if change is not None
             else description_sentence(objects, where)
         )
-        text_segment = segment if where == "before" else segment + 1
+        before = where == "before"
         story.scenes.append(
             Scene(
                 objects=objects,
-                image_segment=segment + 1 if where == "before" else segment,
-                text_segment=text_segment,
+                image_segment=segment + 1 if before else segment,
+                text_segment=segment if before else segment + 1,
                 kind="change" if change is not None else "description",
                 where=where,
                 text=text,
