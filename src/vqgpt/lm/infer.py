@@ -293,7 +293,11 @@ def read_documents(sources: Sequence[str]) -> list[tuple[str, DocumentPrompt]]:
     out: list[tuple[str, DocumentPrompt]] = []
     for source in sources:
         path = Path(source)
-        if not path.is_file():
+        try:
+            is_file = path.is_file()
+        except OSError:  # text too long to be a file name
+            is_file = False
+        if not is_file:
             if path.suffix.lower() in DOCUMENT_SUFFIXES:
                 raise FileNotFoundError(f"--document {source}: no such file")
             if source.strip():
@@ -326,18 +330,15 @@ class DocumentsResult:
         return f"{len(self.markdown)} document(s), {len(self.images)} image(s) written, index: {self.index}"  # fmt: skip
 
 
-def _markdown(prompt: list, segments: list, names: list[str]) -> str:
-    """The prompt, then the continuation (after an HTML comment), images inline by file name."""
-    files = iter(names)
+def _markdown(prompt: list, segments: list, links: list[str]) -> str:
+    """The prompt, then the continuation (after an HTML comment), images as `links`, in order."""
+    images = iter(links)
     parts = []
     for seg in [*prompt, None, *segments]:
         if seg is None:
             parts.append("<!-- generated from here -->")
-        elif isinstance(seg, str):
-            parts.append(seg)
         else:
-            name = next(files)
-            parts.append(f"\n\n![{name.removesuffix('.png')}]({name})\n\n")
+            parts.append(seg if isinstance(seg, str) else f"\n\n{next(images)}\n\n")
     return "".join(parts).strip() + "\n"
 
 
@@ -369,11 +370,13 @@ def continue_to_folder(
     for k, ((where, _), doc, md) in enumerate(zip(prompts, docs, md_names, strict=True)):
         shown = [s for s in doc.prompt if isinstance(s, Image.Image)]
         names = [f"{k:03d}_p{j}.png" for j in range(1, len(shown) + 1)]
+        links = [f"![prompt image {j}]({name})" for j, name in enumerate(names, start=1)]
         names += [f"{k:03d}_{j}.png" for j in range(1, len(doc.images) + 1)]
+        links += [f"![image {j}]({k:03d}_{j}.png)" for j in range(1, len(doc.images) + 1)]
         for image, name in zip([*shown, *doc.images], names, strict=True):
             image.save(out / name)
             result.images.append(out / name)
-        write_text(out / md, _markdown(doc.prompt, doc.segments, names))
+        write_text(out / md, _markdown(doc.prompt, doc.segments, links))
         result.markdown.append(out / md)
         generated = iter(names[len(shown) :])
         record = {
