@@ -103,11 +103,32 @@ def eval_config(args: argparse.Namespace):  # -> PipelineEvalConfig
 def _generate(args: argparse.Namespace) -> None:
     from vqgpt.lm.infer import generate_to_folder, read_prompts
 
+    if args.document:
+        return _continue_documents(args)
+    for option, value in (("--max-new-tokens", args.max_new_tokens), ("--max-images", args.max_images)):  # fmt: skip
+        if value is not None:
+            raise ValueError(f"{option} is for --document; images take h*w tokens each")
     prompts = read_prompts(args.prompts, args.prompts_file)
     blank = sum(not p.strip() for p in args.prompts)
     if blank:
         _note(f"{blank} blank prompt(s) left out")
-    result = generate_to_folder(args.model, prompts, args.n, generate_sampling(args), args.out)
+    n = 4 if args.n is None else args.n
+    result = generate_to_folder(args.model, prompts, n, generate_sampling(args), args.out)
+    _note(result.summary())
+
+
+def _continue_documents(args: argparse.Namespace) -> None:
+    """`vqgpt generate --document`: continue documents instead of drawing images for captions."""
+    from vqgpt.lm.infer import continue_to_folder, read_documents
+
+    given = [("captions", args.prompts), ("--prompts", args.prompts_file), ("-n", args.n)]
+    given.append(("--rerank", args.rerank))
+    clash = [name for name, value in given if value]
+    if clash:
+        raise ValueError(f"--document continues documents: leave out {', '.join(clash)}")
+    prompts = read_documents(args.document)
+    limits = _given(args, max_new_tokens="max_new_tokens", max_images="max_images")
+    result = continue_to_folder(args.model, prompts, generate_sampling(args), args.out, **limits)
     _note(result.summary())
 
 
@@ -159,6 +180,14 @@ ENCODE_OUT_HELP = "output .jsonl, replaced if it exists (default: stdout)"
 GENERATE_OUT_HELP = (
     "output folder: <prompt#>_<sample#>.png, prompts.jsonl (file -> prompt), grid.png; existing "
     "files of these names are never replaced"
+)
+
+
+DOCUMENT_HELP = (
+    "continue a document instead (repeatable): a .jsonl file (one document a line, "
+    '{"segments": [{"text": ...}, {"image": "a.png"}]}, paths relative to the file), another '
+    "text file, or the text itself; writes document.md (000.md, ... for several) with the PNGs "
+    "inline and documents.jsonl (segments, token counts, why it stopped)"
 )
 
 
@@ -282,10 +311,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="an LM run folder or its final/ folder")
     p.add_argument("prompts", nargs="*", help="captions")
     p.add_argument("--prompts", dest="prompts_file", default=None, help="file, one caption a line")
-    p.add_argument("-n", type=int, default=4, help="images per prompt")
+    p.add_argument("-n", type=int, default=None, help="images per prompt (default 4)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (1 = off)")
     p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     p.add_argument("--rerank", type=int, default=None, help=RERANK_HELP)
+    p.add_argument(
+        "--document",
+        action="append",
+        default=None,
+        metavar="FILE|TEXT",
+        help=DOCUMENT_HELP,
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="--document: new tokens (default 256)"
+    )
+    p.add_argument(
+        "--max-images", type=int, default=None, help="--document: images at most (default 4)"
+    )
     p.add_argument("--out", required=True, help=GENERATE_OUT_HELP)
     _add_sampling_args(p)
     commands["generate"] = _generate

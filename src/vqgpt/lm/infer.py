@@ -1,4 +1,5 @@
-"""What users run: captions -> images (PNGs + a captioned grid), images -> captions (JSON lines).
+"""What users run: captions -> images (PNGs + a captioned grid), images -> captions (JSON lines),
+documents -> their continuation (Markdown with inline PNGs + JSON lines).
 
 Data goes to files or stdout, messages (counts, skipped inputs) to the caller (the CLI prints them
 on stderr); a call that would produce nothing raises instead of succeeding quietly.
@@ -28,6 +29,7 @@ from vqgpt.data.images import (
 )
 from vqgpt.figures import captioned_grid
 from vqgpt.files import read_text, write_text
+from vqgpt.lm.continuation import continue_document_ids, document_prompt, split_continuation
 from vqgpt.lm.generate import generate_captions, generate_image_codes
 from vqgpt.lm.pipeline import Pipeline
 from vqgpt.lm.sampling import SamplingConfig
@@ -43,6 +45,22 @@ def generate_images(
     if not rows:
         return []
     codes = generate_image_codes(pipe.lm, pipe.layout, rows, sampling)  # (P*n, h, w)
+    return decode_codes(pipe, codes)
+
+
+@torch.no_grad()
+def encode_images(pipe: Pipeline, images: Sequence[Image.Image]) -> torch.Tensor:
+    """Codes [B, h, w] of RGB images (centre-cropped, resized) by the pipeline's image tokenizer."""
+    transform = ImageTransform(pipe.image_tokenizer.config.arch.image_size, random_crop=False)
+    pixels = torch.stack([transform(im) for im in images]).to(pipe.device)
+    return torch.cat(
+        [pipe.image_tokenizer.encode(pixels[i : i + 64]) for i in range(0, len(pixels), 64)]
+    )
+
+
+@torch.no_grad()
+def decode_codes(pipe: Pipeline, codes: torch.Tensor) -> list[Image.Image]:
+    """RGB images of codes [B, h, w] by the pipeline's image tokenizer."""
     images = []
     for start in range(0, len(codes), 64):
         pixels = pipe.image_tokenizer.decode(codes[start : start + 64].to(pipe.device))
@@ -57,12 +75,7 @@ def caption_images(
     """One caption per image (encoded by the pipeline's image tokenizer, then decoded as text)."""
     if not images:
         return []
-    transform = ImageTransform(pipe.image_tokenizer.config.arch.image_size, random_crop=False)
-    pixels = torch.stack([transform(im) for im in images]).to(pipe.device)
-    codes = torch.cat(
-        [pipe.image_tokenizer.encode(pixels[i : i + 64]) for i in range(0, len(pixels), 64)]
-    )
-    ids = generate_captions(pipe.lm, pipe.layout, codes, sampling)
+    ids = generate_captions(pipe.lm, pipe.layout, encode_images(pipe, images), sampling)
     return [text.strip() for text in pipe.tokenizer.decode_texts(ids)]
 
 
@@ -173,4 +186,211 @@ def caption_files(
         write_text(out, lines)
     else:
         sys.stdout.write(lines)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# documents: text and images, continued
+
+# a prompt: raw text (the strings `<|boi|>`, `<|eoi|>`, `<|img_00042|>`, `<|endoftext|>` in it are
+# those tokens), or segments in order: text, an RGB image, or one image's codes [h, w]
+DocumentPrompt = str | Sequence[str | Image.Image | torch.Tensor]
+
+
+@dataclass
+class ContinuedDocument:
+    """One prompt's continuation (`continue_documents`)."""
+
+    prompt: list[str | Image.Image]  # the prompt as the model read it (images decoded)
+    segments: list[str | Image.Image]  # what was generated, in order: text and images
+    prompt_tokens: int
+    new_tokens: int
+    stop: str  # vqgpt.lm.continuation.STOP_REASONS: eos, max_new_tokens, max_images, n_positions
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """The generated images."""
+        return [s for s in self.segments if isinstance(s, Image.Image)]
+
+
+def document_ids(pipe: Pipeline, prompt: DocumentPrompt) -> list[int]:
+    """A prompt's joint ids: `eos` then its segments as training's `build_document` writes them
+    (no closing eos). Raw text goes through the whole joint vocabulary, so it may name tokens."""
+    layout = pipe.layout
+    if isinstance(prompt, str):
+        raw = pipe.tokenizer.hf.backend_tokenizer.encode(prompt, add_special_tokens=False)
+        return [layout.eos_id, *raw.ids]
+    segments = list(prompt)
+    pil = [i for i, s in enumerate(segments) if isinstance(s, Image.Image)]
+    if pil:
+        codes = encode_images(pipe, [segments[i] for i in pil]).cpu()
+        for i, c in zip(pil, codes, strict=True):
+            segments[i] = c
+    return document_prompt(segments, layout, pipe.tokenizer)
+
+
+def _segments(pipe: Pipeline, ids: list[int]) -> list[str | Image.Image]:
+    """Joint ids -> text and decoded images, in order."""
+    parts = split_continuation(ids, pipe.layout)
+    codes = [p for p in parts if isinstance(p, torch.Tensor)]
+    images = iter(decode_codes(pipe, torch.stack(codes)) if codes else [])
+    return [next(images) if isinstance(p, torch.Tensor) else pipe.tokenizer.decode_text(p) for p in parts]  # fmt: skip
+
+
+@torch.no_grad()
+def continue_documents(
+    pipe: Pipeline,
+    prompts: Sequence[DocumentPrompt],
+    sampling: SamplingConfig,
+    max_new_tokens: int = 256,
+    max_images: int = 4,
+) -> list[ContinuedDocument]:
+    """Continue each document prompt with text and images (`vqgpt.lm.continuation`): up to
+    `max_new_tokens` new tokens and `max_images` images, never past the model's n_positions.
+
+    A prompt that ends inside an image, or leaves no room to continue, is a ValueError naming it.
+    """
+    ids = [document_ids(pipe, p) for p in prompts]
+    runs = continue_document_ids(pipe.lm, pipe.layout, ids, sampling, max_new_tokens, max_images)
+    return [
+        ContinuedDocument(
+            _segments(pipe, row), _segments(pipe, run.tokens), len(row), len(run.tokens), run.stop
+        )
+        for row, run in zip(ids, runs, strict=True)
+    ]
+
+
+DOCUMENT_SUFFIXES = (".jsonl", ".txt", ".md")
+
+
+def _json_document(line: str, where: str, folder: Path) -> list[str | Image.Image]:
+    """One JSON Lines document `{"segments": [{"text": ...}, {"image": path}]}` -> segments."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+    segments = record.get("segments") if isinstance(record, dict) else None
+    if not isinstance(segments, list) or not segments:
+        raise ValueError(f'{where}: a document is {{"segments": [{{"text": ...}}, {{"image": path}}]}}')  # fmt: skip
+    out: list[str | Image.Image] = []
+    for j, seg in enumerate(segments):
+        if isinstance(seg, dict) and set(seg) == {"text"} and isinstance(seg["text"], str):
+            out.append(seg["text"])
+        elif isinstance(seg, dict) and set(seg) == {"image"} and isinstance(seg["image"], str):
+            image, skip = read_image(folder / seg["image"])
+            if image is None:
+                raise ValueError(f"{where}: segment {j}: {folder / seg['image']}: {skip.detail}")
+            out.append(image)
+        else:
+            raise ValueError(f'{where}: segment {j} must be {{"text": str}} or {{"image": path}}, got {json.dumps(seg)[:80]}')  # fmt: skip
+    return out
+
+
+def read_documents(sources: Sequence[str]) -> list[tuple[str, DocumentPrompt]]:
+    """(where, prompt) for each `--document` value: a `.jsonl` file (one document a line, image
+    paths relative to the file), another text file (one raw-text prompt), or the text itself.
+    A value ending in .jsonl/.txt/.md that is no file is a FileNotFoundError."""
+    out: list[tuple[str, DocumentPrompt]] = []
+    for source in sources:
+        path = Path(source)
+        try:
+            is_file = path.is_file()
+        except OSError:  # text too long to be a file name
+            is_file = False
+        if not is_file:
+            if path.suffix.lower() in DOCUMENT_SUFFIXES:
+                raise FileNotFoundError(f"--document {source}: no such file")
+            if source.strip():
+                out.append((source, source))
+            continue
+        text = read_text(path)
+        if path.suffix.lower() != ".jsonl":
+            if text.strip():
+                out.append((str(path), text))
+            continue
+        for n, line in enumerate(text_lines(text), start=1):
+            if line.strip():
+                where = f"{path}:{n}"
+                out.append((where, _json_document(line, where, path.parent)))
+    if not out:
+        raise ValueError("no document to continue: every --document given is blank or empty")
+    return out
+
+
+@dataclass
+class DocumentsResult:
+    """Files written by `continue_to_folder`."""
+
+    markdown: list[Path] = field(default_factory=list)
+    images: list[Path] = field(default_factory=list)
+    index: Path | None = None  # documents.jsonl
+
+    def summary(self) -> str:
+        """For stderr."""
+        return f"{len(self.markdown)} document(s), {len(self.images)} image(s) written, index: {self.index}"  # fmt: skip
+
+
+def _markdown(prompt: list, segments: list, links: list[str]) -> str:
+    """The prompt, then the continuation (after an HTML comment), images as `links`, in order."""
+    images = iter(links)
+    parts = []
+    for seg in [*prompt, None, *segments]:
+        if seg is None:
+            parts.append("<!-- generated from here -->")
+        else:
+            parts.append(seg if isinstance(seg, str) else f"\n\n{next(images)}\n\n")
+    return "".join(parts).strip() + "\n"
+
+
+def continue_to_folder(
+    model: str | Path,
+    prompts: Sequence[tuple[str, DocumentPrompt]],
+    sampling: SamplingConfig,
+    out: str | Path,
+    max_new_tokens: int = 256,
+    max_images: int = 4,
+) -> DocumentsResult:
+    """Continue (where, prompt) pairs (`read_documents`) into `out`: per prompt k a Markdown file
+    (`document.md`, or `000.md`, `001.md`, ... for several) with its images inline as PNGs
+    (`<k>_<j>.png` generated, `<k>_p<j>.png` the prompt's as the model read them), and
+    `documents.jsonl`, one line per prompt: {"file", "prompt", "segments" (the generated ones, in
+    the document format), "prompt_tokens", "new_tokens", "images", "stop"}.
+
+    Any of these names already in `out`: OutputExistsError before anything is drawn.
+    """
+    out = Path(out)
+    md_names = ["document.md"] if len(prompts) == 1 else [f"{k:03d}.md" for k in range(len(prompts))]  # fmt: skip
+    taken = [p.name for k in range(len(prompts)) for p in out.glob(f"{k:03d}_*.png")]
+    refuse_existing(out, [*md_names, "documents.jsonl", *taken])
+    pipe = Pipeline.from_pretrained(model)
+    docs = continue_documents(pipe, [p for _, p in prompts], sampling, max_new_tokens, max_images)
+    out.mkdir(parents=True, exist_ok=True)
+    result = DocumentsResult(index=out / "documents.jsonl")
+    lines = []
+    for k, ((where, _), doc, md) in enumerate(zip(prompts, docs, md_names, strict=True)):
+        shown = [s for s in doc.prompt if isinstance(s, Image.Image)]
+        names = [f"{k:03d}_p{j}.png" for j in range(1, len(shown) + 1)]
+        links = [f"![prompt image {j}]({name})" for j, name in enumerate(names, start=1)]
+        names += [f"{k:03d}_{j}.png" for j in range(1, len(doc.images) + 1)]
+        links += [f"![image {j}]({k:03d}_{j}.png)" for j in range(1, len(doc.images) + 1)]
+        for image, name in zip([*shown, *doc.images], names, strict=True):
+            image.save(out / name)
+            result.images.append(out / name)
+        write_text(out / md, _markdown(doc.prompt, doc.segments, links))
+        result.markdown.append(out / md)
+        generated = iter(names[len(shown) :])
+        record = {
+            "file": md,
+            "prompt": where,
+            "segments": [
+                {"text": s} if isinstance(s, str) else {"image": next(generated)}
+                for s in doc.segments
+            ],
+            "prompt_tokens": doc.prompt_tokens,
+            "new_tokens": doc.new_tokens,
+            "images": len(doc.images),
+            "stop": doc.stop,
+        }
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    write_text(result.index, "".join(lines))
     return result
