@@ -11,8 +11,8 @@ text-to-image scores (`eval.pipeline.evaluate_pipeline`) follow, all as Markdown
 
 The stories are those of the run's recipe (<run>/config.yaml, data.documents.stories), so the
 held-out prompts are the split the LM never saw. Documents are continued by
-`vqgpt.lm.infer.continue_documents` (issue 14's document generation); any callable of the
-`ContinueDocuments` shape does (the tests use a fake one).
+`vqgpt.lm.infer.continue_documents`; `evaluate_stories` takes any callable of the
+`ContinueDocuments` shape (the tests use a fake one).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 import yaml
+from PIL import Image
 
 from vqgpt.config import from_dict
 from vqgpt.data.stories import StoriesConfig, StoryPrompt, stories_prompts
@@ -96,16 +97,28 @@ def run_stories_config(run: str | Path) -> StoriesConfig:
 
 
 def document_generator(pipe, sampling) -> ContinueDocuments:  # pipe: vqgpt.lm.pipeline.Pipeline
-    """The LM's document continuation (`vqgpt.lm.infer.continue_documents`), one segment each."""
-    try:
-        from vqgpt.lm.infer import continue_documents
-    except ImportError as err:
-        raise SystemExit(
-            "stories_eval needs vqgpt.lm.infer.continue_documents (issue 14's document "
-            "generation), which this checkout does not have yet"
-        ) from err
-    # ALIGN after merge: the signature of continue_documents
-    return lambda documents: continue_documents(pipe, documents, sampling, max_segments=1)
+    """The LM's document continuation (`vqgpt.lm.infer.continue_documents`), stopped after its
+    first image: enough for one sentence or one image, the answer to a story prompt."""
+    from vqgpt.lm.infer import continue_documents
+
+    # room for a sentence (shapes captions <= 17 tokens, + "that was" / ".") and one framed image
+    budget = pipe.layout.tokens_per_image + 2 + 32
+
+    def generate(documents: list[list[dict]]) -> list[list[dict]]:
+        prompts = [
+            [s["text"] if s["text"] is not None else s["image"] for s in d] for d in documents
+        ]
+        done = continue_documents(pipe, prompts, sampling, max_new_tokens=budget, max_images=1)
+        return [[as_segment(s) for s in c.segments] for c in done]
+
+    return generate
+
+
+def as_segment(value: str | Image.Image) -> dict:
+    """A generated text or image as a segment of the document contract."""
+    return (
+        {"text": value, "image": None} if isinstance(value, str) else {"text": None, "image": value}
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,6 +5,7 @@ import functools
 import importlib.util
 import math
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -68,6 +69,8 @@ def test_wrong_kind_or_nothing_is_missing(truth):
     p = next(p for p in prompts if p.asks_for == "image")
     assert answer_of(p, [{"text": "more words", "image": None}]) is None
     assert answer_of(p, []) is None
+    image = {"text": None, "image": answers[prompts.index(p)]}
+    assert answer_of(p, [{"text": " \n", "image": None}, image]) is image["image"]
 
 
 def test_text_names_reads_the_first_sentence_against_the_previous_scene(truth):
@@ -174,9 +177,27 @@ def test_the_script_reads_the_stories_of_the_runs_recipe(script, tmp_path):
     assert script.run_stories_config(tmp_path) == StoriesConfig()
 
 
-def test_the_script_says_when_document_generation_is_missing(script, monkeypatch):
+def test_the_script_adapts_continue_documents_to_segments(script, truth, monkeypatch):
     import vqgpt.lm.infer as infer
 
-    monkeypatch.delattr(infer, "continue_documents", raising=False)
-    with pytest.raises(SystemExit, match="continue_documents"):
-        script.document_generator(None, None)
+    prompts, answers = truth
+    image = next(a for a in answers if isinstance(a, Image.Image))
+    seen = {}
+
+    def fake(pipe, documents, sampling, max_new_tokens, max_images):
+        seen.update(documents=documents, max_new_tokens=max_new_tokens, max_images=max_images)
+        return [
+            infer.ContinuedDocument(d, ["that was it.", image], 1, 2, "max_images")
+            for d in documents
+        ]
+
+    monkeypatch.setattr(infer, "continue_documents", fake)
+    pipe = SimpleNamespace(layout=SimpleNamespace(tokens_per_image=64))
+    generate = script.document_generator(pipe, None)
+    p = next(p for p in prompts if p.asks_for == "text")
+    (continuation,) = generate([list(p.segments)])
+    assert continuation == [{"text": "that was it.", "image": None}, {"text": None, "image": image}]
+    assert seen["max_images"] == 1 and seen["max_new_tokens"] >= 64 + 2 + 20
+    flat = seen["documents"][0]  # the contract's segments as plain text and images, in order
+    assert [x if isinstance(x, str) else None for x in flat] == [s["text"] for s in p.segments]
+    assert isinstance(flat[-1], Image.Image)

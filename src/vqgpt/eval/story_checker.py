@@ -13,7 +13,7 @@ Two exact checks, one per kind of prompt:
 
 The answer to a prompt is the first segment the model wrote after it: when that segment is not of
 the kind asked for (text where an image should open, or the reverse) or there is none, the prompt
-counts as wrong and as `missing`. Both scores break down by the kind of the true sentence
+counts as wrong and as `missing` (whitespace-only text is no segment). Both scores break down by the kind of the true sentence
 (description / change): a change asks the model to carry the previous scene over.
 """
 
@@ -73,10 +73,11 @@ def percent(x: float) -> str:
 
 def answer_of(prompt: StoryPrompt, continuation: Sequence[dict]) -> Answer:
     """The answer in a continuation (segments written after the prompt): its first segment when
-    that is of the kind the prompt asks for, else None."""
-    if not continuation:
+    that is of the kind the prompt asks for, else None. Whitespace-only text before it is skipped."""
+    rest = [s for s in continuation if s.get("text") is None or s["text"].strip()]
+    if not rest:
         return None
-    first = continuation[0]
+    first = rest[0]
     return first[prompt.asks_for] if segment_kind(first) == prompt.asks_for else None
 
 
