@@ -93,7 +93,8 @@ def _segment(value: Any, folder: Path, where: str) -> dict[str, Any]:
         raise DataError(f"{where}: the {key} of a segment must be a non-empty string")
     if key == "text":
         return {"text": item, "image": None}
-    return {"text": None, "image": str(folder / item)}  # an absolute path stays itself
+    # stored as the Image feature stores a path (an absolute path stays itself)
+    return {"text": None, "image": {"bytes": None, "path": str(folder / item)}}
 
 
 def read_documents(path: str | Path, limit: int | None = None):  # -> datasets.Dataset
