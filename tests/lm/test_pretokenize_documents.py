@@ -31,7 +31,12 @@ def corpus(tmp_path_factory) -> Path:
         row["image"].save(root / "imgs" / f"{i}.png")
     (root / "imgs" / "broken.png").write_bytes(b"not a png")
     train = [
-        [{"text": "One red square."}, {"image": "imgs/0.png"}, {"text": " Then "}, {"image": "imgs/1.png"}],  # fmt: skip
+        [
+            {"text": "One red square."},
+            {"image": "imgs/0.png"},
+            {"text": " Then "},
+            {"image": "imgs/1.png"},
+        ],  # fmt: skip
         [{"image": "imgs/2.png"}, {"text": "a caption after"}],
         [{"text": "lost:"}, {"image": "imgs/missing.png"}, {"text": " end"}],
         [{"image": "imgs/broken.png"}],  # drop_image leaves nothing: left out either way
@@ -72,7 +77,8 @@ def direct(model, corpus: Path, segments: list[dict]) -> list:
 
 def same_segments(got: list, want: list) -> bool:
     return len(got) == len(want) and all(
-        (g == w) if isinstance(w, str) else torch.equal(g, w) for g, w in zip(got, want, strict=True)
+        (g == w) if isinstance(w, str) else torch.equal(g, w)
+        for g, w in zip(got, want, strict=True)
     )
 
 
