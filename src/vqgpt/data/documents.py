@@ -17,6 +17,7 @@ Nothing is opened here: a missing or unreadable image is found, counted and hand
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,15 +157,17 @@ def load_documents(cfg: DocumentsConfig, split: str):  # -> datasets.Dataset
     from vqgpt.config import from_dict
 
     if cfg.source == STORIES_SOURCE:
-        try:
-            from vqgpt.data.stories import StoriesConfig, stories_dataset
+        try:  # by name: the builder lives in vqgpt.data.stories, added separately
+            stories_module = importlib.import_module("vqgpt.data.stories")
         except ImportError as err:
             raise DataError(
                 f"data.documents.source={STORIES_SOURCE!r} needs vqgpt.data.stories, which this "
                 f"installation lacks ({err})"
             ) from None
-        stories = from_dict(StoriesConfig, dict(cfg.stories or {}), "data.documents.stories")
-        ds = stories_dataset(stories, split)
+        stories = from_dict(
+            stories_module.StoriesConfig, dict(cfg.stories or {}), "data.documents.stories"
+        )
+        ds = stories_module.stories_dataset(stories, split)
         if cfg.num_documents is not None and cfg.num_documents < len(ds):
             ds = ds.select(range(cfg.num_documents))
         return ds

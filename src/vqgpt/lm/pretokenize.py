@@ -513,7 +513,7 @@ def _codes_dataset(codes: np.ndarray, model: VQVAE):  # -> datasets.Dataset
     )
 
 
-def _write_chunk(
+def write_chunk(
     split_dir: Path,
     chunk: int,
     rows: range,
@@ -550,7 +550,7 @@ def _check_rows(info: SplitInfo) -> None:
         raise DataError(f"split {info.split!r}: no image could be read ({info.skipped})")
 
 
-def _identity(fingerprint: str, source: dict[str, Any], chunk_rows: int) -> Identity:
+def split_identity(fingerprint: str, source: dict[str, Any], chunk_rows: int) -> Identity:
     """The identity as its JSON record reads back (tuples become lists), for comparisons."""
     return Identity(**json.loads(json.dumps(asdict(Identity(fingerprint, source, chunk_rows)))))
 
@@ -559,7 +559,7 @@ def _describe_skips(stats: SkipStats) -> str:
     return f"{stats.total} skipped ({describe_skips(stats.counts)})" if stats.total else "0 skipped"
 
 
-def _already_done(state: PartialState, split_dir: Path, identity: Identity) -> SplitResult | None:
+def already_done(state: PartialState, split_dir: Path, identity: Identity) -> SplitResult | None:
     """The result of a finished split made with `identity`; None when it must be (re)done."""
     done = read_split_info(split_dir.parent, split_dir.name)
     if done is None or done.identity != identity:
@@ -574,7 +574,7 @@ def _already_done(state: PartialState, split_dir: Path, identity: Identity) -> S
     )
 
 
-def _start_split(state: PartialState, split_dir: Path, identity: Identity) -> set[int]:
+def start_split(state: PartialState, split_dir: Path, identity: Identity) -> set[int]:
     """Rank 0 clears what cannot be kept before any rank writes; the chunks kept."""
     if state.is_main_process:
         _clear_split(split_dir, identity)
@@ -583,7 +583,7 @@ def _start_split(state: PartialState, split_dir: Path, identity: Identity) -> se
 
 
 class SplitWork(NamedTuple):
-    """What one call did to a split, for its index (`_finish_split`)."""
+    """What one call did to a split, for its index (`finish_split`)."""
 
     source_rows: int  # rows of the source split
     kept: set[int]  # chunks kept from an earlier run
@@ -592,7 +592,7 @@ class SplitWork(NamedTuple):
     unit: str  # what a row is ("images", "documents"), for the summary line
 
 
-def _finish_split(
+def finish_split(
     state: PartialState,
     cfg: PretokenizeConfig,
     model: VQVAE,
@@ -660,8 +660,8 @@ def _pretokenize_split(
     fingerprint: str,
 ) -> SplitResult:
     split_dir = Path(cfg.output_dir) / split
-    identity = _identity(fingerprint, describe_source(images, split), cfg.chunk_rows)
-    done = _already_done(state, split_dir, identity)
+    identity = split_identity(fingerprint, describe_source(images, split), cfg.chunk_rows)
+    done = already_done(state, split_dir, identity)
     if done is not None:
         return done
 
@@ -670,7 +670,7 @@ def _pretokenize_split(
     # on every rank); rank 0 clears what cannot be kept before any rank writes.
     load_stats = SkipStats()
     ds = load_image_dataset(images, split, load_stats)
-    kept = _start_split(state, split_dir, identity)
+    kept = start_split(state, split_dir, identity)
     rank, world = state.process_index, state.num_processes
     plan = ChunkPlan(
         ds, cfg.chunk_rows, lambda c: c % world == rank and c not in kept, cfg.batch_size
@@ -679,19 +679,19 @@ def _pretokenize_split(
     with Progress(plan.rows_to_encode(), f"pretokenize {split}", show) as progress:
         for chunk in plan:
             encoded = encode_images(model, chunk.values, cfg.batch_size, progress)
-            data = _concat_columns(_codes_dataset(encoded.codes, model), chunk.rest(encoded.rows))
+            data = concat_columns(_codes_dataset(encoded.codes, model), chunk.rest(encoded.rows))
             stop = chunk.start + len(encoded.rows) + encoded.stats.total  # kept or skipped
-            _write_chunk(
+            write_chunk(
                 split_dir, chunk.index, range(chunk.start, stop), data, encoded.stats, identity
             )
     state.wait_for_everyone()
 
     assert plan.source_rows is not None  # known once the plan was walked
     work = SplitWork(plan.source_rows, kept, load_stats, began, "images")
-    return _finish_split(state, cfg, model, split_dir, identity, fingerprint, work)
+    return finish_split(state, cfg, model, split_dir, identity, fingerprint, work)
 
 
-def _concat_columns(left, right):  # -> datasets.Dataset
+def concat_columns(left, right):  # -> datasets.Dataset
     """The columns of `left` then those of `right` (same rows); `right` may have no columns."""
     import datasets
 
@@ -785,6 +785,12 @@ __all__ = [
     "SplitInfo",
     "SplitResult",
     "SplitWork",
+    "already_done",
+    "concat_columns",
+    "finish_split",
+    "split_identity",
+    "start_split",
+    "write_chunk",
     "chunk_name",
     "codes_dtype",
     "codes_files",

@@ -28,19 +28,19 @@ from accelerate import PartialState
 
 from vqgpt.data.documents import describe_documents, load_documents
 from vqgpt.data.sources import DataError, SkipStats
-from vqgpt.lm import pretokenize as _pretokenize
+from vqgpt.lm import pretokenize as pretokenize_module
 from vqgpt.lm.pretokenize import (
     PretokenizeConfig,
     Progress,
     SplitResult,
     SplitWork,
-    _already_done,
-    _concat_columns,
-    _finish_split,
-    _identity,
-    _start_split,
+    already_done,
     codes_dtype,
+    concat_columns,
     encode_images,
+    finish_split,
+    split_identity,
+    start_split,
 )
 from vqgpt.tokenizer.vqvae import VQVAE
 
@@ -157,8 +157,8 @@ def pretokenize_documents(
     docs = cfg.documents
     assert docs is not None
     split_dir = Path(cfg.output_dir) / documents_split_name(split)
-    identity = _identity(fingerprint, describe_documents(docs, split), cfg.chunk_rows)
-    done = _already_done(state, split_dir, identity)
+    identity = split_identity(fingerprint, describe_documents(docs, split), cfg.chunk_rows)
+    done = already_done(state, split_dir, identity)
     if done is not None:
         return done
 
@@ -166,7 +166,7 @@ def pretokenize_documents(
     ds = load_documents(docs, split)
     if "segments" not in ds.column_names:
         raise DataError(f"documents {docs.source!r} split {split!r}: no `segments` column")
-    kept = _start_split(state, split_dir, identity)
+    kept = start_split(state, split_dir, identity)
     segments = _undecoded_segments(ds.select_columns(["segments"]))
     rest = ds.remove_columns("segments")
     dtype = str(codes_dtype(model.codebook_size))
@@ -180,14 +180,14 @@ def pretokenize_documents(
             encoded = encode_documents(
                 model, chunk, rows.start, cfg.batch_size, docs.bad_images, progress
             )
-            data = _concat_columns(
+            data = concat_columns(
                 documents_dataset(encoded, model.grid, dtype), rest.select(encoded.rows)
             )
-            # through the module: a test may wrap _write_chunk (a pause between chunks)
-            _pretokenize._write_chunk(split_dir, c, rows, data, encoded.stats, identity)
+            # through the module: a test may wrap write_chunk (a pause between chunks)
+            pretokenize_module.write_chunk(split_dir, c, rows, data, encoded.stats, identity)
     state.wait_for_everyone()
     work = SplitWork(n, kept, SkipStats(), began, "documents")
-    return _finish_split(state, cfg, model, split_dir, identity, fingerprint, work)
+    return finish_split(state, cfg, model, split_dir, identity, fingerprint, work)
 
 
 def segments_of(kinds: Sequence[int], texts: Sequence[Any], codes: Sequence[Any]) -> list[Any]:
