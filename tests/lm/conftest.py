@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from vqgpt.lm.batches import ExampleBank
+from vqgpt.lm.batches import DocumentBank, ExampleBank
 from vqgpt.lm.vocab import VocabLayout
 
 
@@ -120,3 +120,28 @@ def _memory_bank(
 def memory_bank():
     """(codes [n, h, w], caption ids, layout) -> an ExampleBank held in memory."""
     return _memory_bank
+
+
+def _memory_documents(documents: list[list], layout: VocabLayout) -> DocumentBank:
+    """A DocumentBank over an in-memory Arrow dataset of documents, each a list of segments:
+    text ids (a list) or codes [h, w]."""
+    import numpy as np
+
+    from vqgpt.lm.pretokenize_documents import EncodedDocuments, documents_dataset
+
+    kinds, texts, codes = [], [], []
+    for doc in documents:
+        kinds.append([0 if isinstance(s, list) else 1 for s in doc])
+        texts.append([" ".join(map(str, s)) for s in doc if isinstance(s, list)])
+        grids = [
+            torch.as_tensor(s).numpy().astype(np.int16) for s in doc if not isinstance(s, list)
+        ]
+        codes.append(np.stack(grids) if grids else np.zeros((0, *layout.grid), np.int16))
+    encoded = EncodedDocuments(list(range(len(documents))), kinds, texts, codes, None)
+    return DocumentBank(documents_dataset(encoded, layout.grid, "int16"), _IdsTokenizer(layout))
+
+
+@pytest.fixture(scope="session")
+def memory_documents():
+    """(documents, layout) -> a DocumentBank held in memory (segments: text ids or codes)."""
+    return _memory_documents

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from vqgpt.lm import batches as batches_module
-from vqgpt.lm.batches import ExampleBank, build_epoch, shuffled_rows
-from vqgpt.lm.sequences import SequenceConfig, collate, fit, make_example
+from vqgpt.lm.batches import DocumentBank, ExampleBank, build_epoch, shuffled_rows
+from vqgpt.lm.sequences import TASK_IDS, SequenceConfig, collate, fit, make_example
 from vqgpt.lm.vocab import JointTokenizer, VocabLayout
 
 LAYOUT = VocabLayout(codebook_size=8, grid=(2, 2), text_vocab_size=30)
@@ -203,3 +203,94 @@ def test_an_epoch_over_a_large_split_does_not_hold_it(repo_root, tmp_path):
         tracemalloc.stop()
     codes_bytes = rows * 64 * 2  # int16
     assert peak < codes_bytes / 4, f"peak {peak / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# documents mixed in
+
+
+@pytest.fixture
+def documents(memory_documents):
+    """(n) -> a bank of n seeded documents of 1..4 segments (text ids and 2x2 images)."""
+
+    def make(n: int = 30) -> DocumentBank:
+        gen = torch.Generator().manual_seed(1)
+        docs = []
+        for i in range(n):
+            segments = []
+            for s in range(1 + i % 4):
+                if (i + s) % 2:
+                    segments.append(torch.randint(0, 8, (2, 2), generator=gen))
+                else:
+                    segments.append(torch.randint(0, 29, (1 + s,), generator=gen).tolist())
+            docs.append(segments)
+        return memory_documents(docs, LAYOUT)
+
+    return make
+
+
+def tasks_of(batches: list[dict]) -> list[int]:
+    """The task of each row (one example per row: pack off)."""
+    return [int(row[0]) for b in batches for row in b["task_ids"]]
+
+
+@pytest.mark.parametrize("name", list(SEQUENCES))
+def test_document_ratio_0_is_the_epoch_without_documents(bank, documents, name):
+    seq, data = SEQUENCES[name], bank(53)
+    for rank, world in ((0, 1), (1, 2)):
+        want, _ = eager_epoch(data, seq, 1, 4, rank, world)
+        got = list(build_epoch(data, seq, 1, 4, rank, world, documents=documents()))
+        assert_same_batches(got, want)
+
+
+def test_documents_mix_in_at_their_ratio_deterministically(bank, documents):
+    seq = SequenceConfig(max_length=24, pack=False, document_ratio=0.3, seed=5)
+    data, docs = bank(400), documents()
+    epoch = list(build_epoch(data, seq, 0, 4, 0, 1, documents=docs))
+    tasks = tasks_of(epoch)
+    share = tasks.count(TASK_IDS["document"]) / len(tasks)
+    assert 0.25 < share < 0.35  # ~570 examples: the binomial sd of the share is ~0.02
+    # the rest split by t2i_ratio as before
+    t2i = tasks.count(TASK_IDS["t2i"]) / (len(tasks) - tasks.count(TASK_IDS["document"]))
+    assert 0.42 < t2i < 0.58
+    # every document cycles through (a shuffled order, reshuffled when used up)
+    assert tasks.count(TASK_IDS["document"]) > len(docs)
+    assert_same_batches(list(build_epoch(data, seq, 0, 4, 0, 1, documents=docs)), epoch)
+    other = list(build_epoch(data, seq, 1, 4, 0, 1, documents=docs))
+    assert tasks_of(other) != tasks
+    reseeded = SequenceConfig(max_length=24, pack=False, document_ratio=0.3, seed=6)
+    assert tasks_of(list(build_epoch(data, reseeded, 0, 4, 0, 1, documents=docs))) != tasks
+    with pytest.raises(ValueError, match="document_ratio=0.3 needs documents"):
+        build_epoch(data, seq, 0, 4, 0, 1)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_documents_two_ranks_train_as_one(bank, documents, accumulation):
+    seq = SequenceConfig(max_length=24, pack=True, document_ratio=0.4, seed=3)
+    data, docs = bank(), documents()
+    one = list(build_epoch(data, seq, 1, 4, 0, 1, accumulation, documents=docs))
+    two = [list(build_epoch(data, seq, 1, 4, r, 2, accumulation, documents=docs)) for r in (0, 1)]
+    assert len(two[0]) == len(two[1]) == len(one) > 0
+    assert any(TASK_IDS["document"] in b["task_ids"] for b in one)
+    for i, whole in enumerate(one):
+        for key in ("input_ids", "labels", "loss_weights", "task_ids"):
+            width = whole[key].shape[1]
+            fill = {"input_ids": LAYOUT.eos_id, "labels": -100, "loss_weights": 0.0, "task_ids": -1}
+            rows = torch.cat([torch.nn.functional.pad(two[r][i][key], (0, width - two[r][i][key].shape[1]), value=fill[key]) for r in (0, 1)])  # fmt: skip
+            assert torch.equal(rows, whole[key]), key
+        assert float(two[0][i]["normalizer"]) * 2 == pytest.approx(float(whole["normalizer"]))
+
+
+def test_document_bank_reads_segments_in_order(memory_documents):
+    a = [[1, 2], torch.tensor([[0, 1], [2, 3]]), [], torch.tensor([[7, 7], [6, 5]])]
+    b = [torch.tensor([[4, 4], [4, 4]])]
+    docs = memory_documents([a, b, [[5]]], LAYOUT)
+    got = docs.read([1, 0, 2, 0])
+
+    def plain(doc):
+        return [s if isinstance(s, list) else ("codes", s.tolist()) for s in doc]
+
+    assert [plain(d) for d in got] == [plain(b), plain(a), [[5]], plain(a)]
+    assert all(s.dtype == torch.long for s in got[1] if isinstance(s, torch.Tensor))
+    with pytest.raises(ValueError, match=r"document codes have grid \(2, 2\)"):
+        DocumentBank(docs.rows, JointTokenizer.build(8, (2, 3)))

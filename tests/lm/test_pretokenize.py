@@ -293,12 +293,12 @@ import sys, time
 import vqgpt.lm.pretokenize as pretok
 from vqgpt.data.shapes import ShapesConfig
 from vqgpt.data.sources import DataConfig
-write = pretok._write_chunk
+write = pretok.write_chunk
 def slow(*args, **kwargs):  # a pause after each chunk: the kill lands between two chunks
     info = write(*args, **kwargs)
     time.sleep(2)
     return info
-pretok._write_chunk = slow
+pretok.write_chunk = slow
 shapes = ShapesConfig(num_images=40, num_test_images=16, image_size=32)
 pretok.pretokenize(pretok.PretokenizeConfig(
     tokenizer=sys.argv[1], images=DataConfig(source="shapes", image_size=32, shapes=shapes),

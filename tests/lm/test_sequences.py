@@ -339,3 +339,23 @@ def test_token_budget_is_what_the_longest_training_examples_take():
     check_length(n_positions, n_positions, "x")
     with pytest.raises(SequenceLengthError, match="x has 31 tokens"):
         check_length(n_positions + 1, n_positions, "x")
+
+
+def test_a_stored_document_cuts_inside_text_or_between_segments_only():
+    # a pretokenized document: text segments as BPE ids, images as codes
+    doc = build_document([[10, 11, 12], CODES, [13], CODES.flip(0), [14, 15]], LAYOUT, None)
+    image = 1 + 6 + 1  # boi codes eoi
+    assert len(doc) == 1 + 3 + image + 1 + image + 2 + 1
+    starts = [4, 13]  # the two boi positions
+    for max_length in range(1, len(doc) + 1):
+        cut = truncate(doc, max_length, LAYOUT)
+        if cut is None:
+            assert max_length == 1  # the leading eos alone: no target
+            continue
+        assert cut.input_ids == doc.input_ids[: len(cut)] and len(cut) <= max_length
+        for start in starts:  # an image is in whole or not at all
+            assert len(cut) <= start or len(cut) >= start + image
+    with pytest.raises(ValueError, match="text tokens"):
+        build_document([[LAYOUT.text_vocab_size]], LAYOUT, None)
+    with pytest.raises(TypeError, match="pass a tokenizer"):
+        build_document(["text"], LAYOUT, None)

@@ -234,3 +234,59 @@ def test_a_prompt_file_splits_at_line_ends_only(lm_run, tmp_path, cli_in_process
     assert "4 image(s) written" in result.stderr
     rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().split("\n") if line]
     assert [r["prompt"] for r in rows] == odd
+
+
+def test_a_run_with_documents_trains_on_them_and_reports_their_loss(
+    tiny_tokenizer_run, tmp_path, run_cli, tiny_lm_recipe, write_yaml
+):
+    from vqgpt.data.shapes import ShapesConfig, shapes_dataset
+
+    (tmp_path / "imgs").mkdir()
+    shapes = ShapesConfig(num_images=4, num_test_images=2, image_size=32)
+    for i, row in enumerate(shapes_dataset(shapes, "train")):
+        row["image"].save(tmp_path / "imgs" / f"{i}.png")
+    for split, n in (("train", 12), ("test", 3)):
+        lines = [
+            {
+                "segments": [
+                    {"text": f"Story {i}: first"},
+                    {"image": f"imgs/{i % 4}.png"},
+                    {"text": " then"},
+                    {"image": f"imgs/{(i + 1) % 4}.png"},
+                ]
+            }  # fmt: skip
+            for i in range(n)
+        ]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "run"
+    recipe = tiny_lm_recipe(
+        tiny_tokenizer_run,
+        out,
+        tmp_path / "codes",
+        train=dict(max_steps=2, eval_every=2, save_every=0),
+        sequences=dict(document_ratio=0.3),
+        eval=dict(max_documents=3),
+    )
+    recipe["data"]["documents"] = dict(source=str(tmp_path))
+    result = run_cli("train-lm", "--config", str(write_yaml(tmp_path / "r.yaml", recipe)))
+    assert "pretokenize documents-train: 12 rows" in result.stderr
+    eval_line = next(x for x in result.stderr.splitlines() if "eval loss" in x)
+    assert "document " in eval_line and "(unigram " in eval_line
+    summary = json.loads((out / "final" / "eval.json").read_text())
+    assert summary["full/document"] > 0 and summary["full/document/image"] > 0
+
+
+def test_a_document_ratio_without_documents_is_a_config_error(repo_root):
+    from vqgpt.config import ConfigError
+    from vqgpt.lm.train import load_lm_recipe
+
+    shapes = repo_root / "src" / "vqgpt" / "configs" / "lm" / "shapes.yaml"
+
+    with pytest.raises(ConfigError, match="document_ratio=0.2 needs documents"):
+        load_lm_recipe(shapes, ["sequences.document_ratio=0.2"])
+    with pytest.raises(ConfigError, match=r"document_ratio must be in \[0, 1\)"):
+        load_lm_recipe(shapes, ["sequences.document_ratio=1.0"])
+    recipe = load_lm_recipe(
+        shapes, ["sequences.document_ratio=0.2", "data.documents.source=docs/{split}.jsonl"]
+    )
+    assert recipe.data.documents.source == "docs/{split}.jsonl"

@@ -128,4 +128,14 @@ def grid_codes(array: pa.Array, grid: Sequence[int]) -> np.ndarray:
     return flat.reshape(len(array), *grid)
 
 
-__all__ = ["ArrowRows", "BatchLocation", "grid_codes"]
+def ragged_grid_codes(array: pa.Array, grid: Sequence[int]) -> list[np.ndarray]:
+    """A `datasets` Array3D (None, h, w) column (a list of grids per row) as one array
+    [n_i, *grid] per row."""
+    storage = array.storage if isinstance(array, pa.ExtensionArray) else array
+    counts = storage.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+    values = storage.flatten()  # every row's grids, one after another
+    flat = grid_codes(values, grid) if len(values) else np.zeros((0, *grid), dtype=np.int64)
+    return np.split(flat, np.cumsum(counts)[:-1]) if len(counts) else []
+
+
+__all__ = ["ArrowRows", "BatchLocation", "grid_codes", "ragged_grid_codes"]

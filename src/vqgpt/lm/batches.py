@@ -18,9 +18,17 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from vqgpt.lm.arrow_rows import ArrowRows, grid_codes
+from vqgpt.lm.arrow_rows import ArrowRows, grid_codes, ragged_grid_codes
 from vqgpt.lm.pretokenize import PretokenizeConfig, codes_files, codes_tensor
-from vqgpt.lm.sequences import Example, FitStream, SequenceConfig, collate, make_example
+from vqgpt.lm.pretokenize_documents import documents_split_name, segments_of
+from vqgpt.lm.sequences import (
+    Example,
+    FitStream,
+    SequenceConfig,
+    build_document,
+    collate,
+    make_example,
+)
 from vqgpt.lm.vocab import JointTokenizer, VocabLayout
 from vqgpt.tokenizer.codec import resolve_model_dir
 from vqgpt.tokenizer.vqvae import VQVAEConfig
@@ -98,6 +106,63 @@ class ExampleBank:
         return cls(ArrowRows(codes_files(data.output_dir, split)), tokenizer, model_dir)
 
 
+Segment = list[int] | torch.Tensor  # a document's text (BPE ids) or image (codes [h, w])
+
+
+class DocumentBank:
+    """One split of pretokenized documents, read on demand like `ExampleBank`: `rows` is the
+    split's Arrow files (`ArrowRows`) or a `datasets.Dataset` with the same columns (`kinds`,
+    `texts`, `codes`: `vqgpt.lm.pretokenize_documents`).
+
+    Raises:
+        ValueError: the codes' grid is not the tokenizer's.
+    """
+
+    def __init__(self, rows: ArrowRows | datasets.Dataset, tokenizer: JointTokenizer) -> None:
+        grid = tuple(rows.features["codes"].shape[1:])
+        if grid != tuple(tokenizer.layout.grid):
+            where = rows.files[0] if isinstance(rows, ArrowRows) else "the dataset"
+            raise ValueError(
+                f"{where}: cached document codes have grid {grid}, the tokenizer makes "
+                f"{tuple(tokenizer.layout.grid)}: pretokenize again"
+            )
+        self.rows = rows
+        self.tokenizer = tokenizer
+
+    @property
+    def layout(self) -> VocabLayout:
+        return self.tokenizer.layout
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, rows: Sequence[int]) -> list[list[Segment]]:
+        """The segments of each of `rows`, in order (texts tokenized now)."""
+        rows = [int(r) for r in rows]
+        names = ["kinds", "texts", "codes"]
+        if isinstance(self.rows, ArrowRows):
+            columns = self.rows.take(rows, names)
+        else:
+            table = self.rows.with_format("arrow")[rows]
+            columns = {c: table.column(c).combine_chunks() for c in names}
+        codes = ragged_grid_codes(columns["codes"], self.layout.grid)
+        texts = columns["texts"].to_pylist()
+        ids = iter(self.tokenizer.encode_texts([str(t) for doc in texts for t in doc]))
+        return [
+            segments_of(kinds, [next(ids) for _ in doc_texts], torch.from_numpy(grids).long())
+            for kinds, doc_texts, grids in zip(
+                columns["kinds"].to_pylist(), texts, codes, strict=True
+            )
+        ]
+
+    @classmethod
+    def load(cls, data: PretokenizeConfig, split: str, tokenizer: JointTokenizer) -> DocumentBank:
+        """Open documents `split` of the pretokenized codes (<output_dir>/documents-<split>/)."""
+        model_dir, codebook_size, grid = _image_tokenizer(data)
+        tokenizer.layout.check_compatible(codebook_size, grid)
+        return cls(ArrowRows(codes_files(data.output_dir, documents_split_name(split))), tokenizer)
+
+
 def _image_tokenizer(data: PretokenizeConfig) -> tuple[Path, int, tuple[int, int]]:
     """(folder, codebook size, grid) of the stage-one tokenizer the codes were made with."""
     model_dir = resolve_model_dir(data.tokenizer)
@@ -142,9 +207,15 @@ class EpochBatches:
         world: int,
         accumulation: int,
         skip: int,
+        documents: DocumentBank | None = None,
     ) -> None:
         if batch_size % world:
             raise ValueError(f"batch_size {batch_size} does not split across {world} processes")
+        if seq.document_ratio > 0 and not documents:
+            raise ValueError(
+                f"sequences.document_ratio={seq.document_ratio} needs documents (data.documents)"
+            )
+        self.documents = documents if seq.document_ratio > 0 else None
         self.bank, self.seq, self.epoch = bank, seq, epoch
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.accumulation, self.skip = accumulation, skip
@@ -157,12 +228,30 @@ class EpochBatches:
         return self._fitted.skipped if self._fitted is not None else 0
 
     def _examples(self, rng: random.Random) -> Iterator[Example]:
-        """The epoch's examples in shuffled order: the shuffle, then each row's task, from `rng`."""
+        """The epoch's examples in shuffled order: the shuffle, then each row's task, from `rng`.
+        With documents, before each image example come documents while a draw of their own
+        generator falls under `document_ratio` (a fraction `document_ratio` of all examples)."""
         order = shuffled_rows(len(self.bank), rng)
+        documents = self._document_examples() if self.documents is not None else None
+        mix = random.Random(f"vqgpt-lm-mix-{self.seq.seed}-{self.epoch}")
         for start in range(0, len(order), READ_ROWS):
             rows = self.bank.read(order[start : start + READ_ROWS])
             for codes, text_ids in zip(rows.codes, rows.text_ids, strict=True):
+                while documents is not None and mix.random() < self.seq.document_ratio:
+                    yield next(documents)
                 yield make_example(codes, text_ids, self.bank.layout, self.seq, rng)
+
+    def _document_examples(self) -> Iterator[Example]:
+        """Document examples without end: the documents in a shuffled order, reshuffled at each
+        pass, from their own generator (deterministic in seed and epoch)."""
+        assert self.documents is not None
+        rng = random.Random(f"vqgpt-lm-documents-{self.seq.seed}-{self.epoch}")
+        layout = self.documents.layout
+        while True:
+            order = shuffled_rows(len(self.documents), rng)
+            for start in range(0, len(order), READ_ROWS):
+                for segments in self.documents.read(order[start : start + READ_ROWS]):
+                    yield build_document(segments, layout, None, self.seq)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rng = random.Random(f"vqgpt-lm-{self.seq.seed}-{self.epoch}")
@@ -197,6 +286,7 @@ def build_epoch(
     world: int,
     accumulation: int = 1,
     skip: int = 0,
+    documents: DocumentBank | None = None,
 ) -> EpochBatches:
     """Shuffle, pick tasks, pack and split one epoch; deterministic in (seq.seed, epoch). Lazy:
     the result builds its micro-batches as it is iterated (see `EpochBatches`).
@@ -210,12 +300,16 @@ def build_epoch(
     accumulation): the weighted mean of the whole step is what every configuration trains on.
     A resumed run passes `skip`, the micro-batches already done: their examples are built again
     (the shuffle, task draws and packing depend on them) but not collated.
+
+    Documents (`documents`, used when `seq.document_ratio` > 0) mix in from generators of their
+    own, so with document_ratio 0 every epoch is the one without them, bit for bit.
     """
-    return EpochBatches(bank, seq, epoch, batch_size, rank, world, accumulation, skip)
+    return EpochBatches(bank, seq, epoch, batch_size, rank, world, accumulation, skip, documents)
 
 
 __all__ = [
     "BankRows",
+    "DocumentBank",
     "EpochBatches",
     "ExampleBank",
     "build_epoch",

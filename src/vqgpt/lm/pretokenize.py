@@ -26,6 +26,9 @@ the index is written only when every chunk is there, so its presence means the s
 and a re-run with the same identity does no work. Anything else in the split folder (a leftover
 `.tmp`, a chunk of another tokenizer or source, an older layout) is deleted first.
 
+Interleaved documents (`PretokenizeConfig.documents`) go to `<output_dir>/documents-<split>/` in
+the same chunks + index layout, with their own columns (`vqgpt.lm.pretokenize_documents`).
+
 Several processes (`accelerate launch`, several nodes with output_dir on a shared filesystem):
 chunk c belongs to rank c % world, so any world size resumes any other's work. The input is a
 map-style `datasets.Dataset` (a chunk's rows are read directly) or a `datasets.IterableDataset`
@@ -52,6 +55,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from vqgpt.config import ConfigError, to_dict
+from vqgpt.data.documents import DocumentsConfig
 from vqgpt.data.images import ImageTransform, describe_skips, read_image
 from vqgpt.data.sources import DataConfig, DataError, SkipStats, load_image_dataset
 from vqgpt.distributed import process_state
@@ -80,6 +84,8 @@ class PretokenizeConfig:
     splits: list[str] | None = None  # None: [images.train_split, images.eval_split]
     batch_size: int = 64  # images per encoder call (per process)
     chunk_rows: int = 10_000  # source rows per chunk: the unit of resuming and of sharing work
+    # interleaved documents, pretokenized per split into <output_dir>/documents-<split>/
+    documents: DocumentsConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.tokenizer:
@@ -499,22 +505,29 @@ def _clear_split(split_dir: Path, identity: Identity) -> None:
             entry.unlink()
 
 
-def _write_chunk(
-    split_dir: Path, chunk: Chunk, encoded: EncodedRows, model: VQVAE, identity: Identity
-) -> ChunkInfo:
-    """Save one chunk's rows to chunk-NNNNN.tmp/, its record last, and rename it into place."""
+def _codes_dataset(codes: np.ndarray, model: VQVAE):  # -> datasets.Dataset
     import datasets
 
-    codes = datasets.Dataset.from_dict(
-        {"codes": encoded.codes}, features=datasets.Features(codes=_codes_feature(model))
+    return datasets.Dataset.from_dict(
+        {"codes": codes}, features=datasets.Features(codes=_codes_feature(model))
     )
-    data = datasets.concatenate_datasets([codes, chunk.rest(encoded.rows)], axis=1)
-    final = split_dir / chunk_name(chunk.index)
+
+
+def write_chunk(
+    split_dir: Path,
+    chunk: int,
+    rows: range,
+    data,  # datasets.Dataset: the chunk's rows
+    skipped: SkipStats,
+    identity: Identity,
+) -> ChunkInfo:
+    """Save one chunk's rows (source `rows`) to chunk-NNNNN.tmp/, its record last, and rename it
+    into place."""
+    final = split_dir / chunk_name(chunk)
     tmp = split_dir / f"{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     data.save_to_disk(str(tmp))
-    stop = chunk.start + len(encoded.rows) + encoded.stats.total  # every row: kept or skipped
-    info = ChunkInfo(chunk.index, chunk.start, stop, len(data), encoded.stats, identity)
+    info = ChunkInfo(chunk, rows.start, rows.stop, len(data), skipped, identity)
     write_text(tmp / CHUNK_RECORD, info.to_json())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -537,7 +550,7 @@ def _check_rows(info: SplitInfo) -> None:
         raise DataError(f"split {info.split!r}: no image could be read ({info.skipped})")
 
 
-def _identity(fingerprint: str, source: dict[str, Any], chunk_rows: int) -> Identity:
+def split_identity(fingerprint: str, source: dict[str, Any], chunk_rows: int) -> Identity:
     """The identity as its JSON record reads back (tuples become lists), for comparisons."""
     return Identity(**json.loads(json.dumps(asdict(Identity(fingerprint, source, chunk_rows)))))
 
@@ -546,47 +559,51 @@ def _describe_skips(stats: SkipStats) -> str:
     return f"{stats.total} skipped ({describe_skips(stats.counts)})" if stats.total else "0 skipped"
 
 
-def _pretokenize_split(
-    state: PartialState,
-    model: VQVAE,
-    cfg: PretokenizeConfig,
-    images: DataConfig,
-    split: str,
-    fingerprint: str,
-) -> SplitResult:
-    out = Path(cfg.output_dir)
-    split_dir = out / split
-    identity = _identity(fingerprint, describe_source(images, split), cfg.chunk_rows)
-    done = read_split_info(out, split)
-    if done is not None and done.identity == identity:
-        _note(
-            state, f"{split}: already pretokenized in {split_dir} ({done.rows} rows), nothing to do"
-        )
-        _check_rows(done)
-        return SplitResult(split, split_dir, done.rows, done.skipped, True, chunks=len(done.chunks))
+def already_done(state: PartialState, split_dir: Path, identity: Identity) -> SplitResult | None:
+    """The result of a finished split made with `identity`; None when it must be (re)done."""
+    done = read_split_info(split_dir.parent, split_dir.name)
+    if done is None or done.identity != identity:
+        return None
+    _note(
+        state,
+        f"{split_dir.name}: already pretokenized in {split_dir} ({done.rows} rows), nothing to do",
+    )
+    _check_rows(done)
+    return SplitResult(
+        split_dir.name, split_dir, done.rows, done.skipped, True, chunks=len(done.chunks)
+    )
 
-    began = time.perf_counter()
-    # Every rank loads the split (folder sources count missing / unreadable files here, the same
-    # on every rank); rank 0 clears what cannot be kept before any rank writes.
-    load_stats = SkipStats()
-    ds = load_image_dataset(images, split, load_stats)
+
+def start_split(state: PartialState, split_dir: Path, identity: Identity) -> set[int]:
+    """Rank 0 clears what cannot be kept before any rank writes; the chunks kept."""
     if state.is_main_process:
         _clear_split(split_dir, identity)
     state.wait_for_everyone()
-    kept = _finished_chunks(split_dir, identity)
-    rank, world = state.process_index, state.num_processes
-    plan = ChunkPlan(
-        ds, cfg.chunk_rows, lambda c: c % world == rank and c not in kept, cfg.batch_size
-    )
-    show = state.is_main_process
-    with Progress(plan.rows_to_encode(), f"pretokenize {split}", show) as progress:
-        for chunk in plan:
-            encoded = encode_images(model, chunk.values, cfg.batch_size, progress)
-            _write_chunk(split_dir, chunk, encoded, model, identity)
-    state.wait_for_everyone()
+    return _finished_chunks(split_dir, identity)
 
-    assert plan.source_rows is not None  # known once the plan was walked
-    num_chunks = -(-plan.source_rows // cfg.chunk_rows)
+
+class SplitWork(NamedTuple):
+    """What one call did to a split, for its index (`finish_split`)."""
+
+    source_rows: int  # rows of the source split
+    kept: set[int]  # chunks kept from an earlier run
+    load_stats: SkipStats  # skips counted while loading the source
+    began: float  # time.perf_counter() at the start
+    unit: str  # what a row is ("images", "documents"), for the summary line
+
+
+def finish_split(
+    state: PartialState,
+    cfg: PretokenizeConfig,
+    model: VQVAE,
+    split_dir: Path,
+    identity: Identity,
+    fingerprint: str,
+    work: SplitWork,
+) -> SplitResult:
+    """Check every chunk is there, write the split's index (rank 0, last) and say so."""
+    split = split_dir.name
+    num_chunks = -(-work.source_rows // cfg.chunk_rows)
     chunks = [read_chunk_info(split_dir, c) for c in range(num_chunks)]
     missing = [c for c, info in enumerate(chunks) if info is None or info.identity != identity]
     if missing:
@@ -594,7 +611,7 @@ def _pretokenize_split(
             f"{split_dir}: chunk(s) {missing[:10]} of {num_chunks} were not written (a process "
             "failed?); run pretokenize again to finish them"
         )
-    skipped = load_stats
+    skipped = work.load_stats
     for info in chunks:
         skipped.merge(info.skipped)
     info = SplitInfo(
@@ -607,7 +624,7 @@ def _pretokenize_split(
         tokenizer_fingerprint=fingerprint,
         source=identity.source,
         chunk_rows=cfg.chunk_rows,
-        source_rows=plan.source_rows,
+        source_rows=work.source_rows,
         chunks=[chunk_name(c.chunk) for c in chunks],
         chunk_rows_kept=[c.rows for c in chunks],
     )
@@ -615,21 +632,72 @@ def _pretokenize_split(
         tmp = split_dir / f"{MARKER}.tmp"
         write_text(tmp, info.to_json())
         os.replace(tmp, split_dir / MARKER)
-    encoded_now = [c for c in chunks if c.chunk not in kept]
-    rate = sum(c.stop - c.start for c in encoded_now) / max(time.perf_counter() - began, 1e-9)
+    encoded_now = [c for c in chunks if c.chunk not in work.kept]
+    rate = sum(c.stop - c.start for c in encoded_now) / max(time.perf_counter() - work.began, 1e-9)
+    left_out = work.source_rows - info.rows
     _note(
         state,
         f"pretokenize {split}: {info.rows} rows, {num_chunks} chunks ({len(encoded_now)} encoded, "
         f"{num_chunks - len(encoded_now)} kept), {_describe_skips(skipped)}, "
-        f"{rate:.1f} images/s",
+        + (f"{left_out} {work.unit} left out, " if work.unit != "images" else "")
+        + f"{rate:.1f} {work.unit}/s",
     )
     state.wait_for_everyone()
-    if read_split_info(out, split) is None:
+    if read_split_info(split_dir.parent, split) is None:
         raise DataError(f"{split_dir}: rank 0 did not finish writing the split's index")
     _check_rows(info)
     return SplitResult(
         split, split_dir, info.rows, skipped, False, num_chunks, chunks_encoded=len(encoded_now)
     )
+
+
+def _pretokenize_split(
+    state: PartialState,
+    model: VQVAE,
+    cfg: PretokenizeConfig,
+    images: DataConfig,
+    split: str,
+    fingerprint: str,
+) -> SplitResult:
+    split_dir = Path(cfg.output_dir) / split
+    identity = split_identity(fingerprint, describe_source(images, split), cfg.chunk_rows)
+    done = already_done(state, split_dir, identity)
+    if done is not None:
+        return done
+
+    began = time.perf_counter()
+    # Every rank loads the split (folder sources count missing / unreadable files here, the same
+    # on every rank); rank 0 clears what cannot be kept before any rank writes.
+    load_stats = SkipStats()
+    ds = load_image_dataset(images, split, load_stats)
+    kept = start_split(state, split_dir, identity)
+    rank, world = state.process_index, state.num_processes
+    plan = ChunkPlan(
+        ds, cfg.chunk_rows, lambda c: c % world == rank and c not in kept, cfg.batch_size
+    )
+    show = state.is_main_process
+    with Progress(plan.rows_to_encode(), f"pretokenize {split}", show) as progress:
+        for chunk in plan:
+            encoded = encode_images(model, chunk.values, cfg.batch_size, progress)
+            data = concat_columns(_codes_dataset(encoded.codes, model), chunk.rest(encoded.rows))
+            stop = chunk.start + len(encoded.rows) + encoded.stats.total  # kept or skipped
+            write_chunk(
+                split_dir, chunk.index, range(chunk.start, stop), data, encoded.stats, identity
+            )
+    state.wait_for_everyone()
+
+    assert plan.source_rows is not None  # known once the plan was walked
+    work = SplitWork(plan.source_rows, kept, load_stats, began, "images")
+    return finish_split(state, cfg, model, split_dir, identity, fingerprint, work)
+
+
+def concat_columns(left, right):  # -> datasets.Dataset
+    """The columns of `left` then those of `right` (same rows); `right` may have no columns."""
+    import datasets
+
+    if not right.column_names:
+        return left
+    return datasets.concatenate_datasets([left, right], axis=1)
 
 
 def pretokenize(cfg: PretokenizeConfig) -> PretokenizeResult:
@@ -644,6 +712,13 @@ def pretokenize(cfg: PretokenizeConfig) -> PretokenizeResult:
         split: _pretokenize_split(state, model, cfg, images, split, fingerprint)
         for split in cfg.splits
     }
+    if cfg.documents is not None:
+        from vqgpt.lm.pretokenize_documents import documents_split_name, pretokenize_documents
+
+        for split in cfg.documents.splits:
+            results[documents_split_name(split)] = pretokenize_documents(
+                state, model, cfg, split, fingerprint
+            )
     return PretokenizeResult(results)
 
 
@@ -709,6 +784,13 @@ __all__ = [
     "Progress",
     "SplitInfo",
     "SplitResult",
+    "SplitWork",
+    "already_done",
+    "concat_columns",
+    "finish_split",
+    "split_identity",
+    "start_split",
+    "write_chunk",
     "chunk_name",
     "codes_dtype",
     "codes_files",

@@ -92,7 +92,10 @@ class SequenceConfig:
     """How examples are built, weighted and packed."""
 
     max_length: int = 128  # context window (tokens)
-    t2i_ratio: float = 0.5  # fraction of examples that are text-to-image; the rest captioning
+    t2i_ratio: float = 0.5  # fraction of image examples that are text-to-image; the rest captioning
+    # fraction of training examples drawn from data.documents (the rest are image examples);
+    # 0: no documents, every epoch exactly as without them
+    document_ratio: float = 0.0
     text_loss_weight: float = 1.0  # weight of text / special targets
     image_loss_weight: float = 1.0  # weight of image-code targets
     t2i_weight: float = 1.0  # task weight of text-to-image examples
@@ -111,6 +114,11 @@ class SequenceConfig:
         for name in ("t2i_ratio", "caption_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"sequences.{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.document_ratio < 1.0:
+            raise ConfigError(
+                f"sequences.document_ratio must be in [0, 1), got {self.document_ratio}: an epoch "
+                "is one pass over the images, with documents mixed in at this rate"
+            )
         if self.t2i_prefix_length is not None and self.t2i_prefix_length < 2:
             raise ConfigError(
                 "sequences.t2i_prefix_length must be null or at least 2 (eos + one caption token), "
@@ -283,23 +291,30 @@ def build_caption(
 
 
 def build_document(
-    segments: Sequence[str | Tensor],
+    segments: Sequence[str | Sequence[int] | Tensor],
     layout: VocabLayout,
-    tokenizer: TextEncoder,
+    tokenizer: TextEncoder | None,
     cfg: SequenceConfig | None = None,
 ) -> Example:
-    """`eos seg_1 .. seg_n eos` from text (str) and image (codes [h, w]) segments; all targets."""
+    """`eos seg_1 .. seg_n eos` from text (str, or its BPE ids as a list) and image (codes
+    [h, w]) segments; all targets. `tokenizer` encodes str segments (None: there are none)."""
     text_w = cfg.text_loss_weight if cfg else 1.0
     image_w = cfg.image_loss_weight if cfg else 1.0
     b = _Builder("document")
     b.add([layout.eos_id], target=False)
     for i, seg in enumerate(segments):
         if isinstance(seg, str):
+            if tokenizer is None:
+                raise TypeError(f"document segment {i} is text: pass a tokenizer to encode it")
             b.add(tokenizer.encode_text(seg), True, text_w)
         elif isinstance(seg, Tensor):
             b.add_image(seg, layout, True, text_w, image_w)
+        elif isinstance(seg, (list, tuple)):
+            b.add(_text_ids(seg, layout), True, text_w)
         else:
-            raise TypeError(f"document segment {i} must be str or a codes tensor, got {type(seg)}")
+            raise TypeError(
+                f"document segment {i} must be str, text ids or a codes tensor, got {type(seg)}"
+            )
     b.add([layout.eos_id], True, text_w)
     return b.build()
 

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from transformers import GPT2LMHeadModel
 
 from vqgpt.config import ConfigError, load_config
-from vqgpt.lm.batches import ExampleBank, build_epoch, joint_tokenizer
+from vqgpt.lm.batches import DocumentBank, ExampleBank, build_epoch, joint_tokenizer
 from vqgpt.lm.evaluate import LMEvalConfig, evaluate_lm
 from vqgpt.lm.loss import LMWithLoss
 from vqgpt.lm.model import LMConfig, build_lm, flops_per_token, peak_flops
@@ -47,6 +47,13 @@ class LMRecipe:
     model: LMConfig = field(default_factory=LMConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/lm"))
     eval: LMEvalConfig = field(default_factory=LMEvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.sequences.document_ratio > 0 and self.data.documents is None:
+            raise ConfigError(
+                f"sequences.document_ratio={self.sequences.document_ratio} needs documents to "
+                "draw from: set data.documents.source (a .jsonl file or shapes_stories)"
+            )
 
 
 def load_lm_recipe(
@@ -93,6 +100,12 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
     eval_bank = None
     if accelerator.is_main_process and recipe.eval.max_images > 0:
         eval_bank = ExampleBank.load(recipe.data, recipe.data.images.eval_split, tokenizer)
+    documents = recipe.data.documents
+    doc_bank = eval_docs = None
+    if documents is not None:
+        doc_bank = DocumentBank.load(recipe.data, documents.train_split, tokenizer)
+        if eval_bank is not None and recipe.eval.max_documents > 0:
+            eval_docs = DocumentBank.load(recipe.data, documents.eval_split, tokenizer)
 
     lm = build_lm(recipe.model, layout.vocab_size, seq.max_length)
     lm.config.t2i_prefix_length = seq.t2i_prefix_length  # decoding builds prompts from it
@@ -114,7 +127,9 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
         plain = gather_lm(accelerator, model)  # every rank: a collective under FSDP
         if eval_bank is None or plain is None:
             return None
-        result = evaluate_lm(plain.to(accelerator.device), eval_bank, bank, seq, recipe.eval)
+        result = evaluate_lm(
+            plain.to(accelerator.device), eval_bank, bank, seq, recipe.eval, eval_docs, doc_bank
+        )
         metrics.log(step, result.to_log(), kind="eval")
         return result.summary()
 
@@ -128,6 +143,7 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
             accelerator.num_processes,
             tc.gradient_accumulation_steps,
             skip,
+            doc_bank,
         )
         yield from built  # built one optimizer step at a time
         if not built.steps:
