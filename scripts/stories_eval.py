@@ -92,7 +92,7 @@ def run_stories_config(run: str | Path) -> StoriesConfig:
     """The stories of a run's recipe (<run>/config.yaml, data.documents.stories); defaults when
     the recipe names none."""
     recipe = yaml.safe_load((Path(run) / "config.yaml").read_text(encoding="utf-8")) or {}
-    stories = (recipe.get("data") or {}).get("documents", {}).get("stories", {})  # ALIGN: key path
+    stories = (recipe.get("data") or {}).get("documents", {}).get("stories", {})
     return from_dict(StoriesConfig, stories, "data.documents.stories")
 
 

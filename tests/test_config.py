@@ -68,21 +68,7 @@ def test_every_accelerate_config_is_valid_yaml(path):
     assert data["num_processes"] >= 1
 
 
-# keys that configs/lm/stories.yaml guesses for the document pipeline (issue 14), merged separately
-STORIES_DOCUMENT_KEYS = (("data", "documents"), ("sequences", "documents_ratio"))
-DOCUMENT_KEYS_PENDING = pytest.mark.xfail(
-    raises=ConfigError, strict=True, reason="document recipe keys not merged yet (issue 14)"
-)
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(p, marks=DOCUMENT_KEYS_PENDING) if p.name == "stories.yaml" else p
-        for p in sorted(CONFIGS.glob("lm/*.yaml"))
-    ],
-    ids=lambda p: p.name,
-)
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("lm/*.yaml")), ids=lambda p: p.name)
 def test_every_lm_recipe_loads(path):
     from vqgpt.lm.train import load_lm_recipe
 
@@ -90,17 +76,17 @@ def test_every_lm_recipe_loads(path):
     assert recipe.sequences.max_length >= 68  # one 8x8 image + 4 framing tokens at least
 
 
-def test_the_stories_recipe_loads_but_for_its_document_keys():
+def test_the_stories_recipe_names_stories_the_size_of_its_images():
     from vqgpt.data.stories import StoriesConfig
-    from vqgpt.lm.train import LMRecipe
+    from vqgpt.lm.train import load_lm_recipe
 
-    data = yaml.safe_load((CONFIGS / "lm" / "stories.yaml").read_text())
-    stories = from_dict(StoriesConfig, data["data"]["documents"]["stories"], "stories")
-    assert stories.image_size == data["data"]["images"]["shapes"]["image_size"]
-    for section, key in STORIES_DOCUMENT_KEYS:
-        del data[section][key]
-    recipe = from_dict(LMRecipe, data)
+    recipe = load_lm_recipe(CONFIGS / "lm" / "stories.yaml")
+    documents = recipe.data.documents
+    assert documents is not None and documents.source == "shapes_stories"
+    stories = from_dict(StoriesConfig, documents.stories, "stories")
+    assert stories.image_size == recipe.data.images.shapes.image_size
     assert recipe.sequences.max_length == recipe.model.n_positions >= 384
+    assert 0 < recipe.sequences.document_ratio < 1
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("demo/*.yaml")), ids=lambda p: p.name)
