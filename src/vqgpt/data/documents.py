@@ -98,6 +98,25 @@ def _segment(value: Any, folder: Path, where: str) -> dict[str, Any]:
     return {"text": None, "image": {"bytes": None, "path": str(folder / item)}}
 
 
+def parse_document_line(line: str, where: str, folder: Path) -> list[dict[str, Any]]:
+    """One JSON Lines document `{"segments": [{"text": ...}, {"image": path}, ...]}` -> its
+    segments as `document_features()` stores them (image paths made absolute from `folder`).
+
+    Raises:
+        DataError: not JSON, not a document, or a bad segment (`where` names file:line).
+    """
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not a JSON line ({err})") from None
+    segments = record.get("segments") if isinstance(record, dict) else None
+    if not isinstance(segments, list) or not segments:
+        raise DataError(
+            f'{where}: a document must be {{"segments": [...]}} with at least one segment'
+        )
+    return [_segment(s, folder, f"{where} segment {i}") for i, s in enumerate(segments)]
+
+
 def read_documents(path: str | Path, limit: int | None = None):  # -> datasets.Dataset
     """The documents of a JSON Lines file (the first `limit`), as `document_features()`.
 
@@ -117,23 +136,10 @@ def read_documents(path: str | Path, limit: int | None = None):  # -> datasets.D
             where = f"{path}:{number}"
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            except UnicodeDecodeError as err:
                 raise DataError(f"{where}: not a JSON line ({err})") from None
-            segments = record.get("segments") if isinstance(record, dict) else None
-            if not isinstance(segments, list) or not segments:
-                raise DataError(
-                    f'{where}: a document must be {{"segments": [...]}} with at least one segment'
-                )
-            documents.append(
-                {
-                    "segments": [
-                        _segment(s, folder, f"{where} segment {i}") for i, s in enumerate(segments)
-                    ]
-                }
-            )
+            if line.strip():
+                documents.append({"segments": parse_document_line(line, where, folder)})
     if not documents:
         raise DataError(f"{path}: no documents in it")
     return datasets.Dataset.from_list(documents, features=document_features())

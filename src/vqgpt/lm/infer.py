@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from vqgpt.data.documents import parse_document_line
 from vqgpt.data.images import (
     ImageTransform,
     SkippedFile,
@@ -264,25 +265,18 @@ DOCUMENT_SUFFIXES = (".jsonl", ".txt", ".md")
 
 
 def _json_document(line: str, where: str, folder: Path) -> list[str | Image.Image]:
-    """One JSON Lines document `{"segments": [{"text": ...}, {"image": path}]}` -> segments."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-    segments = record.get("segments") if isinstance(record, dict) else None
-    if not isinstance(segments, list) or not segments:
-        raise ValueError(f'{where}: a document is {{"segments": [{{"text": ...}}, {{"image": path}}]}}')  # fmt: skip
+    """One JSON Lines document (`vqgpt.data.documents`' format) -> text and images, every image
+    read now (an unreadable one is an error: a prompt is not a corpus to skip rows of)."""
     out: list[str | Image.Image] = []
-    for j, seg in enumerate(segments):
-        if isinstance(seg, dict) and set(seg) == {"text"} and isinstance(seg["text"], str):
+    for j, seg in enumerate(parse_document_line(line, where, folder)):
+        if seg["text"] is not None:
             out.append(seg["text"])
-        elif isinstance(seg, dict) and set(seg) == {"image"} and isinstance(seg["image"], str):
-            image, skip = read_image(folder / seg["image"])
-            if image is None:
-                raise ValueError(f"{where}: segment {j}: {folder / seg['image']}: {skip.detail}")
-            out.append(image)
-        else:
-            raise ValueError(f'{where}: segment {j} must be {{"text": str}} or {{"image": path}}, got {json.dumps(seg)[:80]}')  # fmt: skip
+            continue
+        path = seg["image"]["path"]
+        image, skip = read_image(path)
+        if image is None:
+            raise ValueError(f"{where}: segment {j}: {path}: {skip.detail}")
+        out.append(image)
     return out
 
 
