@@ -15,7 +15,7 @@ PY="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)
 
 if [ "${1:-}" = "--quick" ]; then
   nearest=(--quick)
-  lm=(--quick --device cpu)
+  lm=(--quick --device cpu --seq-len 48 --peak-tflops 1)
   sampling=(--quick)
 elif [ -z "${1:-}" ]; then
   nearest=()

@@ -61,47 +61,6 @@ def _table(stdout: str) -> dict[str, list[str]]:
     }
 
 
-def test_bench_lm_quick_runs_and_losses_agree(cli_env, repo_root):
-    seq_len, k = 48, 256
-    cmd = [
-        sys.executable,
-        str(repo_root / "scripts" / "bench_lm.py"),
-        "--quick",
-        "--device",
-        "cpu",
-        "--seq-len",
-        str(seq_len),
-    ]
-    cmd += ["--peak-tflops", "1"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
-    assert "peak for MFU: --peak-tflops 1" in out
-    assert f"T={seq_len}" in out and f"K={k}" in out
-    table = _table(out)
-    assert list(table) == ["plain HF", "shipped full", "shipped split"]
-    loss = {name: float(cells[-1]) for name, cells in table.items()}
-    assert loss["shipped full"] == pytest.approx(loss["plain HF"], rel=1e-4)
-    assert "-> agree" in out
-    # split normalises each target over a subset of the rows: a strictly smaller softmax sum
-    assert loss["shipped split"] < loss["shipped full"]
-
-    # the split head's share: text targets over 50259 rows, image targets over K of the 50560
-    n_image = round(0.75 * (seq_len - 1))
-    share = (
-        ((seq_len - 1 - n_image) * 50259 + n_image * k) / (seq_len - 1) / round_up(50259 + k, 64)
-    )
-    assert f"the split head does {100 * share:.0f}% of its FLOPs" in out
-
-    config = GPT2Config(vocab_size=round_up(50259 + k, 64), **LM_PRESETS["tiny"])
-    flops = flops_per_token(config, seq_len)
-    for name in ("shipped full", "shipped split"):
-        tokens_per_s = float(table[name][5].replace(",", ""))
-        mfu = float(table[name][7].rstrip("%")) / 100
-        assert tokens_per_s > 0
-        assert mfu == pytest.approx(tokens_per_s * flops / 1e12, rel=0.02, abs=1e-4)
-
-
 def test_shapes_ceiling_script_tables_every_size_and_shape(
     tiny_tokenizer_run, tmp_path, cli_env, repo_root
 ):
@@ -165,12 +124,42 @@ def test_bench_gpu_quick_prints_every_table(cli_env, repo_root):
     assert [r[4] for r in nearest] == ["full", "chunked", "triton", "triton-fast"] * 2
     assert all(r[-2] == r[-1] == "100.000%" for r in nearest)  # = chunked, = full
     assert [r[0] for r in lm] == ["plain HF", "shipped full", "shipped split"]
+    _check_lm_section(parts[2])
     assert [(r[0], r[1]) for r in sampling] == [
         (n, m) for n in ("1", "4") for m in ("HF generate", "vqgpt plain", "vqgpt fast")
     ]
     assert all(float(r[2]) > 0 for r in sampling)
     fast = [r for r in sampling if r[1] == "vqgpt fast"]
     assert all(r[-1] == "100% images, 100.00% tokens" for r in fast)
+
+
+def _check_lm_section(out: str) -> None:
+    """bench_lm.py --quick --device cpu --seq-len 48 --peak-tflops 1 (bench_gpu.sh --quick's
+    GPT-2 step): the three heads, their losses, the split head's FLOP share."""
+    seq_len, k = 48, 256
+    assert "peak for MFU: --peak-tflops 1" in out
+    assert f"T={seq_len}" in out and f"K={k}" in out
+    table = _table(out)
+    assert list(table) == ["plain HF", "shipped full", "shipped split"]
+    loss = {name: float(cells[-1]) for name, cells in table.items()}
+    assert loss["shipped full"] == pytest.approx(loss["plain HF"], rel=1e-4)
+    assert "-> agree" in out
+    # split normalises each target over a subset of the rows: a strictly smaller softmax sum
+    assert loss["shipped split"] < loss["shipped full"]
+    # the split head's share: text targets over 50259 rows, image targets over K of the 50560
+    n_image = round(0.75 * (seq_len - 1))
+    share = (
+        ((seq_len - 1 - n_image) * 50259 + n_image * k) / (seq_len - 1) / round_up(50259 + k, 64)
+    )
+    assert f"the split head does {100 * share:.0f}% of its FLOPs" in out
+    # MFU = tokens/s x FLOPs per token / the peak given (1 TFLOP/s)
+    config = GPT2Config(vocab_size=round_up(50259 + k, 64), **LM_PRESETS["tiny"])
+    flops = flops_per_token(config, seq_len)
+    for name in ("shipped full", "shipped split"):
+        tokens_per_s = float(table[name][5].replace(",", ""))
+        mfu = float(table[name][7].rstrip("%")) / 100
+        assert tokens_per_s > 0
+        assert mfu == pytest.approx(tokens_per_s * flops / 1e12, rel=0.02, abs=1e-4)
 
 
 def test_bench_gpu_rejects_unknown_arguments(repo_root):

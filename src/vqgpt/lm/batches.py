@@ -46,6 +46,22 @@ class BankRows(NamedTuple):
     text_ids: list[list[int]]  # each caption's BPE ids
 
 
+def _check_grid(
+    rows: ArrowRows | datasets.Dataset,
+    grid: tuple[int, ...],
+    tokenizer: JointTokenizer,
+    where_tokenizer: str,
+    kind: str = "",
+) -> None:
+    """ValueError unless the stored codes' grid is the tokenizer's."""
+    if grid != tuple(tokenizer.layout.grid):
+        where = rows.files[0] if isinstance(rows, ArrowRows) else "the dataset"
+        raise ValueError(
+            f"{where}: cached {kind}codes have grid {grid}, the tokenizer {where_tokenizer}"
+            f"makes {tuple(tokenizer.layout.grid)}: pretokenize again"
+        )
+
+
 class ExampleBank:
     """One split: image codes and captions read on demand, and the vocabulary that joins them.
 
@@ -63,13 +79,9 @@ class ExampleBank:
         tokenizer: JointTokenizer,
         image_tokenizer_dir: Path,
     ) -> None:
-        grid = tuple(rows.features["codes"].shape)
-        if grid != tuple(tokenizer.layout.grid):
-            where = rows.files[0] if isinstance(rows, ArrowRows) else "the dataset"
-            raise ValueError(
-                f"{where}: cached codes have grid {grid}, the tokenizer in {image_tokenizer_dir} "
-                f"makes {tuple(tokenizer.layout.grid)}: pretokenize again"
-            )
+        _check_grid(
+            rows, tuple(rows.features["codes"].shape), tokenizer, f"in {image_tokenizer_dir} "
+        )
         if not isinstance(rows, ArrowRows):
             rows = rows.with_format("numpy", columns=["codes", "text"])
         self.rows = rows
@@ -119,13 +131,7 @@ class DocumentBank:
     """
 
     def __init__(self, rows: ArrowRows | datasets.Dataset, tokenizer: JointTokenizer) -> None:
-        grid = tuple(rows.features["codes"].shape[1:])
-        if grid != tuple(tokenizer.layout.grid):
-            where = rows.files[0] if isinstance(rows, ArrowRows) else "the dataset"
-            raise ValueError(
-                f"{where}: cached document codes have grid {grid}, the tokenizer makes "
-                f"{tuple(tokenizer.layout.grid)}: pretokenize again"
-            )
+        _check_grid(rows, tuple(rows.features["codes"].shape[1:]), tokenizer, "", "document ")
         self.rows = rows
         self.tokenizer = tokenizer
 
