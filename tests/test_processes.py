@@ -163,7 +163,10 @@ def test_resume_with_another_process_count_is_refused(
 def test_lm_in_two_processes_and_with_accumulation_trains_like_one(
     tiny_tokenizer_run, tmp_path, run_cli, tiny_lm_recipe, write_yaml, accelerate_launcher
 ):
+    """Captions, text-to-image and (30% of the examples) shapes stories documents."""
     codes = tmp_path / "codes"  # pretokenized once, shared
+    stories = dict(num_stories=24, num_test_stories=4, max_scenes=2, image_size=32)
+    documents = dict(source="shapes_stories", stories=stories)
     runs = {}
     for name, train, launcher in (
         ("one", dict(batch_size=4), None),
@@ -172,13 +175,15 @@ def test_lm_in_two_processes_and_with_accumulation_trains_like_one(
     ):
         out = tmp_path / name
         recipe = tiny_lm_recipe(tiny_tokenizer_run, out, codes, train=dict(save_every=0, **train))
+        recipe["data"]["documents"] = documents
+        recipe["sequences"]["document_ratio"] = 0.3
         cfg = write_yaml(tmp_path / f"{name}.yaml", recipe)
         run_cli("train-lm", "--config", str(cfg), launcher=launcher)
         runs[name] = out
     for name in ("two", "two-accumulate"):
         assert summary(runs[name])["num_processes"] == 2
-        assert_same_training(runs["one"], runs[name], "loss", rel=1e-4)
-        assert_same_training(runs["one"], runs[name], "image_loss", rel=1e-4)
+        for key in ("loss", "image_loss", "text_loss"):
+            assert_same_training(runs["one"], runs[name], key, rel=1e-4)
 
 
 @pytest.mark.parametrize("processes", [1, 2])
