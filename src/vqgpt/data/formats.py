@@ -36,7 +36,7 @@ import tarfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from vqgpt.data.sources import FORMATS, DataError
+from vqgpt.data.sources import FORMATS, DataError, undecoded
 
 SUFFIX_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}
 # the image members of a WebDataset sample, in the order one is taken when a key has several
@@ -196,8 +196,7 @@ def standardize_columns(
         )
     # undecoded before anything else: a rename of a stream decodes and re-encodes its images
     feature = ds.features[image_column] if ds.features else None
-    if isinstance(feature, datasets.Image) and feature.decode:
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    ds = undecoded(ds, image_column)
     if renames:
         ds = ds.rename_columns(renames)
     relative = base is not None and feature == datasets.Value("string")

@@ -404,15 +404,22 @@ def _row_name(row: dict[str, Any], i: int) -> str:
     return str(name or f"row {i}")
 
 
+def undecoded(ds, column: str = "image"):  # -> the same kind of dataset
+    """`ds` with its `datasets.Image` column `column` left as {bytes, path}: `read_image` decodes
+    each value and counts a bad one instead of raising. Any other column: `ds` unchanged."""
+    import datasets
+
+    feature = ds.features.get(column) if ds.features is not None else None
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return ds.cast_column(column, datasets.Image(decode=False))
+    return ds
+
+
 def find_readable(ds, image_column: str = "image") -> Readable:
     """Decode every image once; the indices of the good rows and counts of the bad ones (and
     of the good ones without a caption)."""
-    import datasets
-
     names = [c for c in (image_column, "text", "__key__", "__url__") if c in ds.column_names]
-    column = ds.select_columns(names)
-    if isinstance(column.features[image_column], datasets.Image):
-        column = column.cast_column(image_column, datasets.Image(decode=False))
+    column = undecoded(ds.select_columns(names), image_column)
     indices, stats = [], SkipStats()
     for i, row in enumerate(column):
         skip = read_image(row[image_column]).skip
@@ -432,17 +439,13 @@ class ImageTextDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, hf_dataset, transform: ImageTransform, seed: int = 0) -> None:
-        import datasets
-
         self.transform = transform
         self.seed = seed
         self.epoch = 0
         self.indices, self.stats = find_readable(hf_dataset)
         if self.stats.total:
             logger.warning("%s", self.stats)
-        if isinstance(hf_dataset.features["image"], datasets.Image):
-            hf_dataset = hf_dataset.cast_column("image", datasets.Image(decode=False))
-        self.ds = hf_dataset
+        self.ds = undecoded(hf_dataset)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -558,4 +561,5 @@ __all__ = [
     "load_image_dataset",
     "load_rgb",
     "photos_dataset",
+    "undecoded",
 ]

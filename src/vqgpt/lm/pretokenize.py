@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from vqgpt.config import ConfigError, to_dict
 from vqgpt.data.documents import DocumentsConfig
 from vqgpt.data.images import ImageTransform, describe_skips, read_image
-from vqgpt.data.sources import DataConfig, DataError, SkipStats, load_image_dataset
+from vqgpt.data.sources import DataConfig, DataError, SkipStats, load_image_dataset, undecoded
 from vqgpt.distributed import process_state
 from vqgpt.files import read_json, read_text, write_text
 from vqgpt.tokenizer.codec import load_tokenizer_model, resolve_model_dir
@@ -304,16 +304,6 @@ def _codes_feature(model: VQVAE):
     return datasets.Array2D((h, w), dtype)
 
 
-def _undecoded(ds):
-    """`ds` with its `image` column left as bytes / paths (read_image decodes each one)."""
-    import datasets
-
-    features = ds.features
-    if features is not None and isinstance(features.get("image"), datasets.Image):
-        return ds.cast_column("image", datasets.Image(decode=False))
-    return ds
-
-
 @torch.no_grad()
 def encode_images(
     model: VQVAE,
@@ -358,7 +348,7 @@ def encode_images(
 
 def _column_values(ds, rows: range, batch_size: int) -> Iterator[tuple[int, Any]]:
     """(row, image value) of `rows` of a map-style dataset, read a batch at a time."""
-    images = _undecoded(ds.select_columns(["image"]))
+    images = undecoded(ds.select_columns(["image"]))
     for start in range(rows.start, rows.stop, batch_size):
         stop = min(start + batch_size, rows.stop)
         yield from zip(range(start, stop), images[start:stop]["image"], strict=True)
@@ -442,7 +432,7 @@ class ChunkPlan:
         import datasets
 
         ds = self.ds if self.ds.features is not None else self.ds._resolve_features()
-        ds = _undecoded(ds)
+        ds = undecoded(ds)
         features = datasets.Features({k: v for k, v in ds.features.items() if k != "image"})
         seen = 0
 
