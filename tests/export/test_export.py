@@ -366,4 +366,5 @@ def test_export_refuses_non_runs_and_foreign_output_folders(tiny_tokenizer_run, 
         "image_processing_vqgpt.py",
         "image_tokenizer",
         "modeling_vqgpt.py",
+        "quantization_vqgpt.py",
     ]

@@ -12,11 +12,12 @@ so vqgpt itself also loads it wherever it takes a run folder):
                                                     images / text <-> token sequences
     preprocessor_config.json,                       VQGPTImageProcessor (AutoImageProcessor)
       image_processing_vqgpt.py
-    configuration_vqgpt.py, modeling_vqgpt.py       copies for `subfolder="image_tokenizer"`
-                                                    (transformers finds remote code at the root)
+    configuration_vqgpt.py, modeling_vqgpt.py,      copies for `subfolder="image_tokenizer"`
+      quantization_vqgpt.py                         (transformers finds remote code at the root)
     image_tokenizer/                                the VQ-VAE, a self-contained Hub model folder:
       config.json, model.safetensors,                 AutoModel (remote code): encode / decode;
-      configuration_vqgpt.py, modeling_vqgpt.py       the weights file is vqgpt's, byte for byte
+      configuration_vqgpt.py, modeling_vqgpt.py,      the weights file is vqgpt's, byte for byte;
+        quantization_vqgpt.py                         every quantizer family (quantizer.type)
       preprocessor_config.json,                       AutoImageProcessor
         image_processing_vqgpt.py
 
@@ -58,7 +59,12 @@ TOKENIZER_AUTO_MAP = {
     "AutoConfig": "configuration_vqgpt.VQVAEConfig",
     "AutoModel": "modeling_vqgpt.VQVAE",
 }
-CODE_FILES = ("configuration_vqgpt.py", "modeling_vqgpt.py", "image_processing_vqgpt.py")
+CODE_FILES = (
+    "configuration_vqgpt.py",
+    "modeling_vqgpt.py",
+    "quantization_vqgpt.py",
+    "image_processing_vqgpt.py",
+)
 IMAGE_PROCESSOR = "image_processing_vqgpt.VQGPTImageProcessor"
 PROCESSOR = "processing_vqgpt.VQGPTProcessor"
 OPTIONAL_LM_FILES = ("generation_config.json",)  # copied when the run has it

@@ -16,7 +16,9 @@ run the training forward the same number of times with the same number of rows.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import math
 import os
 import typing
 import warnings
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 
 from vqgpt.config import ConfigError
 from vqgpt.export.hub import configuration_vqgpt as hub_config
-from vqgpt.export.hub import modeling_vqgpt as hub
+from vqgpt.export.hub import quantization_vqgpt as hub
 from vqgpt.tokenizer.estimators import ESTIMATORS, apply_estimator
 
 # ---------------------------------------------------------------------------------------------
@@ -53,15 +55,39 @@ QUANTIZER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Fields each family reads beyond COMMON_FIELDS. A family that does not read a field needs it at
+# its default (a non-default value is a ConfigError naming it): the VQ codebook upkeep (EMA,
+# k-means, restarts, init) is on by default and simply unused by simvq, fsq and lfq.
+COMMON_FIELDS = frozenset({"type", "codebook_size", "codebook_dim", "bypass_steps"})
+_VQ_SEARCH = {"beta", "estimator", "chunk_size"}
+FAMILY_FIELDS: dict[str, frozenset[str]] = {
+    "vq": frozenset(
+        _VQ_SEARCH
+        | {"preset", "l2_normalize", "num_quantizers", "init", "ema", "ema_decay", "ema_eps"}
+        | {"kmeans_init", "kmeans_iters", "restart_after_steps"}
+    ),
+    "simvq": frozenset(_VQ_SEARCH),  # frozen random codebook, learnt linear map (simvq.py)
+    "fsq": frozenset({"fsq_levels"}),  # no codebook, no auxiliary loss (fsq.py)
+    "lfq": frozenset({"beta", "chunk_size", "entropy_weight", "entropy_temperature"}),  # lfq.py
+}
+
+
 @dataclass
 class QuantizerConfig:
-    """Vector quantizer options (math in docs/design.md, "Quantizer math")."""
+    """Quantizer options (math in docs/design.md, "Quantizer math"; families in "Quantizer
+    families"): `type` picks vq | simvq | fsq | lfq, each reads the fields of FAMILY_FIELDS.
+
+    Raises ConfigError (one line, naming the key) on a bad value, a field the family does not
+    read set away from its default, fsq_levels whose product is not codebook_size, an lfq
+    codebook_size that is not a power of two, or (`check_code_dim`) a code dim that does not fit.
+    """
 
     PRESETS: typing.ClassVar[dict[str, dict[str, Any]]] = QUANTIZER_PRESETS
     RENAMED: typing.ClassVar[dict[str, str]] = hub_config.RENAMED_QUANTIZER_KEYS  # 0.1 names
 
     preset: str | None = None  # "seed" | "default": fills the fields it names, explicit keys win
-    codebook_size: int = 1024  # K
+    type: str = "vq"  # the family: "vq" | "simvq" | "fsq" | "lfq" (FAMILY_FIELDS)
+    codebook_size: int = 1024  # K (fsq: prod(fsq_levels); lfq: 2^d, d the code dim)
     codebook_dim: int | None = None  # factorised codes: project to this dim and search there
     l2_normalize: bool = False  # search / store l2-normalised codes (cosine similarity)
     beta: float = 0.25  # commitment weight
@@ -77,6 +103,11 @@ class QuantizerConfig:
     bypass_steps: int = 0  # first training steps decode z_e itself (no quantizer); k-means after
     chunk_size: int = 256  # rows of the search per chunk: peak memory O(chunk_size * K); see
     # scripts/bench_quantizer.py (small blocks stay in cache: faster than bigger ones on CPU)
+    # fsq: values per code dim, each >= 2 ("levels" in the paper; 0.1 read `levels` as
+    # num_quantizers, and still does)
+    fsq_levels: tuple[int, ...] | None = None
+    entropy_weight: float = 0.1  # lfq: weight of the entropy penalty E[H(q(z))] - H(E[q(z)])
+    entropy_temperature: float = 0.01  # lfq: T of q(c | z) = softmax_c(-||z - c||^2 / T)
 
     def __post_init__(self) -> None:
         # presets are expanded by `from_dict`, before the fields are set
@@ -105,6 +136,68 @@ class QuantizerConfig:
             raise ConfigError("quantizer.bypass_steps must be >= 0")
         if self.restart_after_steps < 0:
             raise ConfigError("quantizer.restart_after_steps must be >= 0")
+        self._check_family()
+
+    def _check_family(self) -> None:
+        """The `type`: known, its own fields valid, every field it does not read at its default."""
+        if self.type not in FAMILY_FIELDS:
+            raise ConfigError(
+                f"quantizer.type={self.type!r} is unknown; known: {list(FAMILY_FIELDS)}"
+            )
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), f.default
+            if f.name in COMMON_FIELDS or f.name in FAMILY_FIELDS[self.type] or value == default:
+                continue
+            readers = [t for t, names in FAMILY_FIELDS.items() if f.name in names]
+            raise ConfigError(
+                f"quantizer.{f.name}={value!r} means nothing for quantizer.type={self.type!r} "
+                f"(only {', '.join(readers)} read it); remove it"
+            )
+        if self.type == "fsq":
+            levels = self.fsq_levels
+            if not levels or any(not isinstance(n, int) or n < 2 for n in levels):
+                raise ConfigError(
+                    f"quantizer.type='fsq' needs quantizer.fsq_levels, a list of ints >= 2 (values per "
+                    f"code dim, e.g. [8, 5, 5, 5]); got {levels!r}"
+                )
+            if math.prod(levels) != self.codebook_size:
+                raise ConfigError(
+                    f"quantizer.codebook_size={self.codebook_size} but fsq_levels {list(levels)} "
+                    f"give K = prod(levels) = {math.prod(levels)}; set codebook_size to that"
+                )
+        if self.type == "lfq":
+            d = self.codebook_size.bit_length() - 1
+            if self.codebook_size != 2**d:
+                raise ConfigError(
+                    f"quantizer.type='lfq' needs codebook_size = 2^d (d the code dim); "
+                    f"{self.codebook_size} is not a power of two"
+                )
+            if not math.isfinite(self.entropy_weight) or self.entropy_weight < 0:
+                raise ConfigError("quantizer.entropy_weight must be a finite number >= 0")
+            if not math.isfinite(self.entropy_temperature) or self.entropy_temperature <= 0:
+                raise ConfigError("quantizer.entropy_temperature must be a finite number > 0")
+        if self.codebook_dim is not None:
+            self.check_code_dim(None)
+
+    def check_code_dim(self, latent_dim: int | None) -> None:
+        """Raise ConfigError unless the code dim (`codebook_dim`, else `latent_dim`: the encoder's
+        channels, model.latent_dim) fits the family: fsq len(fsq_levels), lfq log2(codebook_size)."""
+        dim = self.codebook_dim if self.codebook_dim is not None else latent_dim
+        if dim is None or self.type not in ("fsq", "lfq"):
+            return
+        where = "quantizer.codebook_dim" if self.codebook_dim is not None else "model.latent_dim"
+        if self.type == "fsq" and dim != len(self.fsq_levels or ()):
+            levels = list(self.fsq_levels or ())
+            need, why = len(levels), f"len(fsq_levels) for fsq_levels {levels}"
+        elif self.type == "lfq" and 2**dim != self.codebook_size:
+            need = self.codebook_size.bit_length() - 1
+            why = f"log2(codebook_size) for lfq with codebook_size {self.codebook_size}"
+        else:
+            return
+        raise ConfigError(
+            f"the code dim is {where}={dim} but must be {need} = {why}; set "
+            f"quantizer.codebook_dim: {need} (a projection) or model.latent_dim: {need}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +296,7 @@ def nearest_code(
 ) -> Tensor:
     """Index [N] of the nearest codebook row [K, D] for each row of `x` [N, D].
 
-    The chunked search an export ships (`vqgpt.export.hub.modeling_vqgpt.nearest_code`: `||x||^2`
+    The chunked search an export ships (`vqgpt.export.hub.quantization_vqgpt.nearest_code`: `||x||^2`
     dropped, peak extra memory one `[chunk_size, K]` block, ties to the lowest index), or on CUDA
     with triton importable the fused kernel `vqgpt.tokenizer.kernels.nearest_code_triton` (exact
     float32); `backend` ("auto" | "chunked" | "triton") or $VQGPT_NEAREST_CODE forces one.
@@ -401,13 +494,14 @@ class Codebook(nn.Module):
 
 
 class QuantizerOutput(NamedTuple):
-    """What `VectorQuantizer.forward` returns."""
+    """What every quantizer family's forward returns (vq, simvq, fsq, lfq)."""
 
     quantized: Tensor  # [B, D, H, W], value z_q, gradient by the estimator, input dtype
-    codes: Tensor  # long [B, H, W], or [B, H, W, L] when num_quantizers > 1
-    loss: Tensor  # codebook_loss + beta * commitment_loss (float32 scalar)
+    codes: Tensor  # long [B, H, W] ids in [0, K), or [B, H, W, L] when num_quantizers > 1
+    loss: Tensor  # codebook_loss + beta * commitment_loss (+ lfq's weighted entropy_loss), f32
     commitment_loss: Tensor  # ||z - sg[z_q]||^2, mean per quantizer, summed (unweighted)
     codebook_loss: Tensor  # ||sg[z] - z_q||^2 likewise; 0 when the codebook is EMA-updated
+    entropy_loss: Tensor  # lfq: E[H(q(z))] - H(E[q(z)]) (unweighted); 0 for the others
 
 
 class VectorQuantizer(nn.Module):
@@ -473,7 +567,7 @@ class VectorQuantizer(nn.Module):
             if self.cfg.num_quantizers == 1:
                 codes = codes[..., 0]
             loss = codebook_loss + self.cfg.beta * commitment
-        return QuantizerOutput(quantized, codes, loss, commitment, codebook_loss)
+        return QuantizerOutput(quantized, codes, loss, commitment, codebook_loss, z.new_zeros(()))
 
     def lookup(self, codes: Tensor) -> Tensor:
         """Codes [B, H, W] (or [B, H, W, L]) -> quantized vectors [B, D, H, W] in the module dtype."""

@@ -56,6 +56,7 @@ class TokenizerRecipe:
     def __post_init__(self) -> None:
         if self.data.image_size != self.model.image_size:
             self.data.image_size = self.model.image_size  # one source of truth: the model
+        self.quantizer.check_code_dim(self.model.latent_dim)  # fsq / lfq: the code dim fits
 
 
 def load_recipe(

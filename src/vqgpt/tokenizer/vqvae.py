@@ -16,7 +16,8 @@ from vqgpt.artifacts import IMAGE_TOKENIZER, check_loading_info, check_shapes, l
 from vqgpt.config import ConfigError, from_dict, to_dict
 from vqgpt.export.hub import configuration_vqgpt as hub_config
 from vqgpt.export.hub.modeling_vqgpt import Decoder, Encoder, VQVAEBase, check_pixels
-from vqgpt.tokenizer.quantize import QuantizerConfig, QuantizerOutput, VectorQuantizer
+from vqgpt.tokenizer.families import build_quantizer
+from vqgpt.tokenizer.quantize import QuantizerConfig, QuantizerOutput
 
 
 @dataclass
@@ -79,6 +80,7 @@ class VQVAEConfig(hub_config.VQVAEConfig):
             ),
             **kwargs,
         )
+        self.quant.check_code_dim(self.architecture["latent_dim"])
 
     @classmethod
     def build(cls, model: ModelConfig, quantizer: QuantizerConfig) -> VQVAEConfig:
@@ -104,15 +106,15 @@ class VQVAEOutput:
 
 
 class VQVAE(VQVAEBase):
-    """Encoder -> VectorQuantizer -> Decoder; `encode` gives codes, `decode` gives pixels; in
-    training, the quantizer's straight-through output, losses and codebook updates."""
+    """Encoder -> quantizer (the family of `quantizer.type`) -> Decoder; `encode` gives codes,
+    `decode` gives pixels; in training, the quantizer's estimator output, losses and updates."""
 
     config_class = VQVAEConfig
 
     def __init__(self, config: VQVAEConfig):
         super().__init__(config)
         self.encoder = Encoder(config.architecture)
-        self.quantizer = VectorQuantizer(config.arch.latent_dim, config.quant)
+        self.quantizer = build_quantizer(config.arch.latent_dim, config.quant)
         self.decoder = Decoder(config.architecture)
         self.post_init()
 
@@ -157,7 +159,8 @@ class VQVAE(VQVAEBase):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, h, w] (or [B, h, w, L]) -> pixels [B, 3, H, W], clamped to [-1, 1]."""
-        return self.decoder(self.quantizer.lookup(codes)).clamp(-1.0, 1.0)
+        vectors = self.quantizer.lookup(codes).to(self.decoder.conv_out.weight.dtype)
+        return self.decoder(vectors).clamp(-1.0, 1.0)
 
     def forward(self, pixel_values: torch.Tensor, bypass_quantizer: bool = False) -> VQVAEOutput:
         """Reconstruct; `bypass_quantizer` decodes z_e itself (the autoencoder warm-up)."""
@@ -173,5 +176,5 @@ class VQVAE(VQVAEBase):
             for p in self.quantizer.parameters():
                 if p.requires_grad:
                     touched = touched + 0.0 * p.float().sum()
-        q = QuantizerOutput(z_e, z_e.new_zeros((0,), dtype=torch.long), touched, zero, zero)
+        q = QuantizerOutput(z_e, z_e.new_zeros((0,), dtype=torch.long), touched, zero, zero, zero)
         return VQVAEOutput(reconstruction=self.decoder(z_e), codes=q.codes, quantizer=q)

@@ -26,11 +26,13 @@ ARCHITECTURE_DEFAULTS: dict[str, Any] = {
     "dropout": 0.0,
 }
 QUANTIZER_DEFAULTS: dict[str, Any] = {
+    "type": "vq",  # the family: vq | simvq | fsq | lfq (quantization_vqgpt.py)
     "codebook_size": 1024,  # K
     "codebook_dim": None,  # factorised codes: searched in this many dims (proj_in / proj_out)
     "l2_normalize": False,  # codes and inputs on the unit sphere (cosine search)
     "num_quantizers": 1,  # residual quantisation depth (codes per position)
     "chunk_size": 256,  # rows per block of the nearest-code search
+    "fsq_levels": None,  # fsq: values per code dim (K = prod(fsq_levels))
 }
 
 
@@ -78,6 +80,8 @@ class VQVAEConfig(PretrainedConfig):
         arch, quant = self.architecture, self.quantizer
         if arch["stem_stride"] not in (1, 2):
             raise ValueError(f"architecture.stem_stride must be 1 or 2, got {arch['stem_stride']}")
+        if quant["type"] not in ("vq", "simvq", "fsq", "lfq"):
+            raise ValueError(f"quantizer.type {quant['type']!r} is unknown")
         if quant["l2_normalize"] and quant["num_quantizers"] > 1:
             raise ValueError("quantizer: l2_normalize with num_quantizers > 1 is not supported")
         super().__init__(**kwargs)
@@ -94,5 +98,5 @@ class VQVAEConfig(PretrainedConfig):
 
     @property
     def codebook_size(self) -> int:
-        """K, the number of codes per level."""
+        """K, the number of codes per level (prod(levels) for fsq, 2^d for lfq)."""
         return self.quantizer["codebook_size"]

@@ -1,16 +1,19 @@
 """The vqgpt image tokenizer for inference: pixels -> codes -> pixels, loadable without vqgpt.
 
 Self-contained remote code (imports only torch and transformers), and the one implementation of
-what it holds: vqgpt's own VQ-VAE (`vqgpt.tokenizer.vqvae`, `vqgpt.tokenizer.quantize`) imports
-the blocks, the encoder and decoder, the chunked nearest-code search and the code lookup from this
-file, so codes and reconstructions are vqgpt's bit for bit, and parameter names match, so vqgpt's
-`model.safetensors` loads unchanged. Training machinery (losses, straight-through, EMA, k-means
-init, dead-code restarts) stays in vqgpt: its buffers in the checkpoint are ignored on load.
+what it holds: vqgpt's own VQ-VAE (`vqgpt.tokenizer.vqvae`) imports the blocks, the encoder and
+decoder from this file, and vqgpt's training quantizers the search and lookup of every quantizer
+family from `quantization_vqgpt.py` (shipped beside it), so codes and reconstructions are
+vqgpt's bit for bit, and parameter names match, so vqgpt's `model.safetensors` loads unchanged.
+Training machinery (losses, estimators, EMA, k-means init, dead-code restarts, the LFQ entropy
+penalty) stays in vqgpt: its buffers in the checkpoint are ignored on load.
 
     z_e = encoder(pixels)                                   # (B, D, h, w)
-    z = l2norm?(proj_in?(z_e))                              # per position, float32
-    k_l = argmin_i ||r_l - e_{l,i}||^2,  r_0 = z,  r_{l+1} = r_l - e_{l,k_l}   (residual levels)
-    pixels = clamp(decoder(proj_out?(sum_l e_{l,k_l})), -1, 1)
+    codes = quantizer.search(z_e)                           # (B, h, w) ids in [0, K), or (B, h, w, L)
+    pixels = clamp(decoder(quantizer.lookup(codes)), -1, 1)
+
+with the quantizer family of config.json's `quantizer.type` (vq, simvq, fsq, lfq; the math is in
+quantization_vqgpt.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_vqgpt import VQVAEConfig, downsample_factor
+from .quantization_vqgpt import build_quantizer
 
 # ---------------------------------------------------------------------------------------------
 # convolutional blocks (taming-transformers style)
@@ -183,126 +187,6 @@ def check_pixels(pixels: Tensor, arch: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the quantizer's search and lookup (vqgpt's training quantizer calls these too)
-
-
-def l2norm(x: Tensor, eps: float = 1e-12) -> Tensor:
-    """Rows scaled to unit L2 norm (zero rows stay zero)."""
-    return F.normalize(x, dim=-1, eps=eps)
-
-
-@torch.no_grad()
-def nearest_code(x: Tensor, codebook: Tensor, chunk_size: int) -> Tensor:
-    """Index of the nearest codebook row for each row of `x` [N, D], `chunk_size` rows at a time.
-
-    `argmin_i ||x - e_i||^2 = argmin_i (||e_i||^2 - 2 x.e_i)`: the constant `||x||^2` is dropped.
-    Peak extra memory is one `[chunk_size, K]` score block. Ties go to the lowest index.
-    """
-    e_sq = codebook.pow(2).sum(dim=1)  # (K,)
-    codes = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for start in range(0, x.shape[0], chunk_size):
-        rows = x[start : start + chunk_size]
-        scores = torch.addmm(e_sq, rows, codebook.t(), beta=1.0, alpha=-2.0)  # (chunk, K)
-        codes[start : start + chunk_size] = scores.argmin(dim=1)
-    return codes
-
-
-def project(x: Tensor, proj: nn.Linear | None) -> Tensor:
-    """`proj(x)` in float32 even when the module is not (None: `x` itself)."""
-    if proj is None:
-        return x
-    bias = None if proj.bias is None else proj.bias.float()
-    return F.linear(x, proj.weight.float(), bias)
-
-
-def search_space(z_e: Tensor, proj_in: nn.Linear | None, l2_normalize: bool) -> Tensor:
-    """z_e [B, D, h, w] -> the float32 rows the codes are searched for: [B*h*w, search_dim]."""
-    b, d, h, w = z_e.shape
-    x = z_e.float().permute(0, 2, 3, 1).reshape(b * h * w, d)  # (N, D), row-major positions
-    z = project(x, proj_in)  # (N, search_dim)
-    return l2norm(z) if l2_normalize else z
-
-
-def lookup(codes: Tensor, codebooks: list[Tensor], proj_out: nn.Linear | None) -> Tensor:
-    """Codes [B, h, w] (or [B, h, w, L] for L residual levels) -> the sum of their vectors in
-    each level's codebook [K, search_dim], projected back: [B, D, h, w] float32."""
-    levels, k = len(codebooks), codebooks[0].shape[0]
-    if levels == 1 and codes.ndim == 3:
-        codes = codes[..., None]
-    if codes.ndim != 4 or codes.shape[-1] != levels:
-        want = "[B, h, w]" if levels == 1 else f"[B, h, w, {levels}]"
-        raise ValueError(f"codes must be {want}, got {tuple(codes.shape)}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
-        raise ValueError(f"codes must lie in [0, {k}); got {codes.min()}..{codes.max()}")
-    vectors = sum(F.embedding(codes[..., i], e) for i, e in enumerate(codebooks))
-    return project(vectors, proj_out).permute(0, 3, 1, 2)  # (B, D, h, w)
-
-
-# ---------------------------------------------------------------------------------------------
-# the quantizer, inference only
-
-
-class Codebook(nn.Module):
-    """One level's K codes (`embed`, [K, dim]) in search space."""
-
-    def __init__(self, dim: int, codebook_size: int, l2_normalize: bool):
-        super().__init__()
-        self.l2_normalize = l2_normalize
-        self.embed = nn.Parameter(torch.randn(codebook_size, dim))
-
-    @property
-    def vectors(self) -> Tensor:
-        """The [K, dim] codes in float32, unit-norm when `l2_normalize`."""
-        embed = self.embed.float()
-        return l2norm(embed) if self.l2_normalize else embed
-
-
-class VectorQuantizer(nn.Module):
-    """Nearest-code search (optionally factorised, l2-normalised, residual) and code lookup."""
-
-    def __init__(self, dim: int, quant: dict):
-        super().__init__()
-        self.dim = dim
-        self.num_quantizers = quant["num_quantizers"]
-        self.codebook_size = quant["codebook_size"]
-        self.chunk_size = quant["chunk_size"]
-        self.l2_normalize = quant["l2_normalize"]
-        search_dim = quant["codebook_dim"] if quant["codebook_dim"] is not None else dim
-        if quant["codebook_dim"] is not None:
-            self.proj_in = nn.Linear(dim, search_dim)
-            self.proj_out = nn.Linear(search_dim, dim)
-        else:
-            self.proj_in = self.proj_out = None
-        self.codebooks = nn.ModuleList(
-            Codebook(search_dim, self.codebook_size, self.l2_normalize)
-            for _ in range(self.num_quantizers)
-        )
-
-    @torch.no_grad()
-    def search(self, z_e: Tensor) -> Tensor:
-        """z_e [B, D, h, w] -> codes [B, h, w] (one quantizer) or [B, h, w, L] (L residual ones)."""
-        if z_e.ndim != 4 or z_e.shape[1] != self.dim:
-            raise ValueError(f"z_e must be [B, {self.dim}, h, w], got {tuple(z_e.shape)}")
-        b, _, h, w = z_e.shape
-        with torch.autocast(device_type=z_e.device.type, enabled=False):
-            residual, all_codes = search_space(z_e, self.proj_in, self.l2_normalize), []
-            for cb in self.codebooks:
-                vectors = cb.vectors
-                codes = nearest_code(residual, vectors, self.chunk_size)  # (N,)
-                residual = residual - F.embedding(codes, vectors)
-                all_codes.append(codes)
-            codes = torch.stack(all_codes, dim=-1).reshape(
-                b, h, w, self.num_quantizers
-            )  # (B, h, w, L)
-        return codes[..., 0] if self.num_quantizers == 1 else codes
-
-    def lookup(self, codes: Tensor) -> Tensor:
-        """codes [B, h, w] (or [B, h, w, L]) -> quantized vectors [B, D, h, w]."""
-        vectors = lookup(codes, [cb.vectors for cb in self.codebooks], self.proj_out)
-        return vectors.to(self.codebooks[0].embed.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
 # the model
 
 
@@ -353,7 +237,7 @@ class VQVAE(VQVAEBase):
         super().__init__(config)
         arch = config.architecture
         self.encoder = Encoder(arch)
-        self.quantizer = VectorQuantizer(arch["latent_dim"], config.quantizer)
+        self.quantizer = build_quantizer(arch["latent_dim"], config.quantizer)
         self.decoder = Decoder(arch)
         self.post_init()
 
@@ -367,7 +251,8 @@ class VQVAE(VQVAEBase):
     def decode(self, codes: Tensor) -> Tensor:
         """codes [B, h, w] (or [B, h, w, L]) -> pixels [B, 3, H, W], clamped to [-1, 1]."""
         codes = torch.as_tensor(codes, device=self.device)
-        return self.decoder(self.quantizer.lookup(codes)).clamp(-1.0, 1.0)
+        vectors = self.quantizer.lookup(codes).to(self.decoder.conv_out.weight.dtype)
+        return self.decoder(vectors).clamp(-1.0, 1.0)
 
     def forward(self, pixel_values: Tensor) -> VQVAEOutput:
         """Round trip: the codes of `pixel_values` and their decoded pixels."""
