@@ -1,6 +1,7 @@
 """Hub export: every part loads with plain transformers while vqgpt is unimportable, and matches
 vqgpt exactly (pixels, codes, reconstructions, token ids, greedy captions); the card's snippet
-runs as written; residual and factorised + l2 tokenizers export too; a failed push is clear.
+runs as written; residual and factorised + l2 tokenizers and every quantizer family (simvq,
+fsq, lfq) export too; a failed push is clear.
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ def test_card_metadata_and_vqgpt_loads_the_export(exported, lm_run):
 
 
 # ---------------------------------------------------------------------------------------------
-# tokenizer-only exports: residual, factorised + l2
+# tokenizer-only exports: residual, factorised + l2, the quantizer families
 
 
 def save_tokenizer_run(run: Path, files: list[Path], **sections: dict) -> VQVAE:
@@ -227,14 +228,19 @@ def save_tokenizer_run(run: Path, files: list[Path], **sections: dict) -> VQVAE:
     return model
 
 
-def test_quantizer_variants_export_with_identical_codes(tmp_path, run_without_vqgpt):
+def test_quantizer_variants_and_families_export_with_identical_codes(tmp_path, run_without_vqgpt):
     files = write_images(tmp_path / "images")
     variants = {
         "residual": dict(model=dict(attention=True), quantizer=dict(num_quantizers=2)),
         "factorised_l2": dict(
             model=dict(stem_stride=1), quantizer=dict(codebook_dim=4, l2_normalize=True)
         ),
+        # the other quantizer families (quantizer.type), K = 32 each
+        "simvq": dict(quantizer=dict(type="simvq", estimator="rotation")),
+        "fsq": dict(quantizer=dict(type="fsq", fsq_levels=[4, 4, 2], codebook_dim=3)),
+        "lfq": dict(quantizer=dict(type="lfq", codebook_dim=5)),
     }
+    grids = {"residual": (4, 8, 8, 2), "factorised_l2": (4, 16, 16)}
     models, jobs = {}, []
     for name, sections in variants.items():
         models[name] = save_tokenizer_run(tmp_path / name, files, **sections)
@@ -242,11 +248,13 @@ def test_quantizer_variants_export_with_identical_codes(tmp_path, run_without_vq
         assert not export_run(ExportConfig(str(tmp_path / name), str(out))).has_lm
         assert not (out / "config.json").exists()  # no LM: image_tokenizer/, code and card
         jobs.append((out, card_parts(out)[1] if name == "residual" else ""))
+        family = {"simvq": "(SimVQ: ", "fsq": "(FSQ: ", "lfq": "(LFQ: "}.get(name)
+        assert family is None or family in (out / "README.md").read_text(), name
     results, stdout = run_child(run_without_vqgpt, tmp_path, files, [], jobs)
     assert "torch.Size([1, 8, 8, 2]) torch.Size([1, 3, 32, 32])" in stdout  # the card's snippet
     for (name, vq), got in zip(models.items(), results, strict=True):
         codes = vq.encode(vqgpt_pixels(files, 32))
-        assert codes.shape == ((4, 8, 8, 2) if name == "residual" else (4, 16, 16)), name
+        assert codes.shape == grids.get(name, (4, 8, 8)), name
         assert torch.equal(got["codes"], codes), name
         torch.testing.assert_close(got["recon"], vq.decode(codes), rtol=0, atol=1e-6)
 

@@ -27,6 +27,9 @@ QUANTIZERS = {
     "seed": dict(preset="seed", codebook_size=24),
     "factorised-l2": dict(codebook_size=24, codebook_dim=4, l2_normalize=True),
     "residual": dict(codebook_size=24, num_quantizers=3),
+    "simvq": dict(type="simvq", codebook_size=24),
+    "fsq": dict(type="fsq", fsq_levels=[3, 4, 2], codebook_size=24, codebook_dim=3),
+    "lfq": dict(type="lfq", codebook_size=16, codebook_dim=4),
 }
 ARCH = dict(image_size=16, base_channels=8, channel_mult=[1, 2], latent_dim=8, norm_groups=4)
 

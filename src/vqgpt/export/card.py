@@ -14,6 +14,13 @@ from vqgpt.lm.vocab import VocabLayout
 BUILT_IN_SOURCES = ("shapes", "photos")
 
 
+FAMILY_NAMES = {  # quantizer.type -> how the card names it (vq needs no words)
+    "simvq": "SimVQ: a learnt linear map of a frozen random codebook",
+    "fsq": "FSQ: finite scalar quantization, K = prod(levels)",
+    "lfq": "LFQ: lookup-free sign codes, K = 2^d",
+}
+
+
 def _metric_rows(metrics: dict) -> list[tuple[str, str, str, float]]:
     """(task, metric type, name, value) for each score in a metrics record."""
     rows = []
@@ -187,6 +194,9 @@ def model_card(
     codes = f"{side}x{side} codes from a codebook of {quant['codebook_size']}"
     if quant.get("num_quantizers", 1) > 1:
         codes += f" per quantizer, {quant['num_quantizers']} residual quantizers"
+    family = quant.get("type", "vq")
+    if family != "vq":
+        codes += f" ({FAMILY_NAMES[family]})"
     lines = [
         f"---\n{meta}---",
         "",
