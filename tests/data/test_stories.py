@@ -98,7 +98,11 @@ def test_segments_and_ground_truth_agree_with_the_drawn_images():
                 np.asarray(render(ShapeScene(scene.objects, story.background), 64)),
             )
             assert same_objects(read_objects(image), scene.objects)
-            assert example.segments[scene.text_segment]["text"] == scene.text
+            text = example.segments[scene.text_segment]["text"]
+            after_text = scene.text_segment > 0 and segment_kind(
+                example.segments[scene.text_segment - 1]
+            ) == "text"  # a sentence after a sentence starts with a space, else none
+            assert text == (" " if after_text else "") + scene.text
             assert same_objects(scene_from_text(scene.text, previous), scene.objects)
             assert 1 <= len(scene.objects) <= cfg.max_objects
             if j == 0:
@@ -210,7 +214,8 @@ def test_prompts_end_where_the_model_should_write():
         assert p.previous == (stories[p.story].scenes[p.scene - 1].objects if p.scene else None)
         last = p.segments[-1]
         if p.asks_for == "image":  # ends with the sentence that asks for the image
-            assert last == {"text": scene.text, "image": None} and scene.where == "before"
+            assert last["image"] is None and last["text"].strip() == scene.text
+            assert scene.where == "before"
             assert len(p.segments) == scene.image_segment
         else:  # ends with the image to describe
             assert same_objects(read_objects(last["image"]), scene.objects)

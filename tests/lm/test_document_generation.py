@@ -191,6 +191,25 @@ def test_the_prompt_is_a_training_document_without_its_last_eos():
     assert parts[0] == [5, 6] and torch.equal(parts[1], codes) and parts[2] == [7]
 
 
+DOC_LAYOUT = VocabLayout(16, (3, 3), 100, ("<|boi|>", "<|eoi|>", "<|doc|>"))  # doc 102
+
+
+def test_a_document_model_opens_prompts_with_doc_and_never_writes_it(tiny_gpt2, boost_logits):
+    """An LM trained on documents: its prompts are `eos doc ...`, and `<|doc|>`, however likely,
+    is never generated (it is not text: the text steps allow text ids and boi only)."""
+    model = tiny_gpt2(DOC_LAYOUT, n_positions=N_POSITIONS)
+    prompt = document_prompt(["5 6"], DOC_LAYOUT, _Ids())
+    assert prompt == [99, DOC_LAYOUT.doc_id, 5, 6]
+    handle = boost_logits(model, columns(DOC_LAYOUT.doc_id), 40.0)
+    try:
+        for seed in range(4):
+            sampling = replace(SAMPLE, seed=seed)
+            for run in continue_document_ids(model, DOC_LAYOUT, [prompt], sampling, 30):
+                assert DOC_LAYOUT.doc_id not in run.tokens, run.tokens
+    finally:
+        handle.remove()
+
+
 # ---------------------------------------------------------------------------------------------
 # the CLI and its files, on the tiny pipeline of tests/fixtures (8x8 codes, n_positions 96)
 

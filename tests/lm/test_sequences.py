@@ -112,6 +112,25 @@ def test_document_layout_targets_and_weights():
     assert unweighted.loss_weights == [0.0] + [1.0] * (len(unweighted) - 1)
 
 
+def test_a_document_opens_with_doc_where_the_layout_has_it():
+    """With `<|doc|>` (an LM trained on documents) every document opens `eos doc`, a condition
+    (no target), so an image-first document is not the captioning prompt `eos boi codes eoi`;
+    the image ids move up by one and the rest of the sequence is as without it."""
+    doc_layout = VocabLayout(64, (2, 3), special_tokens=("<|boi|>", "<|eoi|>", "<|doc|>"))
+    assert LAYOUT.doc_id is None and doc_layout.doc_id == OFF
+    assert (doc_layout.boi_id, doc_layout.eoi_id) == (BOI, EOI)
+    assert doc_layout.image_offset == OFF + 1
+    ex = build_document([CODES, "ab"], doc_layout, CharEncoder())
+    img = [i + 1 for i in IMG]
+    assert ex.input_ids == [EOS, OFF, BOI, *img, EOI, 97, 98, EOS]
+    assert ex.labels == [M, M, BOI, *img, EOI, 97, 98, EOS]
+    assert ex.loss_weights[:2] == [0.0, 0.0] and all(w > 0 for w in ex.loss_weights[2:])
+    caption = build_caption(CODES, [97, 98], doc_layout, SequenceConfig())
+    assert caption.input_ids[:2] == [EOS, BOI]  # the captioning prompt differs at token 2
+    without = build_document([CODES, "ab"], LAYOUT, CharEncoder())
+    assert without.input_ids == [EOS, BOI, *IMG, EOI, 97, 98, EOS]
+
+
 def test_builders_reject_bad_inputs():
     cfg = SequenceConfig()
     with pytest.raises(ValueError, match="grid is \\(2, 3\\)"):

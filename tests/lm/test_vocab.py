@@ -260,3 +260,19 @@ def test_large_codebook_build_is_fast_and_exact():
     assert big.hf.convert_tokens_to_ids("<|img_16383|>") == layout.vocab_size - 1
     assert big.hf("<|img_12345|>", split_special_tokens=False)["input_ids"] == [50259 + 12345]
     assert max(big.encode_text("<|img_16383|>")) < 50256
+
+
+def test_a_document_vocabulary_has_doc_between_eoi_and_the_codes(tmp_path):
+    """`documents=True` (an LM trained on documents): `<|doc|>` is 50259, the codes start at
+    50260, and the saved folder keeps it (from_pretrained and AutoTokenizer)."""
+    doc = JointTokenizer.build(K, GRID, documents=True)
+    layout = doc.layout
+    assert (layout.boi_id, layout.eoi_id, layout.doc_id) == (50257, 50258, 50259)
+    assert layout.image_offset == 50260 and len(doc) == 50260 + K
+    assert doc.hf.convert_ids_to_tokens(50259) == "<|doc|>"
+    assert doc.encode_text("<|doc|>") == JointTokenizer.build(K, GRID).encode_text("<|doc|>")
+    doc.save_pretrained(tmp_path)
+    again = JointTokenizer.from_pretrained(tmp_path, codebook_size=K, grid=GRID)
+    assert again.layout == layout
+    auto = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert auto.convert_tokens_to_ids(["<|doc|>", image_token(0)]) == [50259, 50260]

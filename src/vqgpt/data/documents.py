@@ -197,6 +197,9 @@ def describe_documents(cfg: DocumentsConfig, split: str) -> dict[str, Any]:
     }
     if cfg.source == STORIES_SOURCE:
         desc["stories"] = cfg.stories or {}
+        from vqgpt.data.stories import STORIES_VERSION  # stories -> shapes; light to import
+
+        desc["stories_version"] = STORIES_VERSION  # cached stories are redone when it changes
     else:
         path = documents_path(cfg.source, split)
         if path.is_file():

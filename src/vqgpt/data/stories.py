@@ -70,6 +70,8 @@ WHERE: tuple[str, ...] = ("before", "after")  # where it sits with respect to it
 AFTER_PREFIX = "that was "  # a description after its image
 THEN_PREFIX = "then "  # a change before its image
 STREAM = 14  # appended to (seed, split, index): stories never share a draw with shapes images
+# what the builder writes, in pretokenized documents' identity (1: sentences in a row glued, 2: " ")
+STORIES_VERSION = 2
 
 
 def story_features():  # -> datasets.Features
@@ -412,12 +414,18 @@ def _sample_story(rng: np.random.Generator, cfg: StoriesConfig) -> Story:
 
 
 def draw_story(story: Story, image_size: int) -> list[dict]:
-    """The story's segments: each scene's sentence and image (`shapes.render`), in order."""
+    """The story's segments: each scene's sentence and image (`shapes.render`), in order. A
+    sentence right after another sentence starts with a space (" then the ..."): text segments
+    are encoded one by one, so without it the two would read "... left.then ..."; a sentence at
+    the start or after an image has none, as a caption after its image."""
     segments: list[dict] = [{}] * (2 * len(story.scenes))
     for scene in story.scenes:
         image = render(ShapeScene(scene.objects, story.background), image_size)
         segments[scene.image_segment] = {"text": None, "image": image}
         segments[scene.text_segment] = {"text": scene.text, "image": None}
+    for i in range(1, len(segments)):
+        if segments[i]["text"] is not None and segments[i - 1]["text"] is not None:
+            segments[i] = {"text": " " + segments[i]["text"], "image": None}
     return segments
 
 

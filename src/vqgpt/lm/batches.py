@@ -181,10 +181,13 @@ def _image_tokenizer(data: PretokenizeConfig) -> tuple[Path, int, tuple[int, int
     return model_dir, vq.codebook_size, vq.grid
 
 
-def joint_tokenizer(data: PretokenizeConfig, base: str | None = None) -> JointTokenizer:
-    """The joint vocabulary for the codes of `data`: GPT-2's BPE (or `base`) + K image tokens."""
+def joint_tokenizer(
+    data: PretokenizeConfig, base: str | None = None, documents: bool = False
+) -> JointTokenizer:
+    """The joint vocabulary for the codes of `data`: GPT-2's BPE (or `base`) + K image tokens
+    (+ `<|doc|>` when the LM trains on `documents`)."""
     _, codebook_size, grid = _image_tokenizer(data)
-    return JointTokenizer.build(codebook_size, grid, base=base)
+    return JointTokenizer.build(codebook_size, grid, base=base, documents=documents)
 
 
 def shuffled_rows(n: int, rng: random.Random) -> array.array:
@@ -273,6 +276,8 @@ class EpochBatches:
             first = self.steps * self.accumulation  # the step's first micro-batch in the epoch
             self.steps += 1
             if first + self.accumulation > self.skip:
+                if self.seq.group_by_length:  # stable: equal lengths keep their order
+                    step.sort(key=len)
                 weight = sum(sum(w.loss_weights[1:]) for w in step)  # the step's targets
                 normalizer = torch.tensor(max(weight, 1e-12) / (self.world * self.accumulation))
                 for m in range(max(self.skip - first, 0), self.accumulation):

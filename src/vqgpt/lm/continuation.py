@@ -68,7 +68,8 @@ class Continuation(NamedTuple):
 def document_prompt(
     segments: Sequence[str | Tensor], layout: VocabLayout, tokenizer: TextEncoder
 ) -> list[int]:
-    """`eos seg_1 .. seg_n` (text, or image codes [h, w]): `build_document` without its last eos."""
+    """`eos [doc] seg_1 .. seg_n` (text, or image codes [h, w]): `build_document` without its
+    last eos (`<|doc|>` when the layout has it)."""
     return build_document(segments, layout, tokenizer).input_ids[:-1]
 
 

@@ -8,7 +8,9 @@ Sequences (docs/design.md "Sequences"; codes flattened row-major; `eos` = `<|end
     t2i, caption dropped (CFG's unconditional branch):
               eos boi codes eoi eos            targets: boi, codes, eoi, final eos
     caption   eos boi codes eoi caption eos    targets: caption, final eos
-    document  eos seg_1 ... seg_n eos          targets: every token after the leading eos
+    document  eos doc seg_1 ... seg_n eos      targets: every token after `eos doc`
+              (doc: `<|doc|>`, in layouts that have it (LMs trained on documents); it keeps a
+              document that opens with an image apart from a captioning prompt)
               (text segment: its BPE ids; image segment: boi codes eoi)
 
 Length rule (`token_budget`, the one place every path that builds or decodes a sequence asks):
@@ -106,6 +108,11 @@ class SequenceConfig:
     # each image code then sits at the same absolute position in every t2i example: the model
     # need not count from boi to know which grid cell it draws. Longer captions lose their tail.
     t2i_prefix_length: int | None = None
+    # unpacked rows: within each optimizer step, sort its rows by length before they are split
+    # into micro-batches (train.gradient_accumulation_steps) and processes, so short rows pad to
+    # short rows (transformers' Trainer `group_by_length`). Same rows and targets per step, same
+    # weighted-mean loss: only the padding, and so the compute, changes.
+    group_by_length: bool = False
     seed: int = 0  # task choice and caption dropout
 
     def __post_init__(self) -> None:
@@ -296,12 +303,16 @@ def build_document(
     tokenizer: TextEncoder | None,
     cfg: SequenceConfig | None = None,
 ) -> Example:
-    """`eos seg_1 .. seg_n eos` from text (str, or its BPE ids as a list) and image (codes
-    [h, w]) segments; all targets. `tokenizer` encodes str segments (None: there are none)."""
+    """`eos doc seg_1 .. seg_n eos` from text (str, or its BPE ids as a list) and image (codes
+    [h, w]) segments; every segment token and the final eos are targets. `doc` (`<|doc|>`) is
+    there when the layout has it (`layout.doc_id`), and conditions (no target). `tokenizer`
+    encodes str segments (None: there are none)."""
     text_w = cfg.text_loss_weight if cfg else 1.0
     image_w = cfg.image_loss_weight if cfg else 1.0
     b = _Builder("document")
     b.add([layout.eos_id], target=False)
+    if layout.doc_id is not None:
+        b.add([layout.doc_id], target=False)
     for i, seg in enumerate(segments):
         if isinstance(seg, str):
             if tokenizer is None:

@@ -93,7 +93,8 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
     codes = pretokenize(recipe.data)  # no work when the codes are cached already
     if codes.did_work:
         accelerator.print(codes.summary(), file=sys.stderr)
-    tokenizer = joint_tokenizer(recipe.data, base=recipe.text_tokenizer)
+    documents = recipe.sequences.document_ratio > 0  # then the vocabulary has <|doc|>
+    tokenizer = joint_tokenizer(recipe.data, base=recipe.text_tokenizer, documents=documents)
     bank = ExampleBank.load(recipe.data, recipe.data.images.train_split, tokenizer)
     layout, seq = bank.layout, recipe.sequences
     seq.check_fits(layout)

@@ -6,6 +6,10 @@ Layout (docs/design.md "Token ids"), with the defaults and K image codes:
     50256                      <|endoftext|>  (BOS / EOS / pad: the base's last id)
     50257, 50258               <|boi|>, <|eoi|>  (`special_tokens`, in order)
     50259 .. 50259 + K - 1     <|img_00000|> ..  (token_id = image_offset + code)
+
+A model trained on interleaved documents (`sequences.document_ratio` > 0) has a third special
+token, `<|doc|>` (50259; its image codes start at 50260): it opens every document, so that a
+document that starts with an image is never the captioning prompt `eos boi codes eoi`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,13 @@ from torch import Tensor
 
 from vqgpt.artifacts import JOINT_VOCABULARY, LAYOUT_FILE, loading, read_json
 from vqgpt.config import ConfigError, from_dict, to_dict
-from vqgpt.export.hub.processing_vqgpt import BOI_TOKEN, EOI_TOKEN, EOS_TOKEN, TokenLayout
+from vqgpt.export.hub.processing_vqgpt import (
+    BOI_TOKEN,
+    DOC_TOKEN,
+    EOI_TOKEN,
+    EOS_TOKEN,
+    TokenLayout,
+)
 from vqgpt.files import write_text
 
 IMAGE_TOKEN_PREFIX = "<|img_"
@@ -245,9 +255,14 @@ class JointTokenizer:
 
     @classmethod
     def build(
-        cls, codebook_size: int, grid: Sequence[int], base: str | None = None
+        cls,
+        codebook_size: int,
+        grid: Sequence[int],
+        base: str | None = None,
+        documents: bool = False,
     ) -> JointTokenizer:
-        """GPT-2's BPE (bundled files, or `base`: Hub name / local folder) + K image tokens."""
+        """GPT-2's BPE (bundled files, or `base`: Hub name / local folder) + K image tokens;
+        with `documents`, the `<|doc|>` token too (after `<|eoi|>`, before the image codes)."""
         from tokenizers import AddedToken
         from transformers import PreTrainedTokenizerFast
 
@@ -258,7 +273,8 @@ class JointTokenizer:
                 f"base tokenizer {base or 'gpt2'!r} must end with {EOS_TOKEN} as its last id "
                 f"({n_text - 1}), found it at {tok.token_to_id(EOS_TOKEN)}"
             )
-        layout = VocabLayout(codebook_size, tuple(grid), text_vocab_size=n_text)
+        specials = (BOI_TOKEN, EOI_TOKEN, DOC_TOKEN) if documents else (BOI_TOKEN, EOI_TOKEN)
+        layout = VocabLayout(codebook_size, tuple(grid), n_text, specials)
 
         def special(content: str) -> AddedToken:
             return AddedToken(content, special=True, normalized=False)

@@ -4,10 +4,12 @@ Self-contained remote code (imports torch and transformers), and the one impleme
 token-id layout (`TokenLayout`, which vqgpt's `VocabLayout` extends) and of the text-to-image
 prefix (`t2i_prefix`, which vqgpt's training sequences and decoding use). The joint vocabulary is GPT-2's
 ids 0..text_vocab_size-1 (the last is `<|endoftext|>`, "eos"), then the special tokens
-(`<|boi|>`, `<|eoi|>`), then one token per image code: `id = image_offset + code`. Sequences:
+(`<|boi|>`, `<|eoi|>`, and `<|doc|>` in a model trained on interleaved documents), then one token
+per image code: `id = image_offset + code`. Sequences:
 
     captioning     eos boi codes eoi [caption eos]     (the bracket: with text, for training)
     text-to-image  eos caption boi [codes eoi eos]     (the bracket: with images)
+    document       eos doc seg_1 .. seg_n [eos]        (vqgpt's document continuation)
 
 Image codes are flattened row-major. The layout comes from `processor_config.json` and is
 checked against the tokenizer on load. When the model was trained with a fixed t2i prefix
@@ -32,6 +34,7 @@ from transformers.processing_utils import ProcessorMixin
 BOI_TOKEN = "<|boi|>"
 EOI_TOKEN = "<|eoi|>"
 EOS_TOKEN = "<|endoftext|>"
+DOC_TOKEN = "<|doc|>"  # opens an interleaved document (only in models trained on documents)
 TASKS = ("caption", "t2i")
 
 
@@ -63,6 +66,14 @@ class TokenLayout:
     def eoi_id(self) -> int:
         """`<|eoi|>`: end of image."""
         return self.text_vocab_size + self.special_tokens.index(EOI_TOKEN)
+
+    @property
+    def doc_id(self) -> int | None:
+        """`<|doc|>`: opens a document (after eos), so that a document that starts with an image
+        is not a captioning prompt; None in a layout without it (trained without documents)."""
+        if DOC_TOKEN not in self.special_tokens:
+            return None
+        return self.text_vocab_size + self.special_tokens.index(DOC_TOKEN)
 
     @property
     def image_offset(self) -> int:
