@@ -27,6 +27,13 @@ from vqgpt.training import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (`-n 2`, the README's command) each worker is one of N processes sharing the
+# cores: torch's default (one thread per core) in every worker oversubscribes them, and its
+# threads spin-wait on each other (decoding tests of a tiny GPT-2 ran 30x slower in the suite than
+# alone). One thread per worker, as every CLI subprocess of the tests already has.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    torch.set_num_threads(1)
+
 
 def _tiny_tokenizer_recipe(out_dir: Path, **sections) -> dict:
     """A recipe that trains in seconds on 2 cores (32 px shapes, 8x8 tokens, K=32)."""
