@@ -14,7 +14,7 @@ from vqgpt.lm.vocab import VocabLayout
 BUILT_IN_SOURCES = ("shapes", "photos")
 
 
-def _metric_rows(metrics: dict) -> list[tuple[str, str, str, float]]:
+def metric_rows(metrics: dict) -> list[tuple[str, str, str, float]]:
     """(task, metric type, name, value) for each score in a metrics record."""
     rows = []
     caption = metrics.get("caption") or {}
@@ -54,7 +54,7 @@ def _metadata(name: str, has_lm: bool, metrics: dict, source: str | None) -> dic
     dataset_id = hub_dataset_id(source)
     if dataset_id:
         meta["datasets"] = [dataset_id]
-    rows = _metric_rows(metrics)
+    rows = metric_rows(metrics)
     if rows:
         meta["metrics"] = sorted({kind for _, kind, _, _ in rows})
         dataset = {"name": "held-out split", "type": "imagefolder"}
@@ -239,7 +239,7 @@ def model_card(
             "exactly h*w image tokens for images (the embedding is padded past the vocabulary; "
             "those rows are never valid).",
         ]
-    rows = _metric_rows(metrics)
+    rows = metric_rows(metrics)
     if rows:
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {n} | {v:g} |" for _, _, n, v in rows]
@@ -254,4 +254,4 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["BUILT_IN_SOURCES", "hub_dataset_id", "model_card", "usage_snippet"]
+__all__ = ["BUILT_IN_SOURCES", "hub_dataset_id", "metric_rows", "model_card", "usage_snippet"]

@@ -166,7 +166,8 @@ def find_metrics(parts: RunParts, metrics: str | Path | None = None) -> dict:
     return {}
 
 
-def _data_source(parts: RunParts) -> str | None:
+def data_source(parts: RunParts) -> str | None:
+    """The recipe's data.source (the images' source of an LM recipe), if any."""
     data = parts.recipe.get("data") or {}
     images = data.get("images") if isinstance(data.get("images"), dict) else data
     return images.get("source") if isinstance(images, dict) else None
@@ -290,7 +291,7 @@ def export_run(cfg: ExportConfig) -> ExportResult:
             _check_parts(image_config, layout, _read_json(tmp / "config.json"))
         name = cfg.push_to_hub or out.name
         card = model_card(
-            name, cfg.push_to_hub or str(out), image_config, layout, metrics, _data_source(parts)
+            name, cfg.push_to_hub or str(out), image_config, layout, metrics, data_source(parts)
         )
         write_text(tmp / "README.md", card)
         make_readable(tmp)
