@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "app",
-        help="the web app: text to image, captions, tokens (needs pip install \"vqgpt[app]\")",
+        help='the web app: text to image, captions, tokens (needs pip install "vqgpt[app]")',
     )
     p.add_argument(
         "--model", required=True, help="an LM run folder, its final/, an export folder or Hub id"

@@ -365,7 +365,9 @@ def build_app(
 
             def on_draw(text, n, cfg, temperature, top_k, seed, rerank, progress=gr.Progress()):  # noqa: B008
                 opts = DrawOptions(float(cfg), float(temperature), int(top_k or 0), int(seed or 0), int(rerank))  # fmt: skip
-                gallery, files = draw(slot, text, n, opts, out_root, lambda f, d: progress(f, desc=d))
+                gallery, files = draw(
+                    slot, text, n, opts, out_root, lambda f, d: progress(f, desc=d)
+                )
                 return gallery, files, f"{len(files)} image(s)"
 
             draw_button.click(
