@@ -202,7 +202,7 @@ class AppPage:
     def upload(self, elem_id: str, *files: Path) -> None:
         self.page.locator(f"#{elem_id} input[type=file]").set_input_files([str(f) for f in files])
         # the upload ends with the file's name shown in the component
-        self.page.locator(f"#{elem_id}").filter(has_text=Path(files[-1]).name).wait_for()
+        self.page.locator(f"#{elem_id}").filter(has_text=Path(files[-1]).stem).wait_for()
 
     def caption(self, *files: Path) -> None:
         self.tab("Caption")

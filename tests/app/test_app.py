@@ -87,9 +87,9 @@ def test_text_to_image_shows_n_images_per_prompt_and_their_pngs(servers, open_pa
 def test_bad_prompts_get_a_message_and_the_app_goes_on(servers, open_page):
     app = open_page(servers[0].url)
     app.draw("   \n  ", 1)
-    assert "empty prompt" in app.wait_message("draw-status", "Error")
+    assert "Error: empty prompt" in app.wait_message("draw-status", "empty prompt")
     app.draw("a red circle " * 40, 1)  # longer than the model's t2i prefix (24 tokens)
-    assert "shorten the caption" in app.wait_message("draw-status", "Error")
+    assert "Error: prompt 0 has" in app.wait_message("draw-status", "shorten the caption")
     app.draw("a red circle", 1)  # the app still works
     assert app.gallery_images(1) == 1
 
@@ -109,11 +109,11 @@ def test_unreadable_huge_or_no_uploads_get_a_message(servers, open_page, images)
     app = open_page(servers[0].url)
     app.tab("Caption")
     app.page.locator("#caption-button").click()
-    assert "no file" in app.wait_message("caption-status", "Error")
+    assert "Error: no file" in app.wait_message("caption-status", "no file")
     app.caption(images["notes"])
-    assert "not an image" in app.wait_message("caption-status", "Error")
+    assert "Error: no readable image" in app.wait_message("caption-status", "not an image")
     app.tokenize(images["huge"])
-    message = app.wait_message("token-status", "Error")
+    message = app.wait_message("token-status", "too large")
     assert "too large: 400x300" in message and "VQGPT_MAX_IMAGE_PIXELS" in message
 
 
@@ -138,7 +138,7 @@ def test_tokens_tab_shows_the_code_map_and_an_edit_changes_the_image(servers, op
     assert cells.nth(9).get_attribute("title") == f"row 1, col 1: code {(old + 7) % 32}"
     app.set_number("edit-code", 32)  # outside the codebook
     app.page.locator("#edit-token").click()
-    assert "outside the codebook [0, 32)" in app.wait_message("token-status", "Error")
+    assert "Error: code 32" in app.wait_message("token-status", "outside the codebook [0, 32)")
 
 
 def test_about_tab_shows_the_card(servers, open_page):
@@ -155,7 +155,7 @@ def test_a_model_folder_missing_a_file_still_serves_the_page_and_says_what_is_mi
     status = app.wait_ready()
     assert "error" in status and "model.safetensors is missing" in status
     app.draw("a red circle", 1)
-    assert "could not be loaded" in app.wait_message("draw-status", "Error")
+    assert "Error: the model" in app.wait_message("draw-status", "could not be loaded")
 
 
 def test_eight_concurrent_requests_complete_and_memory_returns(servers, browser):
