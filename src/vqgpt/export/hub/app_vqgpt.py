@@ -42,6 +42,7 @@ THUMBNAIL = 96  # px, the longer side of a caption tab thumbnail
 MAX_PROMPTS = 16  # prompts per request (one per line)
 MAX_IMAGES = 64  # images per request, drawn or captioned
 GRID_CELL = 22  # px, one code of the code map
+IMAGE_HEIGHT = 256  # px, the Tokens tab's images (a 64 px input shown large)
 
 
 class Message(Exception):  # noqa: N818 (what the page shows, not an error class of vqgpt)
@@ -404,9 +405,10 @@ def build_app(
             tokenize_button = gr.Button("Tokenize", variant="primary", elem_id="tokenize")
             token_status = gr.Markdown(elem_id="token-status")
             with gr.Row():
-                original = gr.Image(label="Input (as the model sees it)", type="pil", format="png")
-                recon = gr.Image(label="Reconstruction", type="pil", format="png", elem_id="recon")
-                edited = gr.Image(label="Edited", type="pil", format="png", elem_id="edited")
+                shown = dict(type="pil", format="png", height=IMAGE_HEIGHT)
+                original = gr.Image(label="Input (as the model sees it)", **shown)
+                recon = gr.Image(label="Reconstruction", elem_id="recon", **shown)
+                edited = gr.Image(label="Edited", elem_id="edited", **shown)
             psnr_text = gr.Markdown(elem_id="psnr")
             grid_html = gr.HTML(elem_id="code-map")
             codes_state = gr.State(None)
