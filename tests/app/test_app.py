@@ -194,4 +194,6 @@ def test_eight_concurrent_requests_complete_and_memory_returns(servers, browser)
     time.sleep(1)
     after = rss_mb(server.pid)
     print(f"RSS MB before {before:.0f}, peak {max(peak):.0f}, after {after:.0f}")
-    assert after < before + 0.25 * (max(peak) - before) + 50, (before, max(peak), after)
+    # freed memory goes back (malloc_trim after each request); gradio keeps each session's
+    # results, so a little more stays than before (scripts/bench_app.py: a plateau over rounds)
+    assert after - before < 100, (before, max(peak), after)
