@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with the pinned CPU torch, then vqgpt and its dev extras (editable).
+# Create .venv with the pinned CPU torch, then vqgpt and its dev extras (editable): the test tools,
+# gradio and playwright (the browser tests use Debian's chromium, never `playwright install`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv

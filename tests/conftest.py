@@ -15,6 +15,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -350,23 +351,76 @@ else:
 """
 
 
+class Command(NamedTuple):
+    """A command line with its environment and working folder."""
+
+    cmd: list[str]
+    env: dict[str, str]
+    cwd: Path
+
+
+def _without_vqgpt(code: str, tmp: Path, *args: str) -> Command:
+    """`python -I -c code args` in a bare folder under `tmp`, vqgpt blocked, offline."""
+    cwd = tmp / "cwd"
+    cwd.mkdir(exist_ok=True)
+    env = _cli_env()
+    env.pop("PYTHONPATH", None)
+    env["HF_MODULES_CACHE"] = str(tmp / "hf_modules")  # remote code is copied here
+    return Command([sys.executable, "-I", "-c", _NO_VQGPT_GUARD + code, *args], env, cwd)
+
+
+@pytest.fixture(scope="session")
+def without_vqgpt():
+    """(code, tmp, *args) -> the Command of `python -I` in a bare folder with vqgpt blocked (for
+    a long-running process: a server)."""
+    return _without_vqgpt
+
+
 @pytest.fixture(scope="session")
 def run_without_vqgpt():
     """(code, tmp, *args) -> `python -I` in a bare folder with vqgpt blocked; fails the test on
     a non-zero exit."""
 
     def run(code: str, tmp: Path, *args: str) -> subprocess.CompletedProcess:
-        cwd = tmp / "cwd"
-        cwd.mkdir(exist_ok=True)
-        env = _cli_env()
-        env.pop("PYTHONPATH", None)
-        env["HF_MODULES_CACHE"] = str(tmp / "hf_modules")  # remote code is copied here
-        cmd = [sys.executable, "-I", "-c", _NO_VQGPT_GUARD + code, *args]
+        cmd, env, cwd = _without_vqgpt(code, tmp, *args)
         result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
         assert result.returncode == 0, result.stderr[-5000:]
         return result
 
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# a tiny trained pipeline and its export (the export tests and the web app's)
+
+EXPORT_PREFIX = 24  # sequences.t2i_prefix_length of `lm_run`: captions of 48 tokens do not fit
+
+
+@pytest.fixture(scope="session")
+def lm_run(tiny_tokenizer_run, tmp_path_factory) -> Path:
+    """An LM run of two steps (t2i prefix EXPORT_PREFIX) over the tiny tokenizer."""
+    root = tmp_path_factory.mktemp("export_lm")
+    out = root / "run"
+    recipe = _tiny_lm_recipe(
+        tiny_tokenizer_run,
+        out,
+        root / "codes",
+        train=dict(max_steps=2, save_every=0),
+        sequences=dict(t2i_prefix_length=EXPORT_PREFIX),  # the processor must pad the same
+    )
+    _run_cli("train-lm", "--config", str(_write_yaml(root / "r.yaml", recipe)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(lm_run, tmp_path_factory) -> Path:
+    """`lm_run` exported (no --metrics, no push)."""
+    from vqgpt.export.folder import ExportConfig, export_run
+
+    out = tmp_path_factory.mktemp("export_out") / "vqgpt-tiny"
+    result = export_run(ExportConfig(str(lm_run), str(out)))
+    assert result.folder == out and result.has_lm and result.url is None
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -263,6 +263,12 @@ def _export(args: argparse.Namespace) -> None:
     _note(f"exported to {result.folder}" + (f", pushed to {result.url}" if result.url else ""))
 
 
+def _app(args: argparse.Namespace) -> None:
+    from vqgpt.app.serve import AppConfig, serve
+
+    serve(AppConfig(args.model, args.host, args.port, args.concurrency))
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="recipe YAML (configs/...)")
     p.add_argument(
@@ -390,6 +396,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="branch to push to (default: main)")
     p.add_argument("--metrics", default=None, help="`vqgpt eval` metrics.json for the card")
     commands["export"] = _export
+
+    p = sub.add_parser(
+        "app",
+        help='the web app: text to image, captions, tokens (needs pip install "vqgpt[app]")',
+    )
+    p.add_argument(
+        "--model", required=True, help="an LM run folder, its final/, an export folder or Hub id"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument(
+        "--concurrency", type=int, default=2, help="requests decoded at once (the rest queue)"
+    )
+    commands["app"] = _app
 
     p = sub.add_parser("demo", help="the whole pipeline on the built-in shapes, with a report")
     p.add_argument("--out", default=None, help="output folder (reused by a second run)")

@@ -26,7 +26,7 @@ from vqgpt.lm.sampling import SamplingConfig
 from vqgpt.lm.sequences import SequenceConfig, build_caption, build_t2i
 from vqgpt.tokenizer.vqvae import VQVAE, VQVAEConfig
 
-PREFIX = 24  # sequences.t2i_prefix_length of the exported LM (tests/export/conftest.py)
+PREFIX = 24  # sequences.t2i_prefix_length of the exported LM (`lm_run`, tests/conftest.py)
 TEXTS = ["a small red circle", "two <|boi|> squares<|endoftext|> at the top", "é", ""]
 
 # Loads exports with the Auto classes; writes what it computes to each job's .pt file.

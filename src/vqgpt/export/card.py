@@ -12,6 +12,13 @@ from vqgpt.export.hub.configuration_vqgpt import token_grid
 from vqgpt.lm.vocab import VocabLayout
 
 BUILT_IN_SOURCES = ("shapes", "photos")
+SPACE_GRADIO_VERSION = "6.31.0"  # the Space's gradio (the tested one; the [app] extra: >=6,<7)
+SPACE_METADATA = {  # what a Hugging Face Space reads from the card (`vqgpt export` writes app.py)
+    "sdk": "gradio",
+    "sdk_version": SPACE_GRADIO_VERSION,
+    "app_file": "app.py",
+    "python_version": "3.11",
+}
 
 
 FAMILY_NAMES = {  # quantizer.type -> how the card names it (vq needs no words)
@@ -21,7 +28,7 @@ FAMILY_NAMES = {  # quantizer.type -> how the card names it (vq needs no words)
 }
 
 
-def _metric_rows(metrics: dict) -> list[tuple[str, str, str, float]]:
+def metric_rows(metrics: dict) -> list[tuple[str, str, str, float]]:
     """(task, metric type, name, value) for each score in a metrics record."""
     rows = []
     caption = metrics.get("caption") or {}
@@ -58,10 +65,12 @@ def _metadata(name: str, has_lm: bool, metrics: dict, source: str | None) -> dic
     # no pipeline_tag and no hosted widget: no transformers pipeline() runs this model (the
     # card's snippet does); the Hub would otherwise infer one from config.json
     meta: dict[str, Any] = {"library_name": "transformers", "inference": False, "tags": tags}
+    if has_lm:  # the folder is a Space too: app.py serves it with transformers + gradio
+        meta.update(SPACE_METADATA, title=name.rsplit("/", 1)[-1][:30])
     dataset_id = hub_dataset_id(source)
     if dataset_id:
         meta["datasets"] = [dataset_id]
-    rows = _metric_rows(metrics)
+    rows = metric_rows(metrics)
     if rows:
         meta["metrics"] = sorted({kind for _, kind, _, _ in rows})
         dataset = {"name": "held-out split", "type": "imagefolder"}
@@ -249,7 +258,17 @@ def model_card(
             "exactly h*w image tokens for images (the embedding is padded past the vocabulary; "
             "those rows are never valid).",
         ]
-    rows = _metric_rows(metrics)
+    if has_lm:
+        lines += [
+            "",
+            "## Web app",
+            "",
+            "`app.py` serves this folder in the browser (text to image, captions, the code grid "
+            "of an image, this card) with transformers and gradio only: `pip install -r "
+            "requirements.txt && python app.py`, or push the folder to a Hugging Face Space (the "
+            "metadata above makes it one).",
+        ]
+    rows = metric_rows(metrics)
     if rows:
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {n} | {v:g} |" for _, _, n, v in rows]
@@ -264,4 +283,11 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["BUILT_IN_SOURCES", "hub_dataset_id", "model_card", "usage_snippet"]
+__all__ = [
+    "BUILT_IN_SOURCES",
+    "SPACE_METADATA",
+    "hub_dataset_id",
+    "metric_rows",
+    "model_card",
+    "usage_snippet",
+]

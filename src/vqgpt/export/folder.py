@@ -12,6 +12,8 @@ so vqgpt itself also loads it wherever it takes a run folder):
                                                     images / text <-> token sequences
     preprocessor_config.json,                       VQGPTImageProcessor (AutoImageProcessor)
       image_processing_vqgpt.py
+    app.py, generation_vqgpt.py, requirements.txt   the Space: the web app (hub/app_vqgpt.py)
+                                                    over this folder, transformers + gradio only
     configuration_vqgpt.py, modeling_vqgpt.py,      copies for `subfolder="image_tokenizer"`
       quantization_vqgpt.py                         (transformers finds remote code at the root)
     image_tokenizer/                                the VQ-VAE, a self-contained Hub model folder:
@@ -68,6 +70,16 @@ CODE_FILES = (
 IMAGE_PROCESSOR = "image_processing_vqgpt.VQGPTImageProcessor"
 PROCESSOR = "processing_vqgpt.VQGPTProcessor"
 OPTIONAL_LM_FILES = ("generation_config.json",)  # copied when the run has it
+SPACE_FILES = {"app_vqgpt.py": "app.py", "generation_vqgpt.py": "generation_vqgpt.py"}
+SPACE_REQUIREMENTS = (  # what app.py and the remote code import, in vqgpt's tested ranges
+    "torch>=2.4",
+    "transformers>=5.0",
+    "gradio>=6,<7",
+    "numpy>=1.26",
+    "pillow>=10",
+    "safetensors>=0.4",
+    "pyyaml>=6",
+)
 METRICS_FILES = ("metrics.json", "eval/metrics.json", "report/metrics.json")
 GIVEN_METRICS_ADVICE = (  # what to do about a damaged metrics.json passed with --metrics
     "pass the metrics.json a `vqgpt eval --out DIR` wrote (DIR/metrics.json), or leave out "
@@ -172,7 +184,8 @@ def find_metrics(parts: RunParts, metrics: str | Path | None = None) -> dict:
     return {}
 
 
-def _data_source(parts: RunParts) -> str | None:
+def data_source(parts: RunParts) -> str | None:
+    """The recipe's data.source (the images' source of an LM recipe), if any."""
     data = parts.recipe.get("data") or {}
     images = data.get("images") if isinstance(data.get("images"), dict) else data
     return images.get("source") if isinstance(images, dict) else None
@@ -237,6 +250,7 @@ def write_pipeline(src: Path, dst: Path, image_size: int) -> VocabLayout:
     )
     layout = VocabLayout.from_dict(_read_json(src / LAYOUT_FILE), str(src / LAYOUT_FILE))
     _copy_code(("processing_vqgpt.py",), dst)
+    write_space(dst)
     _write_json(dst / "preprocessor_config.json", _image_processor_config(image_size, True))
     processor = {
         "processor_class": "VQGPTProcessor",
@@ -247,6 +261,14 @@ def write_pipeline(src: Path, dst: Path, image_size: int) -> VocabLayout:
     }
     _write_json(dst / "processor_config.json", processor)
     return layout
+
+
+def write_space(dst: Path) -> None:
+    """The Space: app.py (the web app, `hub/app_vqgpt.py`), its transformers backend and
+    requirements.txt (what those files import; the card carries the Space's metadata)."""
+    for src, name in SPACE_FILES.items():
+        shutil.copy2(HUB_CODE_DIR / src, dst / name)
+    write_text(dst / "requirements.txt", "\n".join(SPACE_REQUIREMENTS) + "\n")
 
 
 def _check_parts(image_config: dict, layout: VocabLayout, lm_config: dict) -> None:
@@ -296,7 +318,7 @@ def export_run(cfg: ExportConfig) -> ExportResult:
             _check_parts(image_config, layout, _read_json(tmp / "config.json"))
         name = cfg.push_to_hub or out.name
         card = model_card(
-            name, cfg.push_to_hub or str(out), image_config, layout, metrics, _data_source(parts)
+            name, cfg.push_to_hub or str(out), image_config, layout, metrics, data_source(parts)
         )
         write_text(tmp / "README.md", card)
         make_readable(tmp)
@@ -362,4 +384,5 @@ __all__ = [
     "push_folder",
     "write_image_tokenizer",
     "write_pipeline",
+    "write_space",
 ]
