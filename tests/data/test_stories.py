@@ -99,9 +99,10 @@ def test_segments_and_ground_truth_agree_with_the_drawn_images():
             )
             assert same_objects(read_objects(image), scene.objects)
             text = example.segments[scene.text_segment]["text"]
-            after_text = scene.text_segment > 0 and segment_kind(
-                example.segments[scene.text_segment - 1]
-            ) == "text"  # a sentence after a sentence starts with a space, else none
+            after_text = (
+                scene.text_segment > 0
+                and segment_kind(example.segments[scene.text_segment - 1]) == "text"
+            )  # a sentence after a sentence starts with a space, else none
             assert text == (" " if after_text else "") + scene.text
             assert same_objects(scene_from_text(scene.text, previous), scene.objects)
             assert 1 <= len(scene.objects) <= cfg.max_objects
