@@ -58,6 +58,7 @@ PEER_PACKAGES = [
     "frozendict",  # einx's
 ]
 FSQ_LEVELS = {1024: [8, 8, 4, 4], 64: [4, 4, 4]}  # K -> levels with prod(levels) = K
+DEFAULT_PEER_CACHE = Path.home() / ".cache" / "vqgpt" / "bench_peer"
 VARIANTS = ("vq-ste", "vq-rotation", "simvq", "fsq", "lfq")
 PEER_NOTES = {
     "vq-ste": "VectorQuantize: EMA (decay 0.95), k-means init, dead codes (EMA size < 2) "
@@ -306,7 +307,9 @@ def ensure_peer(cache: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade"]
     subprocess.run([*cmd, "--target", str(site), *PEER_PACKAGES], check=True)
     check = [sys.executable, "-c", "import vector_quantize_pytorch"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    )
     subprocess.run(check, check=True, env=env)
     (site / ".complete").write_text(" ".join(PEER_PACKAGES) + "\n")
     print(f"peer installed in {site} ({time.time() - start:.1f} s)", file=sys.stderr)
@@ -407,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
         "--peer-cache",
-        default=str(Path.home() / ".cache" / "vqgpt" / "bench_peer"),
+        default=str(DEFAULT_PEER_CACHE),
         help="where the peer is installed (once)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, K=64, 3 steps")
