@@ -1,7 +1,7 @@
 """Benchmark: the quantizer families side by side, each beside vector-quantize-pytorch's version.
 
     python scripts/bench_tokenizers.py --quick --no-peer          # a smoke run (seconds)
-    python scripts/bench_tokenizers.py --dataset shapes --steps 400 --seeds 0
+    python scripts/bench_tokenizers.py --dataset shapes --steps 150 --set quantizer.bypass_steps=15
     python scripts/bench_tokenizers.py --dataset photos --minutes 15 --seeds 0 1
 
 Every row trains stage one on the recipe of `--dataset` (configs/tokenizer/<dataset>.yaml: the
@@ -361,6 +361,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
     """Every row: variants x seeds x (vqgpt, then peer when asked)."""
     k = 64 if args.quick else args.codebook_size
     overrides = QUICK_OVERRIDES[args.dataset] + QUICK_OVERRIDES["common"] if args.quick else []
+    overrides = overrides + args.set
     steps = args.steps if args.steps is not None else (3 if args.quick else None)
     eval_images = 16 if args.quick else args.eval_images
     impls = ["vqgpt", "peer"] if args.peer else ["vqgpt"]
@@ -405,6 +406,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps per row (default: the recipe's)")
     parser.add_argument("--minutes", type=float, help="wall-clock cap per row (default: none)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe overrides for every row, e.g. quantizer.bypass_steps=20 (of the quantizer "
+        "section only bypass_steps is read: the rest is the variant's)",
+    )
     parser.add_argument("--codebook-size", type=int, choices=[1024], default=1024)
     parser.add_argument("--eval-images", type=int, default=500, help="held-out images measured")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True)

@@ -313,7 +313,15 @@ def _bench_tokenizers(repo_root, cli_env, out, *args) -> tuple[str, list[dict]]:
 def test_bench_tokenizers_quick_measures_every_row(repo_root, cli_env, tmp_path):
     """~25 s: two variants trained 3 steps each, measured on 16 held-out shapes images."""
     stdout, rows = _bench_tokenizers(
-        repo_root, cli_env, tmp_path, "--no-peer", "--variants", "vq-rotation", "fsq"
+        repo_root,
+        cli_env,
+        tmp_path,
+        "--no-peer",
+        "--variants",
+        "vq-rotation",
+        "fsq",
+        "--set",
+        "quantizer.bypass_steps=2",
     )
     assert [(r["variant"], r["impl"], r["steps"]) for r in rows] == [
         ("vq-rotation", "vqgpt", 3),
@@ -326,6 +334,7 @@ def test_bench_tokenizers_quick_measures_every_row(repo_root, cli_env, tmp_path)
         assert 0 <= r["ceiling"] <= 1 and r["ceiling_originals"] == 1.0
         config = (tmp_path / "shapes" / f"{r['variant']}-vqgpt-s0" / "config.yaml").read_text()
         assert "type: fsq" in config if r["variant"] == "fsq" else "estimator: rotation" in config
+        assert "bypass_steps: 2" in config  # --set reaches the recipe
     table_rows = [
         ln for ln in stdout.splitlines() if ln.startswith("| vq") or ln.startswith("| fsq")
     ]
