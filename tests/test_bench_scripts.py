@@ -1,12 +1,16 @@
-"""Tests for scripts/bench_lm.py: its row plan, its batches and a real --quick run."""
+"""Tests for the benchmark scripts in scripts/: their parts and real --quick runs."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 from transformers import GPT2Config
 
 from vqgpt.lm.model import LM_PRESETS, flops_per_token, round_up
@@ -244,3 +248,121 @@ def test_bench_lm_memory_measures_each_size_and_tables_the_difference(repo_root,
     assert [ln.split("|")[1].strip() for ln in lines] == ["rows", "300", "3,000", "3,000 - 300"]
     peak = [float(ln.split("|")[6]) for ln in lines[1:]]
     assert peak[2] == pytest.approx(peak[1] - peak[0], abs=0.11) and peak[0] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/bench_tokenizers.py: the quantizer families side by side, beside the peer's
+
+
+@pytest.fixture(scope="module")
+def bench_tokenizers(repo_root):
+    """scripts/bench_tokenizers.py as a module (registered so its dataclasses resolve)."""
+    path = repo_root / "scripts" / "bench_tokenizers.py"
+    spec = importlib.util.spec_from_file_location("bench_tokenizers", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_tokenizers"] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["bench_tokenizers"]
+
+
+@pytest.mark.parametrize("k", [64, 1024])
+def test_bench_tokenizers_variants_are_valid_configs_of_k_codes(bench_tokenizers, k):
+    from vqgpt.config import from_dict
+    from vqgpt.tokenizer.families import build_quantizer
+    from vqgpt.tokenizer.quantize import QuantizerConfig
+
+    for variant in bench_tokenizers.VARIANTS:
+        section = bench_tokenizers.quantizer_section(variant, k, bypass_steps=7)
+        cfg = from_dict(QuantizerConfig, section, "quantizer")
+        assert (cfg.codebook_size, cfg.bypass_steps) == (k, 7)
+        quantizer = build_quantizer(64, cfg)  # the recipes' latent_dim: the code dim fits
+        codes = quantizer.eval()(torch.randn(2, 64, 3, 3)).codes
+        assert codes.shape == (2, 3, 3) and 0 <= int(codes.min()) and int(codes.max()) < k
+    assert (
+        from_dict(
+            QuantizerConfig, bench_tokenizers.quantizer_section("vq-rotation", k, 0), "q"
+        ).estimator
+        == "rotation"
+    )
+
+
+def _bench_tokenizers(repo_root, cli_env, out, *args) -> tuple[str, list[dict]]:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(repo_root / "scripts" / "bench_tokenizers.py"),
+            "--quick",
+            "--out",
+            str(out),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
+    assert result.returncode == 0, (
+        result.stderr[-3000:] + (out / "shapes" / "rows.log").read_text()[-3000:]
+    )
+    rows = json.loads((out / "shapes" / "results.json").read_text())
+    assert (out / "shapes" / "table.md").read_text().strip() in result.stdout
+    return result.stdout, rows
+
+
+def test_bench_tokenizers_quick_measures_every_row(repo_root, cli_env, tmp_path):
+    """~25 s: two variants trained 3 steps each, measured on 16 held-out shapes images."""
+    stdout, rows = _bench_tokenizers(
+        repo_root,
+        cli_env,
+        tmp_path,
+        "--no-peer",
+        "--variants",
+        "vq-rotation",
+        "fsq",
+        "--set",
+        "quantizer.bypass_steps=2",
+    )
+    assert [(r["variant"], r["impl"], r["steps"]) for r in rows] == [
+        ("vq-rotation", "vqgpt", 3),
+        ("fsq", "vqgpt", 3),
+    ]
+    for r in rows:
+        assert r["num_images"] == 16 and r["codebook_size"] == 64
+        assert r["dead_codes"] == 64 - round(64 * r["usage"]) and 0 < r["usage"] <= 1
+        assert 1 <= r["perplexity"] <= 64 and r["psnr"] > 0 and r["s_per_step"] > 0
+        assert 0 <= r["ceiling"] <= 1 and r["ceiling_originals"] == 1.0
+        config = (tmp_path / "shapes" / f"{r['variant']}-vqgpt-s0" / "config.yaml").read_text()
+        assert "type: fsq" in config if r["variant"] == "fsq" else "estimator: rotation" in config
+        assert "bypass_steps: 2" in config  # --set reaches the recipe
+    table_rows = [
+        ln for ln in stdout.splitlines() if ln.startswith("| vq") or ln.startswith("| fsq")
+    ]
+    assert [ln.split("|")[1:3] for ln in table_rows] == [
+        [" vq-rotation ", " vqgpt "],
+        [" fsq ", " vqgpt "],
+    ]
+    assert "shapes checker on the originals 100.0%" in stdout
+
+
+def test_bench_tokenizers_peer_row_matches_vqgpt_fsq(
+    repo_root, cli_env, tmp_path, bench_tokenizers
+):
+    """The peer's FSQ in the same network, data, steps and seed gives vqgpt's FSQ numbers: only
+    with the peer already installed (`bench_tokenizers.py --peer` installs it once)."""
+    cache = Path(os.environ.get("VQGPT_BENCH_PEER_CACHE", bench_tokenizers.DEFAULT_PEER_CACHE))
+    if not bench_tokenizers.peer_ready(cache):
+        pytest.skip(
+            f"vector-quantize-pytorch is not installed in {cache} (run the script with --peer once)"
+        )
+    _, rows = _bench_tokenizers(
+        repo_root, cli_env, tmp_path, "--peer", "--peer-cache", str(cache), "--variants", "fsq"
+    )
+    ours, peer = rows
+    assert (ours["impl"], peer["impl"], peer["peer_version"]) == (
+        "vqgpt",
+        "peer",
+        bench_tokenizers.PEER_VERSION,
+    )
+    assert peer["psnr"] == pytest.approx(ours["psnr"], abs=0.01)
+    assert peer["usage"] == pytest.approx(ours["usage"], abs=1 / 64)

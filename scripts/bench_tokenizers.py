@@ -1,0 +1,458 @@
+"""Benchmark: the quantizer families side by side, each beside vector-quantize-pytorch's version.
+
+    python scripts/bench_tokenizers.py --quick --no-peer          # a smoke run (seconds)
+    python scripts/bench_tokenizers.py --dataset shapes --steps 150 --set quantizer.bypass_steps=15
+    python scripts/bench_tokenizers.py --dataset photos --minutes 15 --seeds 0 1
+
+Every row trains stage one on the recipe of `--dataset` (configs/tokenizer/<dataset>.yaml: the
+architecture, data, optimizer, LR schedule, batch size, loss, bypass warm-up) with only the
+quantizer section replaced by the variant's (VARIANTS), for `--steps` optimizer steps (at most
+`--minutes`), one fresh process per row, then measures on the held-out split: PSNR, SSIM, codebook
+usage, perplexity, dead codes (of the K codes, those the held-out split never uses), the shapes
+checker on the reconstructions (shapes only: the text-to-image ceiling) and wall seconds per step
+(the whole run, checkpoints off, the final evaluation excluded).
+
+vqgpt rows train through `vqgpt.tokenizer.train.train_tokenizer`. Peer rows run the very same
+function with one thing swapped: the quantizer module of the VQVAE is the peer's
+(vector_quantize_pytorch's VectorQuantize / SimVQ / FSQ / LFQ, behind `PeerQuantizer`, which
+only renames its outputs). So shared, exactly: encoder and decoder (and their initial weights:
+the seed is set before the model is built, the quantizer is built between them, so the decoder's
+draw can differ), data and its order, optimizer, LR schedule, gradient clipping, steps, seed,
+loss (reconstruction + the quantizer's own auxiliary loss), the bypass warm-up (the quantizer is
+not called for `bypass_steps`, then a k-means init where the method has one), and the held-out
+metrics. What differs is the quantizer itself: its search, codebook upkeep and loss
+(PEER_NOTES), e.g. vqgpt's VQ restarts a code unused for 20 steps from a batch vector drawn by
+its error, the peer's VQ replaces a code whose EMA cluster size falls below 2 by a random batch
+vector.
+
+The peer package is not a dependency of vqgpt: `--peer` installs it once (pinned, PEER_PACKAGES,
+`pip install --target <--peer-cache>/site --no-deps`: the package and its three small pure-Python
+deps; torch, einops, numpy and sympy come from this environment) and only the peer rows' processes
+get that folder on their path.
+
+Out, in `--out/<dataset>/`: `<variant>-<impl>-s<seed>/` (each row's run and its bench.json),
+`rows.log` (the rows' output), `results.json` and `table.md` (also printed). A row whose bench.json exists is not run again (rerun with a new --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PEER_VERSION = "1.32.0"
+PEER_PACKAGES = [
+    f"vector-quantize-pytorch=={PEER_VERSION}",
+    "einx==0.4.3",
+    "loguru==0.7.3",
+    "torch-einops-utils==0.2.0",
+    "frozendict",  # einx's
+]
+FSQ_LEVELS = {1024: [8, 8, 4, 4], 64: [4, 4, 4]}  # K -> levels with prod(levels) = K
+DEFAULT_PEER_CACHE = Path.home() / ".cache" / "vqgpt" / "bench_peer"
+VARIANTS = ("vq-ste", "vq-rotation", "simvq", "fsq", "lfq")
+PEER_NOTES = {
+    "vq-ste": "VectorQuantize: EMA (decay 0.95), k-means init, dead codes (EMA size < 2) "
+    "replaced by batch vectors, commitment 0.25, straight-through",
+    "vq-rotation": "the same with rotation_trick=True",
+    "simvq": "SimVQ: frozen codebook x learnt linear map, rotation trick, losses 1 + 0.25",
+    "fsq": "FSQ: projections 64 -> 4 -> 64, levels as vqgpt's",
+    "lfq": "LFQ: projections 64 -> 10 -> 64, entropy weight 0.1, commitment 0.25",
+}
+# --quick: tiny data and network, K = 64, a few steps
+QUICK_OVERRIDES = {
+    "shapes": ["data.shapes.num_images=48", "data.shapes.num_test_images=16"],
+    "photos": ["data.photos.num_images=48", "data.photos.num_test_images=16"],
+    "common": [
+        "model.base_channels=8",
+        "quantizer.bypass_steps=1",  # so that the quantizer trains in 3 steps
+        "train.batch_size=8",
+        "train.max_steps=3",
+        "train.warmup_steps=1",
+        "train.log_every=1",
+        "eval.max_images=16",
+        "eval.batch_size=16",
+    ],
+}
+
+
+@dataclass
+class Job:
+    """One row: a variant, vqgpt's or the peer's, one seed."""
+
+    dataset: str
+    variant: str
+    impl: str  # "vqgpt" | "peer"
+    seed: int
+    codebook_size: int
+    steps: int | None  # None: the recipe's max_steps
+    minutes: float | None
+    eval_images: int
+    overrides: list[str]
+    out: str  # the run folder
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-{self.impl}-s{self.seed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the variants
+
+
+def quantizer_section(variant: str, k: int, bypass_steps: int) -> dict[str, Any]:
+    """vqgpt's `quantizer:` section of `variant` with K codes (fsq K in FSQ_LEVELS, lfq 2^d)."""
+    common = {"codebook_size": k, "bypass_steps": bypass_steps}
+    if variant in ("vq-ste", "vq-rotation"):  # the recipes' VQ, estimator aside
+        estimator = variant.removeprefix("vq-")
+        return dict(common, preset="default", ema_decay=0.95, estimator=estimator)
+    if variant == "simvq":
+        return dict(common, type="simvq", estimator="rotation")  # the peer's default
+    if variant == "fsq":
+        levels = FSQ_LEVELS[k]
+        return dict(common, type="fsq", fsq_levels=levels, codebook_dim=len(levels))
+    if variant == "lfq":
+        return dict(common, type="lfq", codebook_dim=int(math.log2(k)))
+    raise ValueError(f"unknown variant {variant!r}; known: {list(VARIANTS)}")
+
+
+def peer_module(variant: str, dim: int, k: int):
+    """vector_quantize_pytorch's module for `variant` over `dim` channels, channel-first maps."""
+    import vector_quantize_pytorch as vqp
+
+    if variant in ("vq-ste", "vq-rotation"):
+        return vqp.VectorQuantize(
+            dim=dim,
+            codebook_size=k,
+            decay=0.95,
+            kmeans_init=True,
+            kmeans_iters=10,
+            threshold_ema_dead_code=2,
+            commitment_weight=0.25,
+            rotation_trick=variant == "vq-rotation",
+            accept_image_fmap=True,
+        )
+    if variant == "simvq":
+        return vqp.SimVQ(dim=dim, codebook_size=k, rotation_trick=True, channel_first=True)
+    if variant == "fsq":
+        return vqp.FSQ(levels=FSQ_LEVELS[k], dim=dim, channel_first=True)
+    if variant == "lfq":
+        return vqp.LFQ(
+            dim=dim,
+            codebook_size=k,
+            entropy_loss_weight=0.1,
+            commitment_loss_weight=0.25,
+            channel_first=True,
+        )
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def peer_quantizer_class():
+    """`PeerQuantizer` (defined here: it needs torch and vqgpt, imported in workers only)."""
+    import torch
+    from torch import nn
+
+    from vqgpt.tokenizer.quantize import QuantizerOutput
+
+    class PeerQuantizer(nn.Module):
+        """A vector_quantize_pytorch quantizer behind vqgpt's quantizer interface:
+        forward(z_e [B, D, H, W]) -> QuantizerOutput, lookup(codes [B, H, W]) -> [B, D, H, W]."""
+
+        def __init__(self, variant: str, dim: int, k: int):
+            super().__init__()
+            self.peer = peer_module(variant, dim, k)
+            self.codebook_size = k
+
+        def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
+            out = self.peer(z_e)  # (quantized [B, D, H, W], ids [B, H, W], loss) or no loss (fsq)
+            zero = z_e.new_zeros((), dtype=torch.float32)
+            loss = out[2].float().sum() if len(out) > 2 else zero
+            return QuantizerOutput(out[0], out[1].long(), loss, zero, zero, zero)
+
+        def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+            if hasattr(self.peer, "get_output_from_indices"):  # VectorQuantize
+                return self.peer.get_output_from_indices(codes)
+            return self.peer.indices_to_codes(codes)
+
+    return PeerQuantizer
+
+
+# ---------------------------------------------------------------------------------------------
+# worker: one row in a fresh process
+
+
+def use_peer_quantizer(variant: str) -> None:
+    """Make every VQVAE built from now on in this process hold the peer's `variant` quantizer."""
+    import vqgpt.tokenizer.vqvae as vqvae
+
+    peer = peer_quantizer_class()
+    vqvae.build_quantizer = lambda dim, cfg: peer(variant, dim, cfg.codebook_size)
+
+
+def recipe_of(job: Job):
+    """The dataset's recipe with the job's overrides and the variant's quantizer section."""
+    from vqgpt.config import from_dict
+    from vqgpt.tokenizer.quantize import QuantizerConfig
+    from vqgpt.tokenizer.train import load_recipe
+
+    overrides = [
+        *job.overrides,
+        f"train.output_dir={job.out}",
+        f"train.seed={job.seed}",
+        "train.eval_every=0",  # one evaluation, at the end
+        "train.save_every=0",
+        f"eval.max_images={job.eval_images}",
+    ]
+    if job.steps is not None:
+        overrides.append(f"train.max_steps={job.steps}")
+    if job.minutes is not None:
+        overrides.append(f"train.max_minutes={job.minutes}")
+    recipe = load_recipe(REPO / "configs" / "tokenizer" / f"{job.dataset}.yaml", overrides)
+    bypass = recipe.quantizer.bypass_steps
+    section = quantizer_section(job.variant, job.codebook_size, bypass)
+    recipe.quantizer = from_dict(QuantizerConfig, section, "quantizer")
+    return recipe
+
+
+def trained_model(final: Path):
+    """The VQVAE of a run's final/ folder (a peer row's too: build_quantizer is swapped)."""
+    from safetensors.torch import load_file
+
+    from vqgpt.tokenizer.vqvae import VQVAE, VQVAEConfig
+
+    model = VQVAE(VQVAEConfig.from_pretrained(final))
+    model.load_state_dict(load_file(final / "model.safetensors"))
+    return model.eval()
+
+
+def measure(job: Job, recipe, final: Path) -> dict[str, Any]:
+    """Held-out metrics of the trained model (and, on shapes, the checker's ceiling)."""
+    import torch
+
+    from vqgpt.data.sources import image_text_dataset
+    from vqgpt.tokenizer.evaluate import EvalConfig, evaluate_tokenizer
+
+    model = trained_model(final)
+    eval_set = image_text_dataset(recipe.data, recipe.data.eval_split, train=False)
+    cfg = EvalConfig(max_images=job.eval_images, batch_size=recipe.eval.batch_size, grid_images=0)
+    metrics = evaluate_tokenizer(model, eval_set, cfg)
+    k = job.codebook_size
+    row = asdict(metrics)
+    row["dead_codes"] = k - round(metrics.usage * k)
+    row["ceiling"] = None
+    if job.dataset == "shapes":
+        from vqgpt.eval.shape_checker import t2i_scores
+
+        n = min(len(eval_set), job.eval_images)
+        items = [eval_set[i] for i in range(n)]
+        pixels = torch.stack([it["pixel_values"] for it in items])  # (n, 3, H, W)
+        with torch.no_grad():
+            recon = torch.cat([model.decode(model.encode(b)) for b in pixels.split(100)])
+        texts = [it["text"] for it in items]
+        row["ceiling"] = t2i_scores(texts, list(recon)).accuracy
+        row["ceiling_originals"] = t2i_scores(texts, list(pixels)).accuracy
+    summary = json.loads((final / "eval.json").read_text())
+    row["steps"] = summary["step"]
+    row["s_per_step"] = summary["elapsed_s"] / max(summary["step"], 1)
+    return row
+
+
+def run_worker(job: Job) -> dict[str, Any]:
+    """Train and measure one row in this process; writes and returns <run>/bench.json's record."""
+    import torch
+
+    from vqgpt.tokenizer.train import train_tokenizer
+
+    if job.impl == "peer":
+        use_peer_quantizer(job.variant)
+    recipe = recipe_of(job)
+    final = train_tokenizer(recipe)
+    row = dict(asdict(job), **measure(job, recipe, final), torch=torch.__version__)
+    if job.impl == "peer":
+        import importlib.metadata
+
+        row["peer_version"] = importlib.metadata.version("vector-quantize-pytorch")
+    (Path(job.out) / "bench.json").write_text(json.dumps(row, indent=2))
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# the peer environment
+
+
+def peer_site(cache: Path) -> Path:
+    return cache / f"site-{PEER_VERSION}"
+
+
+def peer_ready(cache: Path) -> bool:
+    """Whether the pinned peer is installed in `cache` (the marker is written last)."""
+    return (peer_site(cache) / ".complete").is_file()
+
+
+def ensure_peer(cache: Path) -> Path:
+    """The folder holding vector-quantize-pytorch and its small deps, installed once."""
+    site = peer_site(cache)
+    if peer_ready(cache):
+        return site
+    start = time.time()
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade"]
+    subprocess.run([*cmd, "--target", str(site), *PEER_PACKAGES], check=True)
+    check = [sys.executable, "-c", "import vector_quantize_pytorch"]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    )
+    subprocess.run(check, check=True, env=env)
+    (site / ".complete").write_text(" ".join(PEER_PACKAGES) + "\n")
+    print(f"peer installed in {site} ({time.time() - start:.1f} s)", file=sys.stderr)
+    return site
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+def _mean_sd(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one line per (variant, impl), mean ± sd over its seeds."""
+    head = (
+        "| variant | impl | seeds | PSNR (dB) | SSIM | usage | perplexity | dead codes "
+        "| shapes ceiling | s / step | steps |"
+    )
+    lines = [head, "|" + "---|" * 11]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["impl"]), []).append(r)
+    for (variant, impl), rs in groups.items():
+
+        def col(key: str, fmt: str, scale: float = 1.0, rs=rs) -> str:
+            return _mean_sd([scale * r[key] for r in rs if r.get(key) is not None], fmt)
+
+        steps = sorted({r["steps"] for r in rs})
+        lines.append(
+            f"| {variant} | {impl} | {len(rs)} | {col('psnr', '.2f')} | {col('ssim', '.4f')} "
+            f"| {col('usage', '.1f', 100)}% | {col('perplexity', '.0f')} | {col('dead_codes', '.0f')} "
+            f"| {col('ceiling', '.1f', 100) + '%' if rs[0].get('ceiling') is not None else '-'} "
+            f"| {col('s_per_step', '.2f')} | {'/'.join(map(str, steps))} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def plan(args: argparse.Namespace) -> list[Job]:
+    """Every row: variants x seeds x (vqgpt, then peer when asked)."""
+    k = 64 if args.quick else args.codebook_size
+    overrides = QUICK_OVERRIDES[args.dataset] + QUICK_OVERRIDES["common"] if args.quick else []
+    overrides = overrides + args.set
+    steps = args.steps if args.steps is not None else (3 if args.quick else None)
+    eval_images = 16 if args.quick else args.eval_images
+    impls = ["vqgpt", "peer"] if args.peer else ["vqgpt"]
+    jobs = []
+    for variant in args.variants:
+        for seed in args.seeds:
+            for impl in impls:
+                run = Path(args.out) / args.dataset / f"{variant}-{impl}-s{seed}"
+                jobs.append(
+                    Job(
+                        args.dataset, variant, impl, seed, k, steps, args.minutes, eval_images,
+                        overrides, str(run),
+                    )
+                )  # fmt: skip
+    return jobs
+
+
+def run_job(job: Job, site: Path | None, log: Path) -> dict[str, Any]:
+    """One row in a fresh process (the peer's folder on its path for a peer row)."""
+    done = Path(job.out) / "bench.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    paths = [str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
+    if job.impl == "peer":
+        paths.insert(0, str(site))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+    cmd = [sys.executable, __file__, "--worker", json.dumps(asdict(job))]
+    with log.open("a") as f:
+        f.write(f"\n=== {job.name}\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"row {job.name} failed (exit {proc.returncode}); see {log}")
+    return json.loads(done.read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, run every row, write results.json and table.md, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", choices=["shapes", "photos"], default="shapes")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--steps", type=int, help="optimizer steps per row (default: the recipe's)")
+    parser.add_argument("--minutes", type=float, help="wall-clock cap per row (default: none)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe overrides for every row, e.g. quantizer.bypass_steps=20 (of the quantizer "
+        "section only bypass_steps is read: the rest is the variant's)",
+    )
+    parser.add_argument("--codebook-size", type=int, choices=[1024], default=1024)
+    parser.add_argument("--eval-images", type=int, default=500, help="held-out images measured")
+    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--peer-cache",
+        default=str(DEFAULT_PEER_CACHE),
+        help="where the peer is installed (once)",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, K=64, 3 steps")
+    parser.add_argument("--out", default="runs/bench_tokenizers")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(run_worker(Job(**json.loads(args.worker)))))
+        return
+
+    site = ensure_peer(Path(args.peer_cache)) if args.peer else None
+    out = Path(args.out) / args.dataset
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "rows.log"
+    rows = []
+    for job in plan(args):
+        start = time.time()
+        rows.append(run_job(job, site, log))
+        print(f"done: {job.name} ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+    text = table(rows)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    (out / "table.md").write_text(text + "\n")
+    ceiling = [r["ceiling_originals"] for r in rows if r.get("ceiling_originals") is not None]
+    print(
+        f"{args.dataset}: K={rows[0]['codebook_size']}, held-out images {rows[0]['num_images']}"
+        + (f", shapes checker on the originals {100 * ceiling[0]:.1f}%" if ceiling else "")
+        + "; peer = vector-quantize-pytorch "
+        + (rows[-1].get("peer_version", "-") if args.peer else "(off)")
+        + "\n"
+    )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
