@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-MAX_PIXELS = 100_000  # the server's VQGPT_MAX_IMAGE_PIXELS: a 400x300 image is "huge"
+MAX_PIXELS = 100_000
+MEMORY_SLACK = 15  # MB a warm round of 8 concurrent requests may leave (see the test)  # the server's VQGPT_MAX_IMAGE_PIXELS: a 400x300 image is "huge"
 
 
 def rss_mb(pid: int) -> float:
@@ -158,23 +159,18 @@ def test_a_model_folder_missing_a_file_still_serves_the_page_and_says_what_is_mi
     assert "Error: the model" in app.wait_message("draw-status", "could not be loaded")
 
 
-def test_eight_concurrent_requests_complete_and_memory_returns(servers, browser):
-    server = servers[0]
-    pages = []
-    contexts = [browser.new_context() for _ in range(8)]
-    for context in contexts:
-        page = context.new_page()
-        page.set_default_timeout(120_000)
-        page.goto(server.url)
-        page.wait_for_selector("#model-status")
-        pages.append(page)
-    before = rss_mb(server.pid)
+def eight_requests(pages, pid: int) -> tuple[float, float, float]:
+    """Draw on every page at once (4 images each); all complete without an error. RSS MB
+    (before, peak, after): before once the pages are up, after 2 s past the last result (the
+    server releases memory once idle for 0.5 s: `Janitor`)."""
+    time.sleep(2)
+    before = rss_mb(pid)
     peak = [before]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak.append(rss_mb(server.pid))
+            peak.append(rss_mb(pid))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample)
@@ -189,11 +185,28 @@ def test_eight_concurrent_requests_complete_and_memory_returns(servers, browser)
     finally:
         done.set()
         sampler.join()
+    time.sleep(2)
+    return before, max(peak), rss_mb(pid)
+
+
+def test_eight_concurrent_requests_complete_and_memory_returns(servers, browser):
+    server = servers[0]
+    contexts = [browser.new_context() for _ in range(8)]
+    pages = [context.new_page() for context in contexts]
+    try:
+        rounds = []
+        for _ in range(2):  # a warm-up round (first-use allocations, caches), a measured one
+            for page in pages:  # fresh pages: empty galleries, new sessions
+                page.set_default_timeout(120_000)
+                page.goto(server.url)
+                page.wait_for_selector("#model-status")
+            rounds.append(eight_requests(pages, server.pid))
+    finally:
         for context in contexts:
             context.close()
-    time.sleep(1)
-    after = rss_mb(server.pid)
-    print(f"RSS MB before {before:.0f}, peak {max(peak):.0f}, after {after:.0f}")
-    # freed memory goes back (malloc_trim after each request); gradio keeps each session's
-    # results, so a little more stays than before (scripts/bench_app.py: a plateau over rounds)
-    assert after - before < 100, (before, max(peak), after)
+    print(f"RSS MB (before, peak, after): warm-up {rounds[0]}, measured {rounds[1]}")
+    before, peak, after = rounds[1]
+    # Once warm, a round leaves little: Gradio's 8 new sessions (~90 KB each) and heap fragments.
+    # Measured here (MB, warm-up / warm round after minus before): with the idle release (gc +
+    # malloc_trim, `Janitor`) -6 / +8; without it +51 / +19, which fails.
+    assert after - before < MEMORY_SLACK, rounds[1]
