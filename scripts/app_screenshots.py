@@ -8,6 +8,7 @@ Writes app_t2i.png, app_caption.png, app_tokens.png, app_about.png (1200 px wide
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 from app_browser import app_server, chromium, wait_ready
@@ -20,6 +21,21 @@ def shrink(path: Path) -> None:
     """A 256-colour optimized PNG: screenshots of flat UI compress ~4x."""
     image = Image.open(path).convert("RGB")
     image.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
+def visible_edit(page) -> tuple[int, int, int]:
+    """(row, col, code) of an edit one can see: the background's code (the grid's most common)
+    nearest its centre replaced by the rarest code of the grid (a piece of the shape)."""
+    codes = page.evaluate(
+        "() => [...document.querySelectorAll('#code-grid tr')]"
+        ".map(tr => [...tr.querySelectorAll('td')].map(td => +td.dataset.code))"
+    )
+    counts = Counter(code for row in codes for code in row)
+    background, rare = counts.most_common()[0][0], counts.most_common()[-1][0]
+    h, w = len(codes), len(codes[0])
+    cells = [(r, c) for r in range(h) for c in range(w) if codes[r][c] == background]
+    row, col = min(cells, key=lambda rc: (rc[0] - h / 2) ** 2 + (rc[1] - w / 2) ** 2)
+    return row, col, rare
 
 
 def main() -> None:
@@ -54,12 +70,13 @@ def main() -> None:
         page.wait_for_timeout(1000)
         page.locator("#tokenize").click()
         page.locator("#code-grid td").first.wait_for()
-        for elem_id, value in (("edit-row", 3), ("edit-col", 3), ("edit-code", 7)):
+        row, col, code = visible_edit(page)
+        for elem_id, value in (("edit-row", row), ("edit-col", col), ("edit-code", code)):
             box = page.locator(f"#{elem_id} input[type=number]").first
             box.fill(str(value))
             box.press("Tab")
         page.locator("#edit-token").click()
-        page.locator("#token-status").filter(has_text="cell (3, 3)").wait_for()
+        page.locator("#token-status").filter(has_text=f"cell ({row}, {col})").wait_for()
         page.wait_for_timeout(500)
         page.screenshot(path=out / "app_tokens.png", full_page=True)
 

@@ -6,6 +6,7 @@ and 8 concurrent requests (all complete, the server's memory back to its level b
 from __future__ import annotations
 
 import base64
+import io
 import shutil
 import threading
 import time
@@ -65,12 +66,13 @@ def decoded(src: str, page) -> bytes:
     return page.request.get(src).body()
 
 
-def test_the_page_comes_up_at_once_and_says_when_the_model_is_ready(servers, open_page):
+def test_the_page_comes_up_at_once_and_says_when_the_model_is_ready(servers, open_page, lm_run):
     good, _ = servers
     assert good.up_after < 60  # s, on 2 busy cores: the model loads after the page is served
     app = open_page(good.url)
     assert "ready" in app.wait_ready()
     assert "8x8 codes of 32" in app.text("model-status")
+    assert app.page.title() == f"vqgpt: {lm_run.name}"  # the folder's name, not its path
 
 
 def test_text_to_image_shows_n_images_per_prompt_and_their_pngs(servers, open_page):
@@ -136,6 +138,7 @@ def test_tokens_tab_shows_the_code_map_and_an_edit_changes_the_image(servers, op
     assert f"code {old} -> {(old + 7) % 32}" in app.wait_message("token-status", "cell (1, 1)")
     edited = decoded(app.image_src("edited"), app.page)
     assert edited != recon
+    assert Image.open(io.BytesIO(edited)).width >= 200  # enlarged from the model's 32 px
     assert cells.nth(9).get_attribute("title") == f"row 1, col 1: code {(old + 7) % 32}"
     app.set_number("edit-code", 32)  # outside the codebook
     app.page.locator("#edit-token").click()

@@ -222,6 +222,13 @@ def code_grid_html(codes: torch.Tensor, mark: tuple[int, int] | None = None) -> 
     return f'{style}<div id="code-grid"><table>{"".join(rows)}</table></div>'
 
 
+def enlarge(image: Image.Image, size: int = IMAGE_HEIGHT) -> Image.Image:
+    """`image` scaled up by a whole factor to about `size` px, nearest neighbour: a 64 px image
+    shown large with its pixels sharp."""
+    factor = max(1, size // max(image.size))
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
 def psnr(a: Image.Image, b: Image.Image) -> float:
     """PSNR in dB of two RGB images of one size (8-bit pixels, peak 255; identical: 100)."""
     x = np.asarray(a, dtype=np.float64)
@@ -496,7 +503,8 @@ def build_app(
                 h, w = t.codes.shape
                 text = f"**PSNR:** {t.psnr:.2f} dB &nbsp; **codes:** {h}x{w}"
                 grid = code_grid_html(t.codes)
-                return t.original, t.reconstruction, None, text, grid, t.codes.tolist(), ""
+                big = enlarge(t.original), enlarge(t.reconstruction)
+                return *big, None, text, grid, t.codes.tolist(), ""
 
             tokenize_button.click(
                 guarded(on_tokenize, 6),
@@ -508,7 +516,7 @@ def build_app(
                 grid, image, old = edit_token(slot, codes, row, col, code)
                 r, c = int(row), int(col)
                 note = f"cell ({r}, {c}): code {old} -> {int(code)}"
-                return image, code_grid_html(grid, (r, c)), grid.tolist(), note
+                return enlarge(image), code_grid_html(grid, (r, c)), grid.tolist(), note
 
             edit_button.click(
                 guarded(on_edit, 3),
