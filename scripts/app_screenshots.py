@@ -8,9 +8,9 @@ Writes app_t2i.png, app_caption.png, app_tokens.png, app_about.png (1200 px wide
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 from pathlib import Path
 
+import numpy as np
 from app_browser import app_server, chromium, wait_ready
 from PIL import Image
 
@@ -23,19 +23,20 @@ def shrink(path: Path) -> None:
     image.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
-def visible_edit(page) -> tuple[int, int, int]:
-    """(row, col, code) of an edit one can see: the background's code (the grid's most common)
-    nearest its centre replaced by the rarest code of the grid (a piece of the shape)."""
+def visible_edit(page, image: str) -> tuple[int, int, int]:
+    """(row, col, code) of an edit one can see: the cell most unlike the image's median colour
+    (on the shape) given the code of the background cell nearest it (a piece of shape erased)."""
     codes = page.evaluate(
         "() => [...document.querySelectorAll('#code-grid tr')]"
         ".map(tr => [...tr.querySelectorAll('td')].map(td => +td.dataset.code))"
     )
-    counts = Counter(code for row in codes for code in row)
-    background, rare = counts.most_common()[0][0], counts.most_common()[-1][0]
     h, w = len(codes), len(codes[0])
-    cells = [(r, c) for r in range(h) for c in range(w) if codes[r][c] == background]
-    row, col = min(cells, key=lambda rc: (rc[0] - h / 2) ** 2 + (rc[1] - w / 2) ** 2)
-    return row, col, rare
+    cells = np.asarray(Image.open(image).convert("RGB").resize((w, h), Image.Resampling.BOX))
+    far = np.linalg.norm(cells - np.median(cells.reshape(-1, 3), axis=0), axis=-1)  # [h, w]
+    shape = np.unravel_index(int(far.argmax()), far.shape)
+    background = [(r, c) for r in range(h) for c in range(w) if far[r, c] < far.max() / 4]
+    r, c = min(background, key=lambda rc: (rc[0] - shape[0]) ** 2 + (rc[1] - shape[1]) ** 2)
+    return int(shape[0]), int(shape[1]), codes[r][c]
 
 
 def main() -> None:
@@ -70,7 +71,7 @@ def main() -> None:
         page.wait_for_timeout(1000)
         page.locator("#tokenize").click()
         page.locator("#code-grid td").first.wait_for()
-        row, col, code = visible_edit(page)
+        row, col, code = visible_edit(page, args.image[0])
         for elem_id, value in (("edit-row", row), ("edit-col", col), ("edit-code", code)):
             box = page.locator(f"#{elem_id} input[type=number]").first
             box.fill(str(value))
