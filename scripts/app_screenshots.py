@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 from app_browser import app_server, chromium, wait_ready
 from PIL import Image
 
@@ -20,6 +21,22 @@ def shrink(path: Path) -> None:
     """A 256-colour optimized PNG: screenshots of flat UI compress ~4x."""
     image = Image.open(path).convert("RGB")
     image.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
+def visible_edit(page, image: str) -> tuple[int, int, int]:
+    """(row, col, code) of an edit one can see: the cell most unlike the image's median colour
+    (on the shape) given the code of the background cell nearest it (a piece of shape erased)."""
+    codes = page.evaluate(
+        "() => [...document.querySelectorAll('#code-grid tr')]"
+        ".map(tr => [...tr.querySelectorAll('td')].map(td => +td.dataset.code))"
+    )
+    h, w = len(codes), len(codes[0])
+    cells = np.asarray(Image.open(image).convert("RGB").resize((w, h), Image.Resampling.BOX))
+    far = np.linalg.norm(cells - np.median(cells.reshape(-1, 3), axis=0), axis=-1)  # [h, w]
+    shape = np.unravel_index(int(far.argmax()), far.shape)
+    background = [(r, c) for r in range(h) for c in range(w) if far[r, c] < far.max() / 4]
+    r, c = min(background, key=lambda rc: (rc[0] - shape[0]) ** 2 + (rc[1] - shape[1]) ** 2)
+    return int(shape[0]), int(shape[1]), codes[r][c]
 
 
 def main() -> None:
@@ -54,12 +71,13 @@ def main() -> None:
         page.wait_for_timeout(1000)
         page.locator("#tokenize").click()
         page.locator("#code-grid td").first.wait_for()
-        for elem_id, value in (("edit-row", 3), ("edit-col", 3), ("edit-code", 7)):
+        row, col, code = visible_edit(page, args.image[0])
+        for elem_id, value in (("edit-row", row), ("edit-col", col), ("edit-code", code)):
             box = page.locator(f"#{elem_id} input[type=number]").first
             box.fill(str(value))
             box.press("Tab")
         page.locator("#edit-token").click()
-        page.locator("#token-status").filter(has_text="cell (3, 3)").wait_for()
+        page.locator("#token-status").filter(has_text=f"cell ({row}, {col})").wait_for()
         page.wait_for_timeout(500)
         page.screenshot(path=out / "app_tokens.png", full_page=True)
 

@@ -6,6 +6,7 @@ and 8 concurrent requests (all complete, the server's memory back to its level b
 from __future__ import annotations
 
 import base64
+import io
 import shutil
 import threading
 import time
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-MAX_PIXELS = 100_000  # the server's VQGPT_MAX_IMAGE_PIXELS: a 400x300 image is "huge"
+MAX_PIXELS = 100_000
+MEMORY_SLACK = 15  # MB a warm round of 8 concurrent requests may leave (see the test)  # the server's VQGPT_MAX_IMAGE_PIXELS: a 400x300 image is "huge"
 
 
 def rss_mb(pid: int) -> float:
@@ -64,12 +66,13 @@ def decoded(src: str, page) -> bytes:
     return page.request.get(src).body()
 
 
-def test_the_page_comes_up_at_once_and_says_when_the_model_is_ready(servers, open_page):
+def test_the_page_comes_up_at_once_and_says_when_the_model_is_ready(servers, open_page, lm_run):
     good, _ = servers
     assert good.up_after < 60  # s, on 2 busy cores: the model loads after the page is served
     app = open_page(good.url)
     assert "ready" in app.wait_ready()
     assert "8x8 codes of 32" in app.text("model-status")
+    assert app.page.title() == f"vqgpt: {lm_run.name}"  # the folder's name, not its path
 
 
 def test_text_to_image_shows_n_images_per_prompt_and_their_pngs(servers, open_page):
@@ -135,6 +138,7 @@ def test_tokens_tab_shows_the_code_map_and_an_edit_changes_the_image(servers, op
     assert f"code {old} -> {(old + 7) % 32}" in app.wait_message("token-status", "cell (1, 1)")
     edited = decoded(app.image_src("edited"), app.page)
     assert edited != recon
+    assert Image.open(io.BytesIO(edited)).width >= 200  # enlarged from the model's 32 px
     assert cells.nth(9).get_attribute("title") == f"row 1, col 1: code {(old + 7) % 32}"
     app.set_number("edit-code", 32)  # outside the codebook
     app.page.locator("#edit-token").click()
@@ -158,23 +162,18 @@ def test_a_model_folder_missing_a_file_still_serves_the_page_and_says_what_is_mi
     assert "Error: the model" in app.wait_message("draw-status", "could not be loaded")
 
 
-def test_eight_concurrent_requests_complete_and_memory_returns(servers, browser):
-    server = servers[0]
-    pages = []
-    contexts = [browser.new_context() for _ in range(8)]
-    for context in contexts:
-        page = context.new_page()
-        page.set_default_timeout(120_000)
-        page.goto(server.url)
-        page.wait_for_selector("#model-status")
-        pages.append(page)
-    before = rss_mb(server.pid)
+def eight_requests(pages, pid: int) -> tuple[float, float, float]:
+    """Draw on every page at once (4 images each); all complete without an error. RSS MB
+    (before, peak, after): before once the pages are up, after 2 s past the last result (the
+    server releases memory once idle for 0.5 s: `Janitor`)."""
+    time.sleep(2)
+    before = rss_mb(pid)
     peak = [before]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak.append(rss_mb(server.pid))
+            peak.append(rss_mb(pid))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample)
@@ -189,11 +188,28 @@ def test_eight_concurrent_requests_complete_and_memory_returns(servers, browser)
     finally:
         done.set()
         sampler.join()
+    time.sleep(2)
+    return before, max(peak), rss_mb(pid)
+
+
+def test_eight_concurrent_requests_complete_and_memory_returns(servers, browser):
+    server = servers[0]
+    contexts = [browser.new_context() for _ in range(8)]
+    pages = [context.new_page() for context in contexts]
+    try:
+        rounds = []
+        for _ in range(2):  # a warm-up round (first-use allocations, caches), a measured one
+            for page in pages:  # fresh pages: empty galleries, new sessions
+                page.set_default_timeout(120_000)
+                page.goto(server.url)
+                page.wait_for_selector("#model-status")
+            rounds.append(eight_requests(pages, server.pid))
+    finally:
         for context in contexts:
             context.close()
-    time.sleep(1)
-    after = rss_mb(server.pid)
-    print(f"RSS MB before {before:.0f}, peak {max(peak):.0f}, after {after:.0f}")
-    # freed memory goes back (malloc_trim after each request); gradio keeps each session's
-    # results, so a little more stays than before (scripts/bench_app.py: a plateau over rounds)
-    assert after - before < 100, (before, max(peak), after)
+    print(f"RSS MB (before, peak, after): warm-up {rounds[0]}, measured {rounds[1]}")
+    before, peak, after = rounds[1]
+    # Once warm, a round leaves little: Gradio's 8 new sessions (~90 KB each) and heap fragments.
+    # Measured here (MB, warm-up / warm round after minus before): with the idle release (gc +
+    # malloc_trim, `Janitor`) -6 / +8; without it +51 / +19, which fails.
+    assert after - before < MEMORY_SLACK, rounds[1]

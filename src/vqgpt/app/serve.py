@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from vqgpt.errors import VqgptError
 
@@ -24,6 +25,16 @@ class AppConfig:
     concurrency: int = 2  # requests decoded at once; the rest wait in the queue
 
 
+def model_name(model: str) -> str:
+    """What the page calls the model: a Hub id as it is, a local folder by its name (a run's
+    final/ by the run's), never a local path."""
+    path = Path(model)
+    if not path.exists():
+        return model
+    path = path.resolve()
+    return path.parent.name if path.name == "final" else path.name
+
+
 def build(cfg: AppConfig):
     """(the Gradio app, its model slot, its PNG folder); the model loads in the background."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -34,7 +45,7 @@ def build(cfg: AppConfig):
     from vqgpt.app.backend import VqgptBackend
     from vqgpt.export.hub.app_vqgpt import build_app
 
-    title = f"vqgpt: {cfg.model}"
+    title = f"vqgpt: {model_name(cfg.model)}"
     return build_app(lambda: VqgptBackend.load(cfg.model), title, cfg.concurrency)
 
 

@@ -22,11 +22,14 @@ input or a broken model folder becomes a one-line message in the tab's status (`
 from __future__ import annotations
 
 import base64
+import gc
 import html
 import io
 import os
+import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +44,10 @@ LOADING, READY, FAILED = "loading model...", "ready", "error"
 THUMBNAIL = 96  # px, the longer side of a caption tab thumbnail
 MAX_PROMPTS = 16  # prompts per request (one per line)
 MAX_IMAGES = 64  # images per request, drawn or captioned
+# Gradio keeps every browser session's state (~90 KB each, even after the page closed) until
+# this many newer sessions push it out: its default, 10000, would hold ~0.9 GB
+SESSIONS = 1000
+FILES_AGE = 3600  # s: PNGs and uploads older than this are deleted (checked as often)
 GRID_CELL = 22  # px, one code of the code map
 IMAGE_HEIGHT = 256  # px, the Tokens tab's images (a 64 px input shown large)
 
@@ -118,14 +125,50 @@ def one_line(err: BaseException) -> str:
 
 
 def release_memory() -> None:
-    """Hand freed heap back to the system after a request (glibc keeps it per thread arena
-    otherwise: the server's RSS would stay at the peak of its busiest moment)."""
+    """Collect cyclic garbage, then hand freed heap back to the system (glibc keeps it in its
+    per-thread arenas otherwise: the server's RSS would stay at the peak of its busiest moment)."""
+    gc.collect()
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+class Janitor:
+    """Releases memory (`release_memory`) once the server is idle: `quiet` seconds after the last
+    running request ended with none started since. Not in the request itself: Gradio encodes and
+    caches a handler's outputs after it returns, and a full collection takes a while."""
+
+    def __init__(self, quiet: float = 0.5) -> None:
+        self.quiet = quiet
+        self.runs = 0  # releases so far
+        self._active = 0
+        self._lock = threading.Lock()
+        self._ended = threading.Event()
+        threading.Thread(target=self._run, name="vqgpt-janitor", daemon=True).start()
+
+    def begin(self) -> None:
+        with self._lock:
+            self._active += 1
+
+    def end(self) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                self._ended.set()
+
+    def _run(self) -> None:
+        while True:
+            self._ended.wait()
+            time.sleep(self.quiet)
+            with self._lock:
+                self._ended.clear()
+                if self._active:  # busy again: its end sets the event
+                    continue
+            release_memory()
+            self.runs += 1
 
 
 def _error(err: BaseException) -> str:
@@ -179,6 +222,13 @@ def code_grid_html(codes: torch.Tensor, mark: tuple[int, int] | None = None) -> 
     return f'{style}<div id="code-grid"><table>{"".join(rows)}</table></div>'
 
 
+def enlarge(image: Image.Image, size: int = IMAGE_HEIGHT) -> Image.Image:
+    """`image` scaled up by a whole factor to about `size` px, nearest neighbour: a 64 px image
+    shown large with its pixels sharp."""
+    factor = max(1, size // max(image.size))
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
 def psnr(a: Image.Image, b: Image.Image) -> float:
     """PSNR in dB of two RGB images of one size (8-bit pixels, peak 255; identical: 100)."""
     x = np.asarray(a, dtype=np.float64)
@@ -198,6 +248,18 @@ def _paths(files: Any) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # the tabs' handlers (plain functions of a slot: tested without a browser)
+
+
+def prune(out_root: Path, age: float) -> None:
+    """Delete the request folders under `out_root` older than `age` seconds (Gradio serves its
+    own copies of the PNGs, and deletes those as old as that too: `delete_cache`)."""
+    now = time.time()
+    for folder in out_root.glob("draw_*"):
+        try:
+            if now - folder.stat().st_mtime > age:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # another request pruned it
+            pass
 
 
 def read_prompts(text: str | None) -> list[str]:
@@ -224,6 +286,7 @@ def draw(
     if not 1 <= n * len(prompts) <= MAX_IMAGES:
         raise Message(f"{n} images for {len(prompts)} prompts: 1 to {MAX_IMAGES} per request")
     backend = slot.get()
+    prune(out_root, FILES_AGE)
     folder = Path(tempfile.mkdtemp(prefix="draw_", dir=out_root))
     gallery, files = [], []
     for k, prompt in enumerate(prompts):
@@ -341,22 +404,26 @@ def build_app(
     """(the Gradio app, its model slot, the folder its PNGs go to): the model starts loading now."""
     slot = ModelSlot(load)
     out_root = Path(tempfile.mkdtemp(prefix="vqgpt_app_"))
+    janitor = Janitor()
 
     def guarded(fn: Callable, n_outputs: int) -> Callable:
         """`fn`'s n_outputs outputs and its status line; an exception leaves the outputs as they
         are and puts its one line in the status."""
 
         def run(*args, **kwargs):
+            janitor.begin()
             try:
                 return fn(*args, **kwargs)
             except Exception as err:
                 return (*([gr.skip()] * n_outputs), _error(err))
             finally:
-                release_memory()
+                janitor.end()
 
         return run
 
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+    with gr.Blocks(
+        title=title, analytics_enabled=False, delete_cache=(FILES_AGE, FILES_AGE)
+    ) as demo:
         gr.Markdown(f"# {html.escape(title)}\nImages and text in one token stream (vqgpt).")
         status = gr.Markdown(slot.status(), elem_id="model-status")
         timer = gr.Timer(1.0)
@@ -436,7 +503,8 @@ def build_app(
                 h, w = t.codes.shape
                 text = f"**PSNR:** {t.psnr:.2f} dB &nbsp; **codes:** {h}x{w}"
                 grid = code_grid_html(t.codes)
-                return t.original, t.reconstruction, None, text, grid, t.codes.tolist(), ""
+                big = enlarge(t.original), enlarge(t.reconstruction)
+                return *big, None, text, grid, t.codes.tolist(), ""
 
             tokenize_button.click(
                 guarded(on_tokenize, 6),
@@ -448,7 +516,7 @@ def build_app(
                 grid, image, old = edit_token(slot, codes, row, col, code)
                 r, c = int(row), int(col)
                 note = f"cell ({r}, {c}): code {old} -> {int(code)}"
-                return image, code_grid_html(grid, (r, c)), grid.tolist(), note
+                return enlarge(image), code_grid_html(grid, (r, c)), grid.tolist(), note
 
             edit_button.click(
                 guarded(on_edit, 3),
@@ -483,6 +551,7 @@ def launch(
         share=False,
         allowed_paths=[str(out_root)],
         prevent_thread_lock=not block,
+        state_session_capacity=SESSIONS,
         quiet=True,
         footer_links=[],
     )
