@@ -202,5 +202,87 @@ def test_kernel_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
         nearest_code_triton(torch.zeros(4, 8), torch.zeros(3, 5))
 
 
+# -- on a real GPU (skipped without CUDA; run by scripts/gpu_checks.sh on the lent machine) --------
+
+needs_cuda = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or not torch.cuda.is_available(),
+    reason="needs a CUDA GPU and triton",
+)
+# (N, K, D): several tiles in N and K, ragged everywhere, the D's of the recipes and the benchmark
+CUDA_SIZES = [
+    (4099, 1031, 3),
+    (4099, 1031, 8),
+    (4099, 16384, 8),
+    (2053, 4097, 40),
+    (2053, 16384, 256),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
+@pytest.mark.parametrize("ties", [False, True], ids=["rand", "ties"])
+@pytest.mark.parametrize("size", CUDA_SIZES, ids=lambda s: "N{}-K{}-D{}".format(*s))
+def test_kernel_on_cuda_matches_chunked_search(size, ties, fast):
+    from vqgpt.tokenizer.kernels import nearest_code_triton
+
+    n, k, d = size
+    x, e = _inputs(n, k, d, ties, seed=d)
+    want = nearest_code(x, e, chunk_size=512, backend="chunked")  # on the CPU
+    got = nearest_code_triton(x.cuda(), e.cuda(), fast=fast).cpu()
+    auto = nearest_code(x.cuda(), e.cuda(), chunk_size=512).cpu()  # "auto" on CUDA: the kernel
+    assert got.shape == want.shape == (n,)
+    if ties:  # exact integer arithmetic: equal everywhere, lowest index on ties
+        assert (_min_count(x, e) > 1).sum() >= 3
+        assert got.tolist() == want.tolist() and auto.tolist() == want.tolist()
+    else:  # summation order may flip a float near-tie only
+        decisive = _margin(x, e) > 1e-3 * _margin(x, e).median()
+        assert decisive.float().mean() > 0.99
+        assert got[decisive].tolist() == want[decisive].tolist()
+        assert auto[decisive].tolist() == want[decisive].tolist()
+
+
+@needs_cuda
+def test_a_kernel_that_really_fails_on_cuda_falls_back_with_one_warning(monkeypatch):
+    """Tiles too large for the GPU's shared memory: triton's own compile or launch error on real
+    hardware (not a raised stand-in), and "auto" falls back to the chunked search with one warning."""
+    import functools
+    import warnings
+
+    from vqgpt.tokenizer import kernels, quantize
+
+    monkeypatch.delenv(quantize.SEARCH_BACKEND_ENV, raising=False)
+    monkeypatch.setattr(quantize, "_triton_failure", "")
+    x, e = _inputs(3000, 2000, 256, ties=True, seed=5)
+    x, e = x.cuda(), e.cuda()
+    too_big = functools.partial(kernels.nearest_code_triton, blocks=(1024, 1024, 256))
+    with pytest.raises(Exception) as failure:  # the precondition: these tiles cannot run here
+        too_big(x, e)
+    monkeypatch.setattr(kernels, "nearest_code_triton", too_big)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = quantize.nearest_code(x, e, 512)
+        second = quantize.nearest_code(x, e, 512)
+    want = quantize.nearest_code(x.cpu(), e.cpu(), 512, backend="chunked")
+    assert first.is_cuda and torch.equal(first.cpu(), want) and torch.equal(second.cpu(), want)
+    runtime = [w for w in caught if w.category is RuntimeWarning]
+    assert len(runtime) == 1, [str(w.message) for w in caught]
+    assert type(failure.value).__name__ in str(runtime[0].message)
+
+
+@needs_cuda
+def test_the_quantizer_on_cuda_picks_the_codes_of_the_cpu():
+    """The whole quantizer (the dispatch inside the model) on CUDA gives the CPU's codes."""
+    from vqgpt.tokenizer.families import build_quantizer
+    from vqgpt.tokenizer.quantize import QuantizerConfig
+
+    torch.manual_seed(0)
+    quantizer = build_quantizer(64, QuantizerConfig(codebook_size=1024)).eval()
+    z = torch.randn(8, 64, 8, 8)
+    codes_cpu = quantizer(z).codes
+    codes_cuda = quantizer.cuda()(z.cuda()).codes.cpu()
+    agree = (codes_cpu == codes_cuda).float().mean().item()
+    assert agree > 0.999, agree
+
+
 if __name__ == "__main__":
     print(json.dumps(_worker()))
