@@ -200,8 +200,12 @@ if triton is not None:
 
 
 def default_blocks(d: int) -> tuple[int, int, int]:
-    """Tile sizes for dimension d: BLOCK_D fits small D and caps shared memory at large D."""
-    return 64, 64, min(32, max(16, _next_pow2(d)))
+    """Tile sizes (BLOCK_N, BLOCK_K, BLOCK_D) for dimension d: BLOCK_D fits small D and caps
+    shared memory at large D; wider K tiles from D = 32 (measured on an H200, N = 65,536,
+    K = 16,384: D = 32 4.8 vs 6.1 ms, D = 64 8.2 vs 11.2 ms; D <= 16 best at 64 x 64)."""
+    if d <= 16:
+        return 64, 64, 16
+    return 64, 128, 32
 
 
 @torch.no_grad()

@@ -253,8 +253,8 @@ _triton_failure = ""
 
 
 def _search_backend(x: Tensor, backend: str | None) -> SearchBackend:
-    """`backend`, else $VQGPT_NEAREST_CODE, else auto: triton on CUDA when importable (and not
-    failed before in this process)."""
+    """`backend`, else $VQGPT_NEAREST_CODE, else auto: triton on CUDA for D <= KERNEL_MAX_DIM
+    when importable (and not failed before in this process)."""
     backend = backend or os.environ.get(SEARCH_BACKEND_ENV) or "auto"
     if backend not in SEARCH_BACKENDS:
         raise ValueError(
@@ -271,9 +271,20 @@ def _auto_picks_triton(x: Tensor) -> bool:
     return not _triton_failure and _kernel_can_run(x)
 
 
+# "auto" takes the kernel up to this code dim: beyond it cuBLAS's float32 matmul in the chunked
+# search wins (H200, N = 65,536, K = 16,384: D = 64 kernel 8.2 ms vs chunked 15.0; D = 128 14.5
+# vs 11.3; D = 256 26.5 vs 16.8; docs/benchmarks.md)
+KERNEL_MAX_DIM = 64
+
+
 def _kernel_can_run(x: Tensor) -> bool:
-    """CUDA tensors and triton importable (find_spec: CPU runs never pay for importing it)."""
-    return x.is_cuda and importlib.util.find_spec("triton") is not None
+    """CUDA tensors of at most KERNEL_MAX_DIM columns and triton importable (find_spec: CPU runs
+    never pay for importing it)."""
+    return (
+        x.is_cuda
+        and x.shape[1] <= KERNEL_MAX_DIM
+        and importlib.util.find_spec("triton") is not None
+    )
 
 
 def _triton_failed(err: Exception) -> None:
@@ -298,8 +309,8 @@ def nearest_code(
 
     The chunked search an export ships (`vqgpt.export.hub.quantization_vqgpt.nearest_code`: `||x||^2`
     dropped, peak extra memory one `[chunk_size, K]` block, ties to the lowest index), or on CUDA
-    with triton importable the fused kernel `vqgpt.tokenizer.kernels.nearest_code_triton` (exact
-    float32); `backend` ("auto" | "chunked" | "triton") or $VQGPT_NEAREST_CODE forces one.
+    with triton importable and D <= KERNEL_MAX_DIM (64) the fused kernel
+    `vqgpt.tokenizer.kernels.nearest_code_triton` (exact float32); `backend` ("auto" | "chunked" | "triton") or $VQGPT_NEAREST_CODE forces one.
     When "auto" picked the kernel and it fails to compile or launch (an old GPU, a broken
     triton install), this call and every later one use the chunked search, after one
     RuntimeWarning; a forced "triton" raises instead.
