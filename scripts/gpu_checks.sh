@@ -9,6 +9,7 @@
 # 2. `vqgpt demo --quick` on the GPU: every stage end to end (bf16 autocast, CUDA-graph sampling)
 # 3. tests/test_gpu_recipes.py: the GPU recipes (tokenizer, LM), shrunk, a few steps on CUDA
 # 4. scripts/bench_gpu.sh: the "Speed where it matters" tables of docs/benchmarks.md
+# 5. scripts/bench_kernel_tiles.py: the nearest-code kernel's tiles against the chunked search
 # Each step has its own time limit and the script goes on after a failing step; logs land in
 # OUT_DIR. Python is $PYTHON, else python3. Wheels in .whl/ (packages the machine lacks; see
 # /work/.library/device/README.md in the project's workplace) are installed into /tmp/site first.
@@ -48,4 +49,5 @@ cp "$OUT_DIR/demo/report/report.md" "$OUT_DIR/demo_report.md" 2>/dev/null || tru
 step gpu_recipes 120 "$PY" -m pytest tests/test_gpu_recipes.py -p no:cacheprovider \
   -o addopts="--import-mode=importlib" -q -rs
 step bench_gpu 330 bash scripts/bench_gpu.sh
+step kernel_tiles 90 "$PY" scripts/bench_kernel_tiles.py
 exit $status

@@ -192,6 +192,50 @@ def test_a_failing_kernel_falls_back_with_one_warning(monkeypatch):
 
 
 @needs_triton
+def test_a_real_triton_compile_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
+    """No stand-in error: triton's real compiler builds the kernel for an H100 (sm_90, no GPU
+    needed to compile) through a broken assembler, and the PTXASError it raises is what "auto"
+    falls back on (the launch itself needs a GPU: the CUDA test below does it on one)."""
+    import warnings
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from vqgpt.tokenizer import kernels, quantize
+
+    monkeypatch.delenv(quantize.SEARCH_BACKEND_ENV, raising=False)
+    monkeypatch.setattr(quantize, "_triton_failure", "")
+    monkeypatch.setattr(quantize, "_kernel_can_run", lambda x: True)  # as on a CUDA machine
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
+    break_ptxas(monkeypatch, tmp_path)
+    pointers = dict.fromkeys(["x_ptr", "e_ptr", "e_sq_ptr"], "*fp32") | {"out_ptr": "*i64"}
+    sizes = dict.fromkeys(["n", "k", "d", "stride_xn", "stride_ek"], "i32")
+    tiles = {"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 16}
+    source = ASTSource(
+        fn=kernels._nearest_code_kernel,
+        signature=pointers | sizes | dict.fromkeys(tiles, "constexpr"),
+        constexprs=tiles,
+    )
+
+    def compile_for_sm90(x, codebook, **kw):
+        triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        raise AssertionError("the kernel compiled past the broken assembler")
+
+    monkeypatch.setattr(kernels, "nearest_code_triton", compile_for_sm90)
+    x, e = _inputs(40, 30, 5, ties=True, seed=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = quantize.nearest_code(x, e, 7)
+        second = quantize.nearest_code(x, e, 7)
+    want = quantize.nearest_code(x, e, 7, backend="chunked")
+    assert torch.equal(first, want) and torch.equal(second, want)
+    runtime = [w for w in caught if w.category is RuntimeWarning]
+    assert len(runtime) == 1, [str(w.message) for w in caught]
+    assert "PTXASError" in str(runtime[0].message)
+
+
+@needs_triton
 def test_kernel_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     from vqgpt.tokenizer.kernels import nearest_code_triton
@@ -260,11 +304,31 @@ def _gap_to_third(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return three[:, 2] - three[:, 0]
 
 
+def break_ptxas(monkeypatch, folder) -> None:
+    """Point triton at assemblers (ptxas, and the ptxas-blackwell that triton >= 3.7 runs for
+    sm_90+) that report the real one's version, so triton takes them, and then fail every
+    assembly: a broken CUDA toolchain, through triton's real compiler."""
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in ("ptxas", "ptxas-blackwell"):
+        real = os.path.join(bin_dir, name)
+        if not os.path.exists(real):
+            continue
+        fake = folder / name
+        fake.write_text(
+            f'#!/bin/sh\ncase "$*" in *--version*) exec "{real}" --version;; esac\n'
+            'echo "ptxas fatal: broken on purpose by the vqgpt test" >&2\nexit 1\n'
+        )
+        fake.chmod(0o755)
+        monkeypatch.setenv(f"TRITON_{name.upper().replace('-', '_')}_PATH", str(fake))
+
+
 @needs_cuda
 def test_a_kernel_that_really_fails_on_cuda_falls_back_with_one_warning(monkeypatch, tmp_path):
-    """A real compile failure on real hardware, not a raised stand-in: ptxas (the CUDA assembler
-    triton runs) given an option it does not know, tiles no other test compiles and an empty
-    kernel cache; "auto" then falls back to the chunked search with one warning."""
+    """A real compile failure on real hardware, not a raised stand-in: triton's own compiler
+    pipeline with a ptxas that fails, tiles no other test compiles and an empty kernel cache;
+    "auto" then falls back to the chunked search with one warning."""
     import functools
     import warnings
 
@@ -273,12 +337,16 @@ def test_a_kernel_that_really_fails_on_cuda_falls_back_with_one_warning(monkeypa
     monkeypatch.delenv(quantize.SEARCH_BACKEND_ENV, raising=False)
     monkeypatch.setattr(quantize, "_triton_failure", "")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
-    monkeypatch.setenv("PTXAS_OPTIONS", "--vqgpt-no-such-option")
+    break_ptxas(monkeypatch, tmp_path)
     x, e = _inputs(3000, 2000, 5, ties=True, seed=5)
     x, e = x.cuda(), e.cuda()
     fresh_tiles = functools.partial(kernels.nearest_code_triton, blocks=(32, 32, 16))
-    with pytest.raises(Exception) as failure:  # the precondition: it cannot compile now
+    try:
         fresh_tiles(x, e)
+    except Exception as err:  # the precondition: it cannot compile now
+        failure = err
+    else:
+        pytest.skip("this triton compiled past the failing ptxas: no way to break it here")
     monkeypatch.setattr(kernels, "nearest_code_triton", fresh_tiles)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -288,7 +356,7 @@ def test_a_kernel_that_really_fails_on_cuda_falls_back_with_one_warning(monkeypa
     assert first.is_cuda and torch.equal(first.cpu(), want) and torch.equal(second.cpu(), want)
     runtime = [w for w in caught if w.category is RuntimeWarning]
     assert len(runtime) == 1, [str(w.message) for w in caught]
-    assert type(failure.value).__name__ in str(runtime[0].message)
+    assert type(failure).__name__ in str(runtime[0].message)
 
 
 @needs_cuda
