@@ -59,11 +59,13 @@ PEER_PACKAGES = [
 ]
 FSQ_LEVELS = {1024: [8, 8, 4, 4], 64: [4, 4, 4]}  # K -> levels with prod(levels) = K
 DEFAULT_PEER_CACHE = Path.home() / ".cache" / "vqgpt" / "bench_peer"
-VARIANTS = ("vq-ste", "vq-rotation", "simvq", "fsq", "lfq")
+VARIANTS = ("vq-ste", "vq-rotation", "vq-cosine8", "simvq", "fsq", "lfq")
 PEER_NOTES = {
     "vq-ste": "VectorQuantize: EMA (decay 0.95), k-means init, dead codes (EMA size < 2) "
     "replaced by batch vectors, commitment 0.25, straight-through",
     "vq-rotation": "the same with rotation_trick=True",
+    "vq-cosine8": "the same, straight-through, with codebook_dim=8 and use_cosine_sim=True (the "
+    "LlamaGen recipe: factorised l2-normalised codes)",
     "simvq": "SimVQ: frozen codebook x learnt linear map, rotation trick, losses 1 + 0.25",
     "fsq": "FSQ: projections 64 -> 4 -> 64, levels as vqgpt's",
     "lfq": "LFQ: projections 64 -> 10 -> 64, entropy weight 0.1, commitment 0.25",
@@ -115,6 +117,8 @@ def quantizer_section(variant: str, k: int, bypass_steps: int) -> dict[str, Any]
     if variant in ("vq-ste", "vq-rotation"):  # the recipes' VQ, estimator aside
         estimator = variant.removeprefix("vq-")
         return dict(common, preset="default", ema_decay=0.95, estimator=estimator)
+    if variant == "vq-cosine8":  # factorised l2-normalised codes (LlamaGen's 8-dim cosine codes)
+        return dict(common, preset="default", ema_decay=0.95, codebook_dim=8, l2_normalize=True)
     if variant == "simvq":
         return dict(common, type="simvq", estimator="rotation")  # the peer's default
     if variant == "fsq":
@@ -129,10 +133,12 @@ def peer_module(variant: str, dim: int, k: int):
     """vector_quantize_pytorch's module for `variant` over `dim` channels, channel-first maps."""
     import vector_quantize_pytorch as vqp
 
-    if variant in ("vq-ste", "vq-rotation"):
+    if variant in ("vq-ste", "vq-rotation", "vq-cosine8"):
+        cosine = dict(codebook_dim=8, use_cosine_sim=True) if variant == "vq-cosine8" else {}
         return vqp.VectorQuantize(
             dim=dim,
             codebook_size=k,
+            **cosine,
             decay=0.95,
             kmeans_init=True,
             kmeans_iters=10,
@@ -161,6 +167,7 @@ def peer_quantizer_class():
     import torch
     from torch import nn
 
+    from vqgpt.export.hub.quantization_vqgpt import fsq_bound
     from vqgpt.tokenizer.quantize import QuantizerOutput
 
     class PeerQuantizer(nn.Module):
@@ -177,6 +184,19 @@ def peer_quantizer_class():
             zero = z_e.new_zeros((), dtype=torch.float32)
             loss = out[2].float().sum() if len(out) > 2 else zero
             return QuantizerOutput(out[0], out[1].long(), loss, zero, zero, zero)
+
+        def bypass(self, z_e: torch.Tensor) -> torch.Tensor:
+            """The warm-up's decoder input, as vqgpt's quantizers make it: the peer's forward
+            without the snapping (projections, l2 normalisation, FSQ's bound)."""
+            peer = self.peer
+            if isinstance(getattr(peer, "project_in", nn.Identity()), nn.Identity):
+                return z_e
+            x = peer.project_in(z_e.permute(0, 2, 3, 1))  # channel last
+            if getattr(peer, "use_cosine_sim", False):
+                x = nn.functional.normalize(x, dim=-1)
+            if hasattr(peer, "_levels"):  # FSQ: the bound before rounding, scaled like codes
+                x = fsq_bound(x, peer._levels.tolist()) / (peer._levels // 2)
+            return peer.project_out(x).permute(0, 3, 1, 2)
 
         def lookup(self, codes: torch.Tensor) -> torch.Tensor:
             if hasattr(self.peer, "get_output_from_indices"):  # VectorQuantize

@@ -92,7 +92,7 @@ def test_streamed_shards_in_two_processes_train_like_one(
 @pytest.mark.parametrize(
     "name, sections",
     [
-        # the projections (and a gradient-trained codebook) sit out the bypass steps
+        # a gradient-trained codebook sits out the bypass steps (the projections train in them)
         ("bypass-factorised", dict(quantizer=dict(bypass_steps=2, codebook_dim=4))),
         ("bypass-seed", dict(quantizer=dict(preset="seed", bypass_steps=2))),
         # the discriminator joins at step 2 (and runs one forward per backward)

@@ -78,3 +78,38 @@ def test_bypassed_quantizer_decodes_z_e_and_defers_kmeans_init():
     assert not bool(model.quantizer.codebooks[0].initialized)  # k-means waits for real codes
     model(pixels)
     assert bool(model.quantizer.codebooks[0].initialized)
+
+
+FACTORISED = {
+    "vq-l2": dict(codebook_dim=4, l2_normalize=True),
+    "simvq": dict(type="simvq", codebook_dim=4),
+    "fsq": dict(type="fsq", fsq_levels=[4, 4], codebook_dim=2),
+    "lfq": dict(type="lfq", codebook_dim=4),
+}
+
+
+@pytest.mark.parametrize("name", list(FACTORISED))
+def test_the_warm_up_trains_the_factorised_projections(name):
+    """Issue 15 item 3: a warm-up that decoded z_e itself left proj_in / proj_out at their random
+    init, so the first real step fed the decoder vectors it had never seen (factorised l2 codes
+    then collapsed within ~50 steps). The bypass now runs the quantizer's path without the
+    snapping: the projections get gradients, and the decoder input is what the codes approximate."""
+    torch.manual_seed(0)
+    model = dict(image_size=32, base_channels=8, channel_mult=(1, 2), latent_dim=8, norm_groups=4)
+    quantizer = QuantizerConfig(codebook_size=16, **FACTORISED[name])
+    vqvae = VQVAE(VQVAEConfig.build(ModelConfig(**model), quantizer)).train()
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = vqvae(pixels, bypass_quantizer=True)
+    z_e = vqvae.encoder(pixels)
+    assert out.quantizer.quantized.shape == z_e.shape
+    assert not torch.allclose(out.quantizer.quantized, z_e)  # through the projections
+    (out.reconstruction - pixels).pow(2).mean().backward()
+    q = vqvae.quantizer
+    for proj in (q.proj_in, q.proj_out):
+        assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+    if name == "vq-l2":  # unit vectors in search space; the codebook still waits for k-means
+        z = torch.nn.functional.linear(z_e.permute(0, 2, 3, 1), q.proj_in.weight, q.proj_in.bias)
+        z = torch.nn.functional.normalize(z, dim=-1)
+        want = torch.nn.functional.linear(z, q.proj_out.weight, q.proj_out.bias)
+        assert torch.allclose(out.quantizer.quantized, want.permute(0, 3, 1, 2), atol=1e-6)
+        assert not bool(q.codebooks[0].initialized)

@@ -60,3 +60,13 @@ class FSQ(ScalarQuantizer):
             codes = rearrange(digits_to_ids(digits, self.levels), "(b h w) -> b h w", b=b, h=h, w=w)
             zero = z.new_zeros(())
         return QuantizerOutput(out.to(z_e.dtype), codes, zero, zero, zero, zero)
+
+    def bypass(self, z_e: Tensor) -> Tensor:
+        """The warm-up's decoder input: forward without the rounding (the bounded, scaled z
+        through the projections), so that they train before the first code is drawn."""
+        b, _, h, w = z_e.shape
+        with torch.autocast(device_type=z_e.device.type, enabled=False):
+            z = search_space(z_e, self.proj_in, False)  # (N, d)
+            half = torch.tensor([n // 2 for n in self.levels], device=z.device)
+            out = project(fsq_bound(z, self.levels) / half, self.proj_out)
+        return rearrange(out, "(b h w) d -> b d h w", b=b, h=h, w=w).to(z_e.dtype)

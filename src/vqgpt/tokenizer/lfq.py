@@ -108,3 +108,13 @@ class LFQ(ScalarQuantizer):
             zero = z.new_zeros(())
             loss = cfg.beta * commitment + cfg.entropy_weight * entropy
         return QuantizerOutput(out.to(z_e.dtype), codes, loss, commitment, zero, entropy)
+
+    def bypass(self, z_e: Tensor) -> Tensor:
+        """The warm-up's decoder input: forward without the sign (z through the projections), so
+        that they train before the first code is drawn; `z_e` itself without projections."""
+        if self.proj_in is None:
+            return z_e
+        b, _, h, w = z_e.shape
+        with torch.autocast(device_type=z_e.device.type, enabled=False):
+            out = project(search_space(z_e, self.proj_in, False), self.proj_out)
+        return rearrange(out, "(b h w) d -> b d h w", b=b, h=h, w=w).to(z_e.dtype)

@@ -580,6 +580,19 @@ class VectorQuantizer(nn.Module):
             loss = codebook_loss + self.cfg.beta * commitment
         return QuantizerOutput(quantized, codes, loss, commitment, codebook_loss, z.new_zeros(()))
 
+    def bypass(self, z_e: Tensor) -> Tensor:
+        """The warm-up's decoder input for `z_e` [B, D, H, W]: forward with the snapping left out
+        (projection in, l2 normalisation, projection out), so that the factorised projections
+        train during the warm-up and the decoder meets the kind of vector the codes will give it.
+        Plain codes (no projection, no l2): `z_e` itself."""
+        if self.proj_in is None and not self.cfg.l2_normalize:
+            return z_e
+        b, _, h, w = z_e.shape
+        with torch.autocast(device_type=z_e.device.type, enabled=False):
+            z = hub.search_space(z_e, self.proj_in, self.cfg.l2_normalize)  # (N, search_dim)
+            out = hub.project(z, self.proj_out)
+        return rearrange(out, "(b h w) d -> b d h w", b=b, h=h, w=w).to(z_e.dtype)
+
     def lookup(self, codes: Tensor) -> Tensor:
         """Codes [B, H, W] (or [B, H, W, L]) -> quantized vectors [B, D, H, W] in the module dtype."""
         vectors = hub.lookup(codes, [cb.vectors for cb in self.codebooks], self.proj_out)

@@ -163,7 +163,9 @@ class VQVAE(VQVAEBase):
         return self.decoder(vectors).clamp(-1.0, 1.0)
 
     def forward(self, pixel_values: torch.Tensor, bypass_quantizer: bool = False) -> VQVAEOutput:
-        """Reconstruct; `bypass_quantizer` decodes z_e itself (the autoencoder warm-up)."""
+        """Reconstruct; `bypass_quantizer` decodes the quantizer's path without the snapping (the
+        autoencoder warm-up): z_e itself for plain codes, through the projections (and l2
+        normalisation) for factorised ones, so those train before the first code is drawn."""
         if not bypass_quantizer:
             q = self.quantize(pixel_values)
             return VQVAEOutput(reconstruction=self.decoder(q.quantized), codes=q.codes, quantizer=q)
@@ -176,5 +178,7 @@ class VQVAE(VQVAEBase):
             for p in self.quantizer.parameters():
                 if p.requires_grad:
                     touched = touched + 0.0 * p.float().sum()
-        q = QuantizerOutput(z_e, z_e.new_zeros((0,), dtype=torch.long), touched, zero, zero, zero)
-        return VQVAEOutput(reconstruction=self.decoder(z_e), codes=q.codes, quantizer=q)
+        bypass = getattr(self.quantizer, "bypass", None)
+        z = bypass(z_e) if bypass is not None else z_e
+        q = QuantizerOutput(z, z_e.new_zeros((0,), dtype=torch.long), touched, zero, zero, zero)
+        return VQVAEOutput(reconstruction=self.decoder(z), codes=q.codes, quantizer=q)
