@@ -30,6 +30,15 @@ The peer package is not a dependency of vqgpt: `--peer` installs it once (pinned
 deps; torch, einops, numpy and sympy come from this environment) and only the peer rows' processes
 get that folder on their path.
 
+`--lm` (shapes, vqgpt rows) adds the LM column: for each row and each of `--lm-seeds`, one short
+fixed stage-two run on that tokenizer's codes (configs/lm/shapes.yaml, `--lm-steps` steps, its
+own seed; `vqgpt train-lm` in a fresh process, codes pretokenised once per row), then its held-out
+image-token loss (the run's final eval.json, `split/t2i/image`, nats per image token) and the
+single-draw text-to-image accuracy of `vqgpt eval --data shapes --num-images --lm-images` (the
+shapes checker, CFG 1, one image per held-out caption). Mean and standard deviation over the LM
+seeds, so that the tokenizers' differences can be read against the LM's own noise. Peer rows get
+no LM column (their quantizer is not vqgpt's, so vqgpt's pretokeniser cannot load them).
+
 Out, in `--out/<dataset>/`: `<variant>-<impl>-s<seed>/` (each row's run and its bench.json),
 `rows.log` (the rows' output), `results.json` and `table.md` (also printed). A row whose bench.json exists is not run again (rerun with a new --out).
 """
@@ -306,6 +315,68 @@ def run_worker(job: Job) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# the LM column
+
+# the fixed short stage-two run: lm/shapes.yaml, its steps replaced by --lm-steps; checkpoints and
+# periodic evaluations off (the final evaluation gives the held-out image-token loss)
+LM_OVERRIDES = ["train.eval_every=0", "train.save_every=0", "train.max_minutes=null"]
+LM_QUICK_OVERRIDES = [
+    "model.preset=tiny",
+    "data.images.shapes.num_images=64",
+    "data.images.shapes.num_test_images=16",
+    "train.batch_size=8",
+    "train.warmup_steps=1",
+    "eval.max_images=8",
+    "eval.baseline_images=16",
+]
+
+
+def _cli(args: list[str], log: Path) -> None:
+    """`python -m vqgpt.cli ARGS` in a fresh process, output appended to `log`."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO / "src"), env.get("PYTHONPATH")] if p)
+    with log.open("a") as f:
+        f.write(f"\n=== vqgpt {' '.join(args)}\n")
+        f.flush()
+        proc = subprocess.run(
+            [sys.executable, "-m", "vqgpt.cli", *args], stdout=f, stderr=subprocess.STDOUT, env=env
+        )
+    if proc.returncode != 0:
+        raise RuntimeError(f"vqgpt {args[0]} failed (exit {proc.returncode}); see {log}")
+
+
+def lm_column(
+    row: dict[str, Any], seeds: list[int], steps: int, images: int, quick: bool, log: Path
+) -> dict[str, Any]:
+    """The row's LM runs (one per seed; each skipped when its results exist) -> per-seed image
+    loss and single-draw text-to-image accuracy, kept in the row under "lm"."""
+    run = Path(row["out"])
+    per_seed = []
+    for seed in seeds:
+        lm = run / f"lm-s{seed}"
+        if not (lm / "final" / "eval.json").is_file():
+            overrides = [
+                f"data.tokenizer={run}",
+                f"data.output_dir={run / 'lm_codes'}",
+                f"train.output_dir={lm}",
+                f"train.seed={seed}",
+                f"train.max_steps={steps}",
+                *LM_OVERRIDES,
+                *(LM_QUICK_OVERRIDES if quick else []),
+            ]
+            _cli(["train-lm", "--config", "lm/shapes", *overrides], log)
+        metrics = lm / "eval" / "metrics.json"
+        if not metrics.is_file():
+            args = ["eval", "--model", str(lm), "--data", "shapes", "--num-images", str(images)]
+            args += ["--rerank", "1", "--caption-rerank", "1", "--seed", str(seed)]
+            _cli([*args, "--out", str(lm / "eval")], log)
+        loss = json.loads((lm / "final" / "eval.json").read_text())["split/t2i/image"]
+        t2i = json.loads(metrics.read_text())["t2i"]["cfg=1"]["accuracy"]
+        per_seed.append(dict(seed=seed, image_loss=loss, t2i=t2i))
+    return dict(steps=steps, images=images, runs=per_seed)
+
+
+# ---------------------------------------------------------------------------------------------
 # the peer environment
 
 
@@ -348,13 +419,25 @@ def _mean_sd(values: list[float], fmt: str) -> str:
     return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 
+def _lm_cells(rs: list[dict[str, Any]]) -> str:
+    """The LM columns of one (variant, impl) line: mean ± sd over every LM run of its rows."""
+    runs = [run for r in rs if r.get("lm") for run in r["lm"]["runs"]]
+    if not runs:
+        return " - | - | 0 |"
+    loss = _mean_sd([run["image_loss"] for run in runs], ".3f")
+    t2i = _mean_sd([100 * run["t2i"] for run in runs], ".1f")
+    return f" {loss} | {t2i}% | {len(runs)} |"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per (variant, impl), mean ± sd over its seeds."""
+    with_lm = any(r.get("lm") for r in rows)
     head = (
         "| variant | impl | seeds | PSNR (dB) | SSIM | usage | perplexity | dead codes "
         "| shapes ceiling | s / step | steps |"
+        + (" LM image loss (nats) | LM t2i, 1 draw | LM runs |" if with_lm else "")
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * (14 if with_lm else 11)]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["variant"], r["impl"]), []).append(r)
@@ -369,6 +452,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {col('usage', '.1f', 100)}% | {col('perplexity', '.0f')} | {col('dead_codes', '.0f')} "
             f"| {col('ceiling', '.1f', 100) + '%' if rs[0].get('ceiling') is not None else '-'} "
             f"| {col('s_per_step', '.2f')} | {'/'.join(map(str, steps))} |"
+            + (_lm_cells(rs) if with_lm else "")
         )
     return "\n".join(lines)
 
@@ -442,6 +526,12 @@ def main(argv: list[str] | None = None) -> None:
         default=str(DEFAULT_PEER_CACHE),
         help="where the peer is installed (once)",
     )
+    parser.add_argument(
+        "--lm", action="store_true", help="add the LM column (shapes, vqgpt rows; see above)"
+    )
+    parser.add_argument("--lm-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--lm-steps", type=int, default=400, help="steps of each LM run")
+    parser.add_argument("--lm-images", type=int, default=100, help="held-out captions drawn")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, K=64, 3 steps")
     parser.add_argument("--out", default="runs/bench_tokenizers")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -451,6 +541,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_worker(Job(**json.loads(args.worker)))))
         return
 
+    if args.lm and args.dataset != "shapes":
+        parser.error("--lm needs --dataset shapes (text-to-image is scored by the shapes checker)")
     site = ensure_peer(Path(args.peer_cache)) if args.peer else None
     out = Path(args.out) / args.dataset
     out.mkdir(parents=True, exist_ok=True)
@@ -458,7 +550,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for job in plan(args):
         start = time.time()
-        rows.append(run_job(job, site, log))
+        row = run_job(job, site, log)
+        if args.lm and job.impl == "vqgpt":
+            lm_steps = 2 if args.quick else args.lm_steps
+            lm_images = 4 if args.quick else args.lm_images
+            row["lm"] = lm_column(row, args.lm_seeds, lm_steps, lm_images, args.quick, log)
+        rows.append(row)
         print(f"done: {job.name} ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
     text = table(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=2))

@@ -366,3 +366,34 @@ def test_bench_tokenizers_peer_row_matches_vqgpt_fsq(
     )
     assert peer["psnr"] == pytest.approx(ours["psnr"], abs=0.01)
     assert peer["usage"] == pytest.approx(ours["usage"], abs=1 / 64)
+
+
+def test_bench_tokenizers_lm_column_trains_one_lm_per_seed(repo_root, cli_env, tmp_path):
+    """--lm: per vqgpt row, one short LM run per seed on that tokenizer's codes (pretokenised
+    once), its held-out image-token loss and single-draw text-to-image accuracy, mean ± sd."""
+    stdout, rows = _bench_tokenizers(
+        repo_root,
+        cli_env,
+        tmp_path,
+        "--no-peer",
+        "--variants",
+        "vq-ste",
+        "--set",
+        "quantizer.bypass_steps=2",
+        "--lm",
+        "--lm-seeds",
+        "0",
+        "1",
+    )
+    (row,) = rows
+    runs = row["lm"]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1] and row["lm"]["steps"] == 2
+    for r in runs:
+        assert r["image_loss"] > 0 and 0 <= r["t2i"] <= 1
+        lm_config = json.loads((tmp_path / "shapes" / "vq-ste-vqgpt-s0" / f"lm-s{r['seed']}"
+                                / "final" / "config.json").read_text())  # fmt: skip
+        assert lm_config["vocab_size"] > 50257 + 64  # GPT-2's text ids + the row's 64 codes
+    assert runs[0]["image_loss"] != runs[1]["image_loss"]  # two seeds, two runs
+    codes = tmp_path / "shapes" / "vq-ste-vqgpt-s0" / "lm_codes"
+    assert (codes / "train").is_dir()  # pretokenised once, shared by the seeds
+    assert "LM image loss (nats)" in stdout and "| 2 |" in stdout.splitlines()[-1]
