@@ -29,7 +29,7 @@ from vqgpt.export.hub.quantization_vqgpt import (
     search_space,
 )
 from vqgpt.tokenizer.estimators import straight_through
-from vqgpt.tokenizer.quantize import QuantizerConfig, QuantizerOutput
+from vqgpt.tokenizer.quantize import QuantizerConfig, QuantizerOutput, unsnapped
 
 
 class FSQ(ScalarQuantizer):
@@ -64,9 +64,7 @@ class FSQ(ScalarQuantizer):
     def bypass(self, z_e: Tensor) -> Tensor:
         """The warm-up's decoder input: forward without the rounding (the bounded, scaled z
         through the projections), so that they train before the first code is drawn."""
-        b, _, h, w = z_e.shape
-        with torch.autocast(device_type=z_e.device.type, enabled=False):
-            z = search_space(z_e, self.proj_in, False)  # (N, d)
-            half = torch.tensor([n // 2 for n in self.levels], device=z.device)
-            out = project(fsq_bound(z, self.levels) / half, self.proj_out)
-        return rearrange(out, "(b h w) d -> b d h w", b=b, h=h, w=w).to(z_e.dtype)
+        half = torch.tensor([n // 2 for n in self.levels], device=z_e.device)
+        return unsnapped(
+            z_e, self.proj_in, self.proj_out, squash=lambda z: fsq_bound(z, self.levels) / half
+        )

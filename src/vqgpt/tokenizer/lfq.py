@@ -37,7 +37,7 @@ from vqgpt.export.hub.quantization_vqgpt import (
     search_space,
 )
 from vqgpt.tokenizer.estimators import straight_through
-from vqgpt.tokenizer.quantize import QuantizerConfig, QuantizerOutput
+from vqgpt.tokenizer.quantize import QuantizerConfig, QuantizerOutput, unsnapped
 
 
 def _chunk_entropy(z: Tensor, codebook: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -112,9 +112,4 @@ class LFQ(ScalarQuantizer):
     def bypass(self, z_e: Tensor) -> Tensor:
         """The warm-up's decoder input: forward without the sign (z through the projections), so
         that they train before the first code is drawn; `z_e` itself without projections."""
-        if self.proj_in is None:
-            return z_e
-        b, _, h, w = z_e.shape
-        with torch.autocast(device_type=z_e.device.type, enabled=False):
-            out = project(search_space(z_e, self.proj_in, False), self.proj_out)
-        return rearrange(out, "(b h w) d -> b d h w", b=b, h=h, w=w).to(z_e.dtype)
+        return unsnapped(z_e, self.proj_in, self.proj_out)

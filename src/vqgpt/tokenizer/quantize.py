@@ -22,6 +22,7 @@ import math
 import os
 import typing
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -299,6 +300,27 @@ def _triton_failed(err: Exception) -> None:
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def unsnapped(
+    z_e: Tensor,
+    proj_in: nn.Module | None,
+    proj_out: nn.Module | None,
+    l2_normalize: bool = False,
+    squash: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """A quantizer's forward path with the snapping left out: `z_e` [B, D, H, W] -> projection in,
+    l2 normalisation and `squash` (FSQ's bound) when given, projection out -> [B, D, H, W] in
+    z_e's dtype (float32 inside). What the bypass warm-up decodes, so that the factorised
+    projections train before the first code is drawn; `z_e` itself when there is nothing to
+    apply (plain codes: the warm-up as it always was, bit for bit)."""
+    if proj_in is None and proj_out is None and not l2_normalize and squash is None:
+        return z_e
+    b, _, h, w = z_e.shape
+    with torch.autocast(device_type=z_e.device.type, enabled=False):
+        z = hub.search_space(z_e, proj_in, l2_normalize)  # (N, search_dim)
+        out = hub.project(squash(z) if squash is not None else z, proj_out)
+    return rearrange(out, "(b h w) d -> b d h w", b=b, h=h, w=w).to(z_e.dtype)
 
 
 @torch.no_grad()
@@ -585,13 +607,7 @@ class VectorQuantizer(nn.Module):
         (projection in, l2 normalisation, projection out), so that the factorised projections
         train during the warm-up and the decoder meets the kind of vector the codes will give it.
         Plain codes (no projection, no l2): `z_e` itself."""
-        if self.proj_in is None and not self.cfg.l2_normalize:
-            return z_e
-        b, _, h, w = z_e.shape
-        with torch.autocast(device_type=z_e.device.type, enabled=False):
-            z = hub.search_space(z_e, self.proj_in, self.cfg.l2_normalize)  # (N, search_dim)
-            out = hub.project(z, self.proj_out)
-        return rearrange(out, "(b h w) d -> b d h w", b=b, h=h, w=w).to(z_e.dtype)
+        return unsnapped(z_e, self.proj_in, self.proj_out, self.cfg.l2_normalize)
 
     def lookup(self, codes: Tensor) -> Tensor:
         """Codes [B, H, W] (or [B, H, W, L]) -> quantized vectors [B, D, H, W] in the module dtype."""
@@ -607,5 +623,6 @@ __all__ = [
     "VectorQuantizer",
     "kmeans",
     "nearest_code",
+    "unsnapped",
     "nearest_code_full",
 ]

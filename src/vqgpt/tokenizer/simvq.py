@@ -23,7 +23,7 @@ from torch import Tensor
 from vqgpt.config import to_dict
 from vqgpt.export.hub.quantization_vqgpt import SimVectorQuantizer, project, search_space
 from vqgpt.tokenizer.estimators import apply_estimator
-from vqgpt.tokenizer.quantize import QuantizerConfig, QuantizerOutput, nearest_code
+from vqgpt.tokenizer.quantize import QuantizerConfig, QuantizerOutput, nearest_code, unsnapped
 
 
 class SimVQ(SimVectorQuantizer):
@@ -62,9 +62,4 @@ class SimVQ(SimVectorQuantizer):
     def bypass(self, z_e: Tensor) -> Tensor:
         """The warm-up's decoder input: forward without the snapping (z through the projections),
         so that they train before the first code is drawn; `z_e` itself without projections."""
-        if self.proj_in is None:
-            return z_e
-        b, _, h, w = z_e.shape
-        with torch.autocast(device_type=z_e.device.type, enabled=False):
-            out = project(search_space(z_e, self.proj_in, False), self.proj_out)
-        return rearrange(out, "(b h w) d -> b d h w", b=b, h=h, w=w).to(z_e.dtype)
+        return unsnapped(z_e, self.proj_in, self.proj_out)
