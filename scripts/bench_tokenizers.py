@@ -186,6 +186,7 @@ def peer_quantizer_class():
         def __init__(self, variant: str, dim: int, k: int):
             super().__init__()
             self.peer = peer_module(variant, dim, k)
+            self.dim = dim
             self.codebook_size = k
 
         def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
@@ -208,9 +209,14 @@ def peer_quantizer_class():
             return peer.project_out(x).permute(0, 3, 1, 2)
 
         def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+            """codes [B, H, W] -> [B, D, H, W] (the decoder's input)."""
             if hasattr(self.peer, "get_output_from_indices"):  # VectorQuantize
-                return self.peer.get_output_from_indices(codes)
-            return self.peer.indices_to_codes(codes)
+                out = self.peer.get_output_from_indices(codes)
+            else:
+                out = self.peer.indices_to_codes(codes)
+            if out.ndim == 4 and out.shape[1] != self.dim and out.shape[-1] == self.dim:
+                out = out.permute(0, 3, 1, 2)  # VectorQuantize with a projection: channel last
+            return out
 
     return PeerQuantizer
 
