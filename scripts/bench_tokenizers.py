@@ -210,7 +210,12 @@ def peer_quantizer_class():
 
         def lookup(self, codes: torch.Tensor) -> torch.Tensor:
             """codes [B, H, W] -> [B, D, H, W] (the decoder's input)."""
-            if hasattr(self.peer, "get_output_from_indices"):  # VectorQuantize
+            if getattr(self.peer, "use_cosine_sim", False):  # its forward uses unit codes
+                embed = nn.functional.normalize(
+                    self.peer.codebook.reshape(-1, self.peer.codebook.shape[-1]), dim=-1
+                )
+                out = self.peer.project_out(embed[codes])  # (B, H, W, D)
+            elif hasattr(self.peer, "get_output_from_indices"):  # VectorQuantize
                 out = self.peer.get_output_from_indices(codes)
             else:
                 out = self.peer.indices_to_codes(codes)
