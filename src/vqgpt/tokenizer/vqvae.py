@@ -178,7 +178,6 @@ class VQVAE(VQVAEBase):
             for p in self.quantizer.parameters():
                 if p.requires_grad:
                     touched = touched + 0.0 * p.float().sum()
-        bypass = getattr(self.quantizer, "bypass", None)
-        z = bypass(z_e) if bypass is not None else z_e
+        z = self.quantizer.bypass(z_e)  # every family's forward without the snapping
         q = QuantizerOutput(z, z_e.new_zeros((0,), dtype=torch.long), touched, zero, zero, zero)
         return VQVAEOutput(reconstruction=self.decoder(z), codes=q.codes, quantizer=q)
