@@ -264,7 +264,7 @@ def test_a_run_with_documents_trains_on_them_and_reports_their_loss(
         out,
         tmp_path / "codes",
         train=dict(max_steps=2, eval_every=2, save_every=0),
-        sequences=dict(document_ratio=0.3),
+        sequences=dict(document_ratio=0.3, image_positions="shared"),
         eval=dict(max_documents=3),
     )
     recipe["data"]["documents"] = dict(source=str(tmp_path))
@@ -274,6 +274,17 @@ def test_a_run_with_documents_trains_on_them_and_reports_their_loss(
     assert "document " in eval_line and "(unigram " in eval_line
     summary = json.loads((out / "final" / "eval.json").read_text())
     assert summary["full/document"] > 0 and summary["full/document/image"] > 0
+    # the shared image positions are in the model's config, for every later forward of it
+    config = json.loads((out / "final" / "config.json").read_text())
+    layout = json.loads((out / "final" / "vqgpt_vocab.json").read_text())
+    assert config["image_positions"]["offset"] == 2  # no t2i prefix: a captioning code's
+    assert config["image_positions"]["code_lo"] == layout["text_vocab_size"] + len(
+        layout["special_tokens"]
+    )
+    # ... which the exported folder's transformers generate() would ignore: export refuses
+    result = run_cli("export", "--run", str(out), "--out", str(tmp_path / "x"), check=False)
+    assert result.returncode == 2 and "sequences.image_positions=shared" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x").exists()
 
 
 def test_a_document_ratio_without_documents_is_a_config_error(repo_root):

@@ -243,6 +243,13 @@ def write_pipeline(src: Path, dst: Path, image_size: int) -> VocabLayout:
     for name in (*LANGUAGE_MODEL.files, *JOINT_VOCABULARY.files, *optional):
         shutil.copy2(src / name, dst / name)
     lm_config = _read_json(src / "config.json")
+    if lm_config.get("image_positions") is not None:
+        raise ExportError(
+            f"{src}: this LM was trained with sequences.image_positions=shared (every image's "
+            "codes at shared position ids), which transformers' generate() in the exported folder "
+            "does not reproduce; export a model trained with sequential positions, or use it "
+            "through vqgpt (vqgpt generate / caption / serve)"
+        )
     tokenizer_config = _read_json(src / "tokenizer_config.json")
     _write_json(
         dst / "tokenizer_config.json",

@@ -258,7 +258,7 @@ def _continue_batch(
         logits = widen(decoder.step(torch.tensor(fed, device=device)), narrow)
         # rows that stopped are fed eos while others run on: keep their (unread) positions inside
         # the position table; a running row's never reach the end (it stops there)
-        decoder.positions = decoder.positions.clamp(max=n_positions - 1)
+        decoder.tracker.clamp(n_positions - 1)
     for r in range(n):  # the loop ran out only with max_new steps taken
         stop[r] = stop[r] or "max_new_tokens"
     return [Continuation(tokens[r], images[r], stop[r]) for r in range(n)]

@@ -34,6 +34,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from transformers import DynamicCache, StaticCache
 
+from vqgpt.lm.positions import ImagePositions, PositionTracker
 from vqgpt.lm.sampling import (
     SamplingConfig,
     base_seed,
@@ -160,7 +161,8 @@ class KVDecoder:
         self.cache: DynamicCache | StaticCache | None = None
         self.shape: tuple[int, int] | None = None  # static: (rows, cache length) of `cache`
         self.mask: Tensor | None = None  # (N, L) long: 0 on left padding, 1 elsewhere
-        self.positions: Tensor | None = None  # (N, 1): position id of the next token
+        # position ids of the fed tokens (sequential, or shared image positions: lm.positions)
+        self.tracker = PositionTracker(ImagePositions.of(model.config))
         self.logits: Tensor | None = None  # (N, V) after the last start / step / select
         self._step = self._forward
         if self.compiled:
@@ -196,8 +198,7 @@ class KVDecoder:
                 self.cache.reset()  # same tensors (addresses) as the captured graph
             self.mask = torch.ones(n, length, dtype=torch.long, device=self.device)
             self.mask[:, :t] = prompt_mask
-        self.positions = rearrange(prompt_mask.sum(dim=-1), "n -> n 1")  # real tokens so far
-        positions = (prompt_mask.cumsum(dim=-1) - 1).clamp_min(0)  # (N, T), from 0
+        positions = self.tracker.start(ids, prompt_mask)  # (N, T), from 0
         self.logits = self._forward(ids, positions, self.mask)
         return self.logits
 
@@ -207,8 +208,8 @@ class KVDecoder:
             self.mask = F.pad(self.mask, (0, 1), value=1)
         elif self.compiled and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
-        logits = self._step(rearrange(tokens, "n -> n 1"), self.positions, self.mask)
-        self.positions = self.positions + 1
+        positions = self.tracker.next(tokens)  # (N, 1)
+        logits = self._step(rearrange(tokens, "n -> n 1"), positions, self.mask)
         self.logits = logits.clone() if self.compiled else logits
         return self.logits
 
@@ -218,7 +219,7 @@ class KVDecoder:
             raise ValueError("select reorders a dynamic cache; a static one keeps its rows")
         self.cache.reorder_cache(index)  # index_select on every layer's keys and values
         self.mask = self.mask[index]
-        self.positions = self.positions[index]
+        self.tracker.select(index)
         self.logits = self.logits[index]
 
 

@@ -34,6 +34,7 @@ from vqgpt.lm.decoding import (
     narrow_head,
     vocab_width,
 )
+from vqgpt.lm.positions import ImagePositions, forward_position_ids
 from vqgpt.lm.sampling import (
     SamplingConfig,
     constrained_logprobs,
@@ -189,9 +190,10 @@ def _target_logprobs(
     with inference(model):
         for part in _chunks(len(examples), batch_size):
             batch = collate(examples[part], pad_id=pad_id)
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            positions = forward_position_ids(ids, mask, ImagePositions.of(model.config))
             hidden = model.base_model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
+                input_ids=ids, attention_mask=mask, position_ids=positions
             ).last_hidden_state[:, :-1]  # position t predicts token t + 1
             targets = batch["labels"][:, 1:].to(device)
             scored = (targets != IGNORE_INDEX) & keep(targets)  # the head runs there only

@@ -8,6 +8,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from vqgpt.lm.positions import ImagePositions, forward_position_ids
 from vqgpt.lm.sequences import IGNORE_INDEX
 
 LOSS_MODES = ("split", "full")  # see lm_loss; `model.loss` in an LM recipe
@@ -211,7 +212,11 @@ class LMWithLoss(nn.Module):
         normalizer: Tensor | float | None = None,
     ) -> LossOutput:
         """`lm_loss` of the batch ([B, T] each) from the LM's final hidden states."""
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        scheme = ImagePositions.of(self.lm.config)
+        positions = forward_position_ids(input_ids, attention_mask, scheme)
+        hidden = self.lm.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
+        )
         return lm_loss(
             hidden.last_hidden_state,
             self.lm.get_output_embeddings().weight,

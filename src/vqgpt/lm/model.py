@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from vqgpt.config import ConfigError
 from vqgpt.lm.loss import LOSS_MODES
+from vqgpt.lm.positions import ImagePositions, forward_position_ids
 
 GPT2_EOS_ID = 50256  # <|endoftext|>: BOS and EOS of every sequence
 
@@ -257,9 +258,14 @@ def forward_hidden(
     Goes through the model's own forward (so DDP / Accelerate wrappers and their hooks run) and
     asks for the last position's logits only.
     """
+    if attention_mask is None:  # never None with position ids: see lm.positions
+        attention_mask = torch.ones_like(input_ids)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
+        position_ids=forward_position_ids(
+            input_ids, attention_mask, ImagePositions.of_model(model)
+        ),
         logits_to_keep=1,
         output_hidden_states=True,
         use_cache=False,

@@ -41,6 +41,7 @@ from torch import Tensor
 from vqgpt.config import ConfigError
 from vqgpt.errors import VqgptError
 from vqgpt.export.hub.processing_vqgpt import t2i_prefix as hub_t2i_prefix
+from vqgpt.lm.positions import IMAGE_POSITIONS, ImagePositions
 from vqgpt.lm.vocab import VocabLayout
 
 IGNORE_INDEX = -100  # label of a masked position (torch / Hugging Face ignore_index)
@@ -113,6 +114,10 @@ class SequenceConfig:
     # short rows (transformers' Trainer `group_by_length`). Same rows and targets per step, same
     # weighted-mean loss: only the padding, and so the compute, changes.
     group_by_length: bool = False
+    # position ids of image codes (vqgpt.lm.positions): "sequential" (GPT-2's: each token at its
+    # index) or "shared" (code k of every image at the position of a t2i example's code k, wherever
+    # the image sits: documents' and captions' images train the positions t2i draws at)
+    image_positions: str = "sequential"
     seed: int = 0  # task choice and caption dropout
 
     def __post_init__(self) -> None:
@@ -131,9 +136,22 @@ class SequenceConfig:
                 "sequences.t2i_prefix_length must be null or at least 2 (eos + one caption token), "
                 f"got {self.t2i_prefix_length}"
             )
+        if self.image_positions not in IMAGE_POSITIONS:
+            raise ConfigError(
+                f"sequences.image_positions must be one of {list(IMAGE_POSITIONS)}, "
+                f"got {self.image_positions!r}"
+            )
         for name in ("text_loss_weight", "image_loss_weight", "t2i_weight", "caption_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"sequences.{name} must be >= 0, got {getattr(self, name)}")
+
+    def positions(self, layout: VocabLayout) -> ImagePositions | None:
+        """The shared image positions (None: sequential): codes from t2i_prefix_length + 1 (where
+        a t2i example's first code sits), or from 2 without a prefix (a captioning example's)."""
+        if self.image_positions == "sequential":
+            return None
+        offset = 2 if self.t2i_prefix_length is None else self.t2i_prefix_length + 1
+        return ImagePositions(offset, layout.boi_id, layout.image_offset, layout.vocab_size)
 
     def check_fits(self, layout: VocabLayout) -> None:
         """Raise unless one image example (eos boi codes eoi eos) fits in `max_length`."""

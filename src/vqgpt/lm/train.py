@@ -110,6 +110,9 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
 
     lm = build_lm(recipe.model, layout.vocab_size, seq.max_length)
     lm.config.t2i_prefix_length = seq.t2i_prefix_length  # decoding builds prompts from it
+    positions = seq.positions(layout)
+    if positions is not None:  # every forward of the model reads it (lm.positions)
+        lm.config.image_positions = positions.to_dict()
     # the loss runs inside the wrapped module's forward (data parallel and FSDP see it there)
     model = LMWithLoss(lm, recipe.model.loss, layout.image_offset, layout.codebook_size)
     optimizer = build_optimizer(model, tc)
