@@ -10,6 +10,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from vqgpt.lm.batches import DocumentBank, ExampleBank
+from vqgpt.lm.positions import ImagePositions, position_ids
 from vqgpt.lm.vocab import VocabLayout
 
 
@@ -33,6 +34,44 @@ def _reference_greedy(model, prompt, allowed, steps, stop=None) -> list[int]:
             if token == stop:
                 break
             seq.append(token)
+    return out
+
+
+def _reference_document(
+    model: GPT2LMHeadModel, layout: VocabLayout, prompt: list[int], steps: int
+) -> list[int]:
+    """Greedy document continuation recomputing the whole sequence at every step (no cache, no
+    batch), with the model's position ids (`lm.positions`): text or boi, then h*w codes, eoi."""
+    width = model.get_output_embeddings().weight.shape[0]
+    text_ok = torch.zeros(width, dtype=torch.bool)
+    text_ok[: layout.text_vocab_size] = True
+    text_ok[layout.boi_id] = True
+    image_ok = torch.zeros(width, dtype=torch.bool)
+    image_ok[layout.image_offset : layout.vocab_size] = True
+    hw, n_positions = layout.tokens_per_image, model.config.n_positions
+    scheme = ImagePositions.of(model.config)
+    seq, out, codes = list(prompt), [], None
+    with torch.no_grad():
+        while len(out) < steps:
+            if codes == hw:
+                token, codes = layout.eoi_id, None
+            else:
+                ids = torch.tensor([seq])
+                mask = torch.ones_like(ids)  # with position ids, always a mask: lm.positions
+                pos = position_ids(ids, mask, scheme)
+                logits = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+                allowed = text_ok if codes is None else image_ok
+                token = int(logits[0, -1].masked_fill(~allowed, float("-inf")).argmax())
+                if token == layout.boi_id:
+                    if len(out) + hw + 2 > steps or len(seq) + hw + 2 > n_positions:
+                        break
+                    codes = 0
+                elif codes is not None:
+                    codes += 1
+            out.append(token)
+            seq.append(token)
+            if token == layout.eos_id and codes is None:
+                break
     return out
 
 
@@ -69,6 +108,12 @@ def boost_logits():
 def reference_greedy():
     """(model, prompt, allowed, steps, stop=None) -> greedy ids, recomputed without a cache."""
     return _reference_greedy
+
+
+@pytest.fixture(scope="session")
+def reference_document():
+    """(model, layout, prompt, steps) -> greedy document continuation, recomputed without a cache."""
+    return _reference_document
 
 
 @pytest.fixture(scope="session")

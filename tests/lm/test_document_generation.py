@@ -289,38 +289,12 @@ def test_cli_refusals_are_one_line(tmp_path, cli_in_process, error_line):
     assert not (tmp_path / "o").exists()
 
 
-def _reference(model, prompt: list[int], steps: int) -> list[int]:
-    """Greedy continuation recomputing the whole sequence at every step (no cache, no batch)."""
-    text_ok = columns(LAYOUT.boi_id, ranges=(range(LAYOUT.text_vocab_size),))
-    image_ok = columns(ranges=(IMAGE_IDS,))
-    seq, out, codes = list(prompt), [], None
-    with torch.no_grad():
-        while len(out) < steps:
-            if codes == HW:
-                token, codes = LAYOUT.eoi_id, None
-            else:
-                logits = model(torch.tensor([seq]), use_cache=False).logits[0, -1]
-                allowed = text_ok if codes is None else image_ok
-                token = int(logits.masked_fill(~allowed, float("-inf")).argmax())
-                if token == LAYOUT.boi_id:
-                    if len(out) + HW + 2 > steps or len(seq) + HW + 2 > N_POSITIONS:
-                        break
-                    codes = 0
-                elif codes is not None:
-                    codes += 1
-            out.append(token)
-            seq.append(token)
-            if token == LAYOUT.eos_id and codes is None:
-                break
-    return out
-
-
-def test_cached_batch_equals_the_uncached_reference(model, boost_logits):
+def test_cached_batch_equals_the_uncached_reference(model, boost_logits, reference_document):
     handle = boost_logits(model, columns(LAYOUT.boi_id), 3.0)
     try:
         greedy = replace(SAMPLE, do_sample=False)
         runs = continue_document_ids(model, LAYOUT, PROMPTS, greedy, 50, max_images=10)
-        expected = [_reference(model, p, 50) for p in PROMPTS]
+        expected = [reference_document(model, LAYOUT, p, 50) for p in PROMPTS]
     finally:
         handle.remove()
     assert [r.tokens for r in runs] == expected

@@ -124,45 +124,16 @@ def test_the_training_loss_reads_the_models_positions(models):
     del plain
 
 
-def test_documents_continue_as_their_uncached_reference_with_shared_positions(models, boost_logits):
+def test_documents_continue_as_their_uncached_reference_with_shared_positions(
+    models, boost_logits, reference_document
+):
     _, shared = models
-    text_ok = torch.zeros(128, dtype=torch.bool)
-    text_ok[: LAYOUT.text_vocab_size] = True
-    text_ok[BOI] = True
-    image_ok = torch.zeros(128, dtype=torch.bool)
-    image_ok[102:118] = True
     prompts = [[EOS, 5, 17], DOC[:14]]  # the second has an image already
     handle = boost_logits(shared, torch.arange(128) == BOI, 3.0)  # images are opened
     try:
         greedy = SamplingConfig(do_sample=False, cfg_scale=1.0)
         runs = continue_document_ids(shared, LAYOUT, prompts, greedy, 30, max_images=3)
-        expected = []
-        for prompt in prompts:  # greedy, the whole sequence recomputed at every step
-            seq, out, codes = list(prompt), [], None
-            with torch.no_grad():
-                while len(out) < 30:
-                    if codes == HW:
-                        token, codes = EOI, None
-                    else:
-                        ids = torch.tensor([seq])
-                        pos = position_ids(ids, None, SCHEME)
-                        ones = torch.ones_like(ids)
-                        logits = shared(
-                            ids, attention_mask=ones, position_ids=pos, use_cache=False
-                        ).logits[0, -1]
-                        allowed = text_ok if codes is None else image_ok
-                        token = int(logits.masked_fill(~allowed, float("-inf")).argmax())
-                        if token == BOI:
-                            if len(out) + HW + 2 > 30:
-                                break
-                            codes = 0
-                        elif codes is not None:
-                            codes += 1
-                    out.append(token)
-                    seq.append(token)
-                    if token == EOS and codes is None:
-                        break
-            expected.append(out)
+        expected = [reference_document(shared, LAYOUT, p, 30) for p in prompts]
     finally:
         handle.remove()
     assert [r.tokens for r in runs] == expected
