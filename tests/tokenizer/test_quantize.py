@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import vqgpt.tokenizer.quantize as quantize
-from vqgpt.config import from_dict
+from vqgpt.config import ConfigError, from_dict
 from vqgpt.tokenizer.metrics import codebook_stats
 from vqgpt.tokenizer.quantize import (
     QuantizerConfig,
@@ -292,6 +292,39 @@ def test_restarts_revive_dead_codes(ema):
     assert near_data.sum() >= 15  # the dead codes moved onto the data
     if ema:  # their EMA state was reset along with them
         assert (vq.codebooks[0].ema_cluster_size[near_data] < 50).all()
+
+
+@pytest.mark.parametrize("rule", ["unused-steps", "threshold"])
+def test_a_dead_code_threshold_reseeds_codes_used_less_than_it(rule):
+    """`dead_code_threshold` (SoundStream's rule) re-seeds a code used once a step, which
+    `restart_after_steps` never does: it is never unused."""
+    torch.manual_seed(7)
+    if rule == "threshold":
+        vq = make(dim=2, codebook_size=4, kmeans_init=False, ema_decay=0.5,
+                  restart_after_steps=0, dead_code_threshold=2.0)  # fmt: skip
+    else:
+        vq = make(dim=2, codebook_size=4, kmeans_init=False, ema_decay=0.5, restart_after_steps=2)
+    lone = torch.tensor([[9.0, 9.0]])
+    set_codes(vq, torch.cat([torch.zeros(1, 2), lone, torch.tensor([[50.0, 50], [60, 60]])]))
+    cb = vq.codebooks[0]
+    for step in range(4):  # 31 vectors near 0, one on the lone code, every step
+        bulk = 0.01 * torch.randn(31, 2, generator=torch.Generator().manual_seed(step))
+        vq(grid(torch.cat([bulk, lone])))
+    lone_kept = torch.allclose(vq.codebook[1], lone[0], atol=1e-3)
+    assert cb.ema_cluster_size[0] > 2  # the busy code stays above the threshold: kept
+    assert (vq.codebook[2:].norm(dim=1) < 1).all()  # the unused ones are, by either rule
+    if rule == "threshold":
+        assert not lone_kept  # used once a step: below 2, re-seeded (onto the bulk)
+        assert cb.ema_cluster_size.min() >= 1.0  # re-seeded codes start at the threshold
+    else:
+        assert lone_kept
+
+
+def test_a_dead_code_threshold_needs_the_ema_statistics():
+    with pytest.raises(ConfigError, match="dead_code_threshold needs ema"):
+        QuantizerConfig(ema=False, dead_code_threshold=2.0)
+    with pytest.raises(ConfigError, match="dead_code_threshold must be >= 0"):
+        QuantizerConfig(dead_code_threshold=-1.0)
 
 
 def test_no_restarts_when_disabled():

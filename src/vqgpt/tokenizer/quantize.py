@@ -65,7 +65,7 @@ FAMILY_FIELDS: dict[str, frozenset[str]] = {
     "vq": frozenset(
         _VQ_SEARCH
         | {"preset", "l2_normalize", "num_quantizers", "init", "ema", "ema_decay", "ema_eps"}
-        | {"kmeans_init", "kmeans_iters", "restart_after_steps"}
+        | {"kmeans_init", "kmeans_iters", "restart_after_steps", "dead_code_threshold"}
     ),
     "simvq": frozenset(_VQ_SEARCH),  # frozen random codebook, learnt linear map (simvq.py)
     "fsq": frozenset({"fsq_levels"}),  # no codebook, no auxiliary loss (fsq.py)
@@ -101,6 +101,11 @@ class QuantizerConfig:
     kmeans_init: bool = True  # k-means on the first training batch
     kmeans_iters: int = 10
     restart_after_steps: int = 20  # a code unused this many steps is re-seeded (0 = never)
+    # a code whose EMA cluster size (assignments per step, averaged with ema_decay) falls below
+    # this is re-seeded too (0 = never; needs ema): SoundStream's rule, vector-quantize-pytorch's
+    # `threshold_ema_dead_code` (2 in its examples: with as many vectors per step as 2K, every code
+    # used less than the average is replaced)
+    dead_code_threshold: float = 0.0
     bypass_steps: int = 0  # first training steps decode z_e itself (no quantizer); k-means after
     chunk_size: int = 256  # rows of the search per chunk: peak memory O(chunk_size * K); see
     # scripts/bench_quantizer.py (small blocks stay in cache: faster than bigger ones on CPU)
@@ -137,6 +142,12 @@ class QuantizerConfig:
             raise ConfigError("quantizer.bypass_steps must be >= 0")
         if self.restart_after_steps < 0:
             raise ConfigError("quantizer.restart_after_steps must be >= 0")
+        if self.dead_code_threshold < 0:
+            raise ConfigError("quantizer.dead_code_threshold must be >= 0")
+        if self.dead_code_threshold > 0 and not self.ema:
+            raise ConfigError(
+                "quantizer.dead_code_threshold needs ema: true (it reads the EMA cluster sizes)"
+            )
         self._check_family()
 
     def _check_family(self) -> None:
@@ -462,7 +473,7 @@ class Codebook(nn.Module):
     def update_(self, x: Tensor, codes: Tensor) -> None:
         """Training-step update from rows `x` [N, dim] assigned to `codes`: EMA, then restarts."""
         cfg = self.cfg
-        if not (cfg.ema or cfg.restart_after_steps > 0):
+        if not (cfg.ema or self.restarts):
             return
         k = cfg.codebook_size
         # one all-reduce for counts (and, for EMA, sums): [K, 1 (+ dim)]
@@ -474,7 +485,7 @@ class Codebook(nn.Module):
         counts, sums = stats[:, 0], stats[:, 1:]
         if cfg.ema:
             self._ema_step_(counts, sums)
-        if cfg.restart_after_steps > 0:
+        if self.restarts:
             self._restart_dead_(x, codes, counts)
 
     def _ema_step_(self, counts: Tensor, sums: Tensor) -> None:
@@ -490,15 +501,31 @@ class Codebook(nn.Module):
         self.ema_embed_sum.copy_(embed_sum)
         self.embed.copy_(embed)
 
+    @property
+    def restarts(self) -> bool:
+        """Whether dead codes are re-seeded (`restart_after_steps` or `dead_code_threshold`)."""
+        return self.cfg.restart_after_steps > 0 or self.cfg.dead_code_threshold > 0
+
+    def _dead(self, counts: Tensor) -> Tensor:
+        """Bool [K]: unused for `restart_after_steps` steps, or EMA cluster size (after this
+        step's update) below `dead_code_threshold`."""
+        cfg = self.cfg
+        dead = torch.zeros_like(counts, dtype=torch.bool)
+        if cfg.restart_after_steps > 0:
+            self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
+            dead |= self.unused_steps >= cfg.restart_after_steps
+        if cfg.dead_code_threshold > 0:
+            dead |= self.ema_cluster_size < cfg.dead_code_threshold
+        return dead
+
     def _restart_dead_(self, x: Tensor, codes: Tensor, counts: Tensor) -> None:
-        """Re-seed codes unused for `restart_after_steps` steps from this batch's vectors.
+        """Re-seed the dead codes (`_dead`) from this batch's vectors.
 
         Replacements are drawn with probability proportional to each vector's squared
         quantization error: vectors the codebook already fits (the frequent background of an
         image) are rarely picked, the badly served rare ones (small objects) often.
         """
-        self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
-        dead = (self.unused_steps >= self.cfg.restart_after_steps).to(torch.uint8)
+        dead = self._dead(counts).to(torch.uint8)
         _broadcast_(dead)  # rank 0 decides
         dead = dead.bool()
         num_dead = int(dead.sum())
@@ -517,9 +544,12 @@ class Codebook(nn.Module):
             fresh = hub.l2norm(fresh)
         self.embed.data[dead] = fresh.to(self.embed.dtype)
         if self.cfg.ema:
-            self.ema_cluster_size[dead] = 1.0  # seen once, at the new value
-            self.ema_embed_sum[dead] = fresh.to(self.ema_embed_sum.dtype)
-        self.unused_steps[dead] = 0
+            # seen once at the new value (at the threshold: not re-seeded again at the next step)
+            size = max(1.0, self.cfg.dead_code_threshold)
+            self.ema_cluster_size[dead] = size
+            self.ema_embed_sum[dead] = fresh.to(self.ema_embed_sum.dtype) * size
+        if self.cfg.restart_after_steps > 0:
+            self.unused_steps[dead] = 0
 
 
 # ---------------------------------------------------------------------------------------------
