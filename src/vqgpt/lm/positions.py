@@ -69,13 +69,23 @@ def position_ids(
     counted from the last `<|boi|>` before them, the rest sequential.
     """
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-    seq = (mask.cumsum(dim=-1) - 1).clamp_min(0)  # (B, T)
+    seq = _sequential(mask)  # (B, T)
     if scheme is None:
         return seq
-    is_boi = (input_ids == scheme.boi_id) & (mask > 0)
-    boi_at = torch.where(is_boi, seq, torch.full_like(seq, -1)).cummax(dim=-1).values  # (B, T)
+    boi_at = _last_boi(input_ids, mask, seq, scheme.boi_id)  # (B, T)
     is_code = (input_ids >= scheme.code_lo) & (input_ids < scheme.code_hi) & (boi_at >= 0)
     return torch.where(is_code, scheme.offset + seq - boi_at - 1, seq)
+
+
+def _sequential(mask: Tensor) -> Tensor:
+    """Index [B, T] of each token among its row's real tokens (padding at 0 or the last index)."""
+    return (mask.cumsum(dim=-1) - 1).clamp_min(0)
+
+
+def _last_boi(input_ids: Tensor, mask: Tensor, seq: Tensor, boi_id: int) -> Tensor:
+    """Sequential index [B, T] of the last real `<|boi|>` at or before each token, -1 if none."""
+    is_boi = (input_ids == boi_id) & (mask > 0)
+    return torch.where(is_boi, seq, torch.full_like(seq, -1)).cummax(dim=-1).values
 
 
 def forward_position_ids(
@@ -100,14 +110,12 @@ class PositionTracker:
 
     def start(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Positions [N, T] of the prompt batch; the tracker continues after it."""
-        positions = position_ids(input_ids, attention_mask, self.scheme)
-        seq = (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0)
-        self.seq = attention_mask.long().sum(dim=-1, keepdim=True)
+        mask = attention_mask.long()
+        self.seq = mask.sum(dim=-1, keepdim=True)
         if self.scheme is not None:
-            is_boi = (input_ids == self.scheme.boi_id) & (attention_mask > 0)
-            marked = torch.where(is_boi, seq, torch.full_like(seq, -1))
-            self.boi_at = marked.max(dim=-1, keepdim=True).values
-        return positions
+            last = _last_boi(input_ids, mask, _sequential(mask), self.scheme.boi_id)
+            self.boi_at = last[:, -1:]
+        return position_ids(input_ids, attention_mask, self.scheme)
 
     def next(self, tokens: Tensor) -> Tensor:
         """Positions [N, 1] of `tokens` [N] (the tokens fed now)."""
