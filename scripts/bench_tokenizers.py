@@ -40,7 +40,9 @@ seeds, so that the tokenizers' differences can be read against the LM's own nois
 no LM column (their quantizer is not vqgpt's, so vqgpt's pretokeniser cannot load them).
 
 Out, in `--out/<dataset>/`: `<variant>-<impl>-s<seed>/` (each row's run and its bench.json),
-`rows.log` (the rows' output), `results.json` and `table.md` (also printed). A row whose bench.json exists is not run again (rerun with a new --out).
+`rows.log` (the rows' output), `results.json` and `table.md` (also printed). A row whose bench.json
+exists is not run again (rerun with a new --out), so rows can run as several processes
+(`--impls vqgpt` beside `--impls peer`, one thread each) and one last run gathers the table.
 """
 
 from __future__ import annotations
@@ -479,7 +481,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
     overrides = overrides + args.set
     steps = args.steps if args.steps is not None else (3 if args.quick else None)
     eval_images = 16 if args.quick else args.eval_images
-    impls = ["vqgpt", "peer"] if args.peer else ["vqgpt"]
+    impls = args.impls or (["vqgpt", "peer"] if args.peer else ["vqgpt"])
     jobs = []
     for variant in args.variants:
         for seed in args.seeds:
@@ -533,6 +535,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-images", type=int, default=500, help="held-out images measured")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=["vqgpt", "peer"],
+        help="only these rows of each variant and seed (default: vqgpt, and peer with --peer); "
+        "e.g. two processes side by side on one --out, one with --impls vqgpt and one with "
+        "--impls peer, then one more run of both to gather the table from their bench.json",
+    )
+    parser.add_argument(
         "--peer-cache",
         default=str(DEFAULT_PEER_CACHE),
         help="where the peer is installed (once)",
@@ -554,10 +564,12 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.lm and args.dataset != "shapes":
         parser.error("--lm needs --dataset shapes (text-to-image is scored by the shapes checker)")
+    if args.impls and "peer" in args.impls and not args.peer:
+        parser.error("--impls peer needs --peer (the default)")
     site = ensure_peer(Path(args.peer_cache)) if args.peer else None
     out = Path(args.out) / args.dataset
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "rows.log"
+    log = out / ("rows.log" if not args.impls else f"rows-{'-'.join(args.impls)}.log")
     rows = []
     for job in plan(args):
         start = time.time()

@@ -397,3 +397,20 @@ def test_bench_tokenizers_lm_column_trains_one_lm_per_seed(repo_root, cli_env, t
     codes = tmp_path / "shapes" / "vq-ste-vqgpt-s0" / "lm_codes"
     assert (codes / "train").is_dir()  # pretokenised once, shared by the seeds
     assert "LM image loss (nats)" in stdout and "| 2 |" in stdout.splitlines()[-1]
+
+
+def test_bench_tokenizers_impls_splits_the_rows_between_processes(bench_tokenizers, tmp_path):
+    """`--impls vqgpt` and `--impls peer` plan disjoint rows whose union is `--peer`'s plan."""
+    import argparse
+
+    def names(*impls: str) -> list[str]:
+        args = argparse.Namespace(
+            quick=False, codebook_size=1024, dataset="shapes", set=[], steps=10, minutes=None,
+            eval_images=8, peer=True, impls=list(impls) or None, variants=["fsq", "lfq"],
+            seeds=[0, 1], out=str(tmp_path),
+        )  # fmt: skip
+        return [job.name for job in bench_tokenizers.plan(args)]
+
+    both, vqgpt, peer = names(), names("vqgpt"), names("peer")
+    assert len(both) == 8 and sorted(vqgpt + peer) == sorted(both)
+    assert all(n.split("-")[1] == "vqgpt" for n in vqgpt) and len(vqgpt) == 4
