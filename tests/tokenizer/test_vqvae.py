@@ -113,3 +113,21 @@ def test_the_warm_up_trains_the_factorised_projections(name):
         want = torch.nn.functional.linear(z, q.proj_out.weight, q.proj_out.bias)
         assert torch.allclose(out.quantizer.quantized, want.permute(0, 3, 1, 2), atol=1e-6)
         assert not bool(q.codebooks[0].initialized)
+
+
+def test_a_seeded_encoder_and_decoder_do_not_depend_on_the_quantizer():
+    """Runs that differ only in the quantizer start from the same encoder and decoder (the bench's
+    vqgpt and peer rows are paired); the quantizers themselves still differ."""
+    model = dict(image_size=32, base_channels=8, channel_mult=(1, 2), latent_dim=8, norm_groups=4)
+    built = []
+    for quantizer in (QuantizerConfig(codebook_size=16), *map(
+        lambda kw: QuantizerConfig(codebook_size=16, **kw), FACTORISED.values()
+    )):  # fmt: skip
+        torch.manual_seed(0)
+        built.append(VQVAE(VQVAEConfig.build(ModelConfig(**model), quantizer)))
+    first = built[0]
+    for other in built[1:]:
+        for part in ("encoder", "decoder"):
+            a, b = getattr(first, part).state_dict(), getattr(other, part).state_dict()
+            assert all(torch.equal(a[name], b[name]) for name in a)
+    assert not torch.equal(built[0].quantizer.codebook, built[1].quantizer.codebook)

@@ -114,7 +114,11 @@ class VQVAE(VQVAEBase):
     def __init__(self, config: VQVAEConfig):
         super().__init__(config)
         self.encoder = Encoder(config.architecture)
-        self.quantizer = build_quantizer(config.arch.latent_dim, config.quant)
+        # the quantizer draws from a fork of the CPU generator: a seeded encoder and decoder start
+        # from the same weights whatever the quantizer (its family, K, its own random draws), so
+        # runs that differ only in the quantizer (scripts/bench_tokenizers.py) are paired
+        with torch.random.fork_rng(devices=[]):
+            self.quantizer = build_quantizer(config.arch.latent_dim, config.quant)
         self.decoder = Decoder(config.architecture)
         self.post_init()
 
