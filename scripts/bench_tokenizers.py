@@ -192,10 +192,16 @@ def peer_quantizer_class():
             self.codebook_size = k
 
         def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
-            out = self.peer(z_e)  # (quantized [B, D, H, W], ids [B, H, W], loss) or no loss (fsq)
+            """In float32 with autocast off, as vqgpt's quantizers run. The peer means to (its
+            `force_quantization_f32` and f32 codebooks), but guards with
+            `autocast("cuda", enabled=False)`, which leaves CPU autocast on: under the recipes'
+            bf16 its projections, distances and LFQ's entropy ran in bf16 on this CPU (peer rows
+            before 2026-12-01)."""
+            with torch.autocast(device_type=z_e.device.type, enabled=False):
+                out = self.peer(z_e.float())  # (quantized, ids [B, H, W], loss) or no loss (fsq)
             zero = z_e.new_zeros((), dtype=torch.float32)
             loss = out[2].float().sum() if len(out) > 2 else zero
-            return QuantizerOutput(out[0], out[1].long(), loss, zero, zero, zero)
+            return QuantizerOutput(out[0].to(z_e.dtype), out[1].long(), loss, zero, zero, zero)
 
         def bypass(self, z_e: torch.Tensor) -> torch.Tensor:
             """The warm-up's decoder input, as vqgpt's quantizers make it: the peer's forward
