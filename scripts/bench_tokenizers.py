@@ -17,8 +17,8 @@ function with one thing swapped: the quantizer module of the VQVAE is the peer's
 (vector_quantize_pytorch's VectorQuantize / SimVQ / FSQ / LFQ, behind `PeerQuantizer`, which
 only renames its outputs). So shared, exactly: encoder and decoder and their initial weights
 (the VQVAE builds its quantizer from a fork of the generator, so a row's seed gives the same
-encoder and decoder whatever the quantizer: rows of one seed are paired), data and its order, optimizer, LR schedule, gradient clipping, steps, seed,
-loss (reconstruction + the quantizer's own auxiliary loss), the bypass warm-up (the quantizer is
+encoder and decoder whatever the quantizer: rows of one seed are paired), data and its order,
+optimizer, LR schedule, gradient clipping, steps, seed, loss (reconstruction + the quantizer's own auxiliary loss), the bypass warm-up (the quantizer is
 not called for `bypass_steps`, then a k-means init where the method has one), and the held-out
 metrics. What differs is the quantizer itself: its search, codebook upkeep and loss
 (PEER_NOTES), e.g. vqgpt's VQ restarts a code unused for 20 steps from a batch vector drawn by
