@@ -18,9 +18,10 @@ function with one thing swapped: the quantizer module of the VQVAE is the peer's
 only renames its outputs). So shared, exactly: encoder and decoder and their initial weights
 (the VQVAE builds its quantizer from a fork of the generator, so a row's seed gives the same
 encoder and decoder whatever the quantizer: rows of one seed are paired), data and its order,
-optimizer, LR schedule, gradient clipping, steps, seed, loss (reconstruction + the quantizer's own auxiliary loss), the bypass warm-up (the quantizer is
-not called for `bypass_steps`, then a k-means init where the method has one), and the held-out
-metrics. What differs is the quantizer itself: its search, codebook upkeep and loss
+optimizer, LR schedule, gradient clipping, steps, seed, loss (reconstruction + the quantizer's
+own auxiliary loss), the bypass warm-up (for `bypass_steps` the decoder gets the quantizer's path
+without the snapping, its projections training; then a k-means init where the method has one),
+and the held-out metrics. What differs is the quantizer itself: its search, codebook upkeep and loss
 (PEER_NOTES), e.g. vqgpt's VQ restarts a code unused for 20 steps from a batch vector drawn by
 its error, the peer's VQ replaces a code whose EMA cluster size falls below 2 by a random batch
 vector.
@@ -215,6 +216,12 @@ def peer_quantizer_class():
             if hasattr(peer, "_levels"):  # FSQ: the bound before rounding, scaled like codes
                 x = fsq_bound(x, peer._levels.tolist()) / (peer._levels // 2)
             return peer.project_out(x).permute(0, 3, 1, 2)
+
+        def bypass_modules(self) -> list[nn.Module]:
+            """The modules `bypass` runs (the peer's projections): they train in the warm-up."""
+            peer = self.peer
+            found = [getattr(peer, n, None) for n in ("project_in", "project_out")]
+            return [m for m in found if m is not None and not isinstance(m, nn.Identity)]
 
         def lookup(self, codes: torch.Tensor) -> torch.Tensor:
             """codes [B, H, W] -> [B, D, H, W] (the decoder's input)."""

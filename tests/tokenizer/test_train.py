@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import pytest
+import torch
 
 from vqgpt.training import TrainConfig, build_accelerator, list_checkpoints, read_metrics
 
@@ -128,3 +129,30 @@ def test_unknown_config_key_fails_with_a_clear_message(
     result = run_cli("train-tokenizer", "--config", str(cfg), check=False)
     assert result.returncode == 2
     assert "quantizer.codebok_size" in result.stderr
+
+
+def test_bypass_steps_train_the_projections_and_leave_the_codebook(
+    tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml
+):
+    """The warm-up decodes the quantizer's path without the snapping so that its projections
+    train before the first code is drawn; the training loop used to drop their gradients with
+    the codebook's, leaving them at their random init. Two bypassed steps, a gradient-trained
+    codebook (`seed` preset): the projections move between the steps, the codebook does not."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    quantizer = dict(preset="seed", codebook_dim=4, bypass_steps=3)
+    train = dict(max_steps=2, save_every=1)
+    recipe = tiny_tokenizer_recipe(out, quantizer=quantizer, train=train)
+    run_cli("train-tokenizer", "--config", str(write_yaml(tmp_path / "r.yaml", recipe)))
+    step1, step2 = (
+        load_file(out / "checkpoints" / f"step_{n}" / "model.safetensors") for n in (1, 2)
+    )
+    quantizer_keys = [k for k in step1 if k.startswith("quantizer.")]
+    projections = [k for k in quantizer_keys if ".proj_" in k]
+    codebook = [k for k in quantizer_keys if ".proj_" not in k]
+    assert len(projections) == 4 and codebook  # weight and bias, in and out; the embedding
+    for key in projections:
+        assert not torch.equal(step1[key], step2[key]), key
+    for key in codebook:
+        assert torch.equal(step1[key], step2[key]), key

@@ -107,6 +107,13 @@ def test_the_warm_up_trains_the_factorised_projections(name):
     q = vqvae.quantizer
     for proj in (q.proj_in, q.proj_out):
         assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+    # the training loop drops the gradients of `unused_in_bypass()` in bypass steps: the
+    # projections are not among them (tokenizer/test_train.py checks the loop itself)
+    unused = vqvae.unused_in_bypass()
+    assert not {id(p) for p in unused} & {
+        id(p) for m in (q.proj_in, q.proj_out) for p in m.parameters()
+    }
+    assert all(p.grad is None or not p.grad.any() for p in unused)
     if name == "vq-l2":  # unit vectors in search space; the codebook still waits for k-means
         z = torch.nn.functional.linear(z_e.permute(0, 2, 3, 1), q.proj_in.weight, q.proj_in.bias)
         z = torch.nn.functional.normalize(z, dim=-1)

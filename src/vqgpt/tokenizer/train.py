@@ -168,7 +168,8 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
 
     # codes seen since the last log (the perplexity logged is that of all of them, every rank's)
     histogram = torch.zeros(raw_model.codebook_size, dtype=torch.float64)
-    quantizer_params = [p for p in raw_model.quantizer.parameters() if p.requires_grad]
+    # the quantizer's parameters a bypass step leaves out (its projections are in: they train)
+    bypass_unused = raw_model.unused_in_bypass()
 
     def train_step(batch: dict, step: int) -> dict[str, Metric]:
         pixels = batch["pixel_values"]
@@ -177,9 +178,11 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
         record = loss_fn.autoencoder_loss(
             pixels, output.reconstruction, output.quantizer.loss, step, raw_model.last_layer
         )
-        # bypassed, the quantizer's parameters only get zero gradients (so that every process
-        # reduces every parameter); dropped before the update, as if they had none
-        unused = quantizer_params if bypass else ()
+        # bypassed, the quantizer's parameters outside its path get zero gradients only (so
+        # that every process reduces every parameter); dropped before the update, as if they
+        # had none. (Until 2026-12-01 the projections' gradients were dropped too: the bypass
+        # meant to train them, and they stayed at their random init through it.)
+        unused = bypass_unused if bypass else ()
         optimizer_step(accelerator, model, optimizer, scheduler, record.total, tc.grad_clip, unused)
         if disc_optimizer is not None and loss_fn.uses_discriminator(step):
             disc_record = loss_fn.discriminator_loss(pixels, output.reconstruction.detach(), step)

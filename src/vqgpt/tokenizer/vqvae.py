@@ -166,6 +166,19 @@ class VQVAE(VQVAEBase):
         vectors = self.quantizer.lookup(codes).to(self.decoder.conv_out.weight.dtype)
         return self.decoder(vectors).clamp(-1.0, 1.0)
 
+    def unused_in_bypass(self) -> list[torch.nn.Parameter]:
+        """The trainable quantizer parameters the bypass warm-up does not use (a codebook,
+        SimVQ's map): every one but those of the quantizer's `bypass_modules()` (default: its
+        `proj_in` / `proj_out` projections, which the bypass runs and so trains). The training
+        loop drops their zero gradients in bypass steps, leaving them untouched."""
+        quantizer = self.quantizer
+        if hasattr(quantizer, "bypass_modules"):
+            used = quantizer.bypass_modules()
+        else:
+            used = [getattr(quantizer, name, None) for name in ("proj_in", "proj_out")]
+        used_ids = {id(p) for m in used if m is not None for p in m.parameters()}
+        return [p for p in quantizer.parameters() if p.requires_grad and id(p) not in used_ids]
+
     def forward(self, pixel_values: torch.Tensor, bypass_quantizer: bool = False) -> VQVAEOutput:
         """Reconstruct; `bypass_quantizer` decodes the quantizer's path without the snapping (the
         autoencoder warm-up): z_e itself for plain codes, through the projections (and l2
@@ -177,11 +190,10 @@ class VQVAE(VQVAEBase):
         z_e = self.encoder(pixel_values)
         zero = z_e.new_zeros((), dtype=torch.float32)
         touched = zero
-        if self.training:  # every trainable quantizer parameter enters the loss with weight 0:
-            # data parallel then reduces each one as on any other step (no unused parameters)
-            for p in self.quantizer.parameters():
-                if p.requires_grad:
-                    touched = touched + 0.0 * p.float().sum()
+        if self.training:  # every trainable quantizer parameter the bypass leaves out enters
+            # the loss with weight 0: data parallel then reduces each one as on any other step
+            for p in self.unused_in_bypass():
+                touched = touched + 0.0 * p.float().sum()
         z = self.quantizer.bypass(z_e)  # every family's forward without the snapping
         q = QuantizerOutput(z, z_e.new_zeros((0,), dtype=torch.long), touched, zero, zero, zero)
         return VQVAEOutput(reconstruction=self.decoder(z), codes=q.codes, quantizer=q)
