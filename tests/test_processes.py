@@ -95,6 +95,13 @@ def test_streamed_shards_in_two_processes_train_like_one(
         # a gradient-trained codebook sits out the bypass steps (the projections train in them)
         ("bypass-factorised", dict(quantizer=dict(bypass_steps=2, codebook_dim=4))),
         ("bypass-seed", dict(quantizer=dict(preset="seed", bypass_steps=2))),
+        # LFQ's entropy penalty takes the batch mean over every rank's rows
+        (
+            "bypass-lfq",
+            dict(
+                quantizer=dict(type="lfq", bypass_steps=2, codebook_dim=5, restart_after_steps=20)
+            ),
+        ),  # VQ's field: its default
         # the discriminator joins at step 2 (and runs one forward per backward)
         ("gan-start-step", dict(loss=dict(adversarial_weight=0.1, adversarial_start_step=2))),
     ],
@@ -102,11 +109,15 @@ def test_streamed_shards_in_two_processes_train_like_one(
 def test_steps_that_leave_parameters_unused_train_in_two_processes(
     tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml, accelerate_launcher, name, sections
 ):
-    out = tmp_path / "run"
-    recipe = tiny_tokenizer_recipe(out, train=dict(save_every=0, max_steps=4), **sections)
-    run_cli("train-tokenizer", "--config", str(write_yaml(tmp_path / "r.yaml", recipe)),
-            launcher=accelerate_launcher)  # fmt: skip
+    runs = {}
+    for processes in (1, 2):
+        out = runs[processes] = tmp_path / f"run{processes}"
+        recipe = tiny_tokenizer_recipe(out, train=dict(save_every=0, max_steps=4), **sections)
+        run_cli("train-tokenizer", "--config", str(write_yaml(tmp_path / "r.yaml", recipe)),
+                launcher=accelerate_launcher if processes == 2 else None)  # fmt: skip
+    out = runs[2]
     assert summary(out)["num_processes"] == 2 and summary(out)["replica_max_abs_diff"] == 0.0
+    assert_same_training(runs[1], runs[2], "total", rel=1e-4)  # trains like one process
 
 
 # ---------------------------------------------------------------------------------------------
