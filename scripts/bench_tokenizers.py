@@ -208,7 +208,7 @@ def peer_quantizer_class():
             """The warm-up's decoder input, as vqgpt's quantizers make it: the peer's forward
             without the snapping (projections, l2 normalisation, FSQ's bound)."""
             peer = self.peer
-            if isinstance(getattr(peer, "project_in", nn.Identity()), nn.Identity):
+            if self.proj_in is None:
                 return z_e
             x = peer.project_in(z_e.permute(0, 2, 3, 1))  # channel last
             if getattr(peer, "use_cosine_sim", False):
@@ -217,11 +217,20 @@ def peer_quantizer_class():
                 x = fsq_bound(x, peer._levels.tolist()) / (peer._levels // 2)
             return peer.project_out(x).permute(0, 3, 1, 2)
 
-        def bypass_modules(self) -> list[nn.Module]:
-            """The modules `bypass` runs (the peer's projections): they train in the warm-up."""
-            peer = self.peer
-            found = [getattr(peer, n, None) for n in ("project_in", "project_out")]
-            return [m for m in found if m is not None and not isinstance(m, nn.Identity)]
+        @property
+        def proj_in(self) -> nn.Module | None:
+            """The peer's projection in (None: none), named as vqgpt's quantizers name it, so
+            that `VQVAE.unused_in_bypass` finds what `bypass` runs (it trains in the warm-up)."""
+            return self._projection("project_in")
+
+        @property
+        def proj_out(self) -> nn.Module | None:
+            """The peer's projection out (None: none); see proj_in."""
+            return self._projection("project_out")
+
+        def _projection(self, name: str) -> nn.Module | None:
+            module = getattr(self.peer, name, None)
+            return None if module is None or isinstance(module, nn.Identity) else module
 
         def lookup(self, codes: torch.Tensor) -> torch.Tensor:
             """codes [B, H, W] -> [B, D, H, W] (the decoder's input)."""

@@ -168,14 +168,11 @@ class VQVAE(VQVAEBase):
 
     def unused_in_bypass(self) -> list[torch.nn.Parameter]:
         """The trainable quantizer parameters the bypass warm-up does not use (a codebook,
-        SimVQ's map): every one but those of the quantizer's `bypass_modules()` (default: its
-        `proj_in` / `proj_out` projections, which the bypass runs and so trains). The training
-        loop drops their zero gradients in bypass steps, leaving them untouched."""
+        SimVQ's map): every one but those of the quantizer's `proj_in` / `proj_out` projections
+        (None where it has none), which the bypass runs and so trains. The training loop drops
+        their zero gradients in bypass steps, leaving them untouched."""
         quantizer = self.quantizer
-        if hasattr(quantizer, "bypass_modules"):
-            used = quantizer.bypass_modules()
-        else:
-            used = [getattr(quantizer, name, None) for name in ("proj_in", "proj_out")]
+        used = [quantizer.proj_in, quantizer.proj_out]
         used_ids = {id(p) for m in used if m is not None for p in m.parameters()}
         return [p for p in quantizer.parameters() if p.requires_grad and id(p) not in used_ids]
 
