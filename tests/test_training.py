@@ -215,3 +215,36 @@ def test_checkpoint_manifest_follows_what_was_prepared():
         "random_states_3.pkl",
         "custom_checkpoint_0.pkl",
     )
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """This process as a one-process CPU run, whatever the machine has."""
+    from vqgpt import training
+
+    monkeypatch.setattr(training.torch.accelerator, "is_available", lambda: False)
+    monkeypatch.delenv(training.CPU_BF16_ENV, raising=False)
+    return training
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "no")])
+def test_bf16_on_a_cpu_without_native_bf16_trains_in_float32(
+    cpu_only, monkeypatch, caplog, native, expected
+):
+    monkeypatch.setattr(cpu_only, "cpu_has_native_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="vqgpt.training"):
+        precision = cpu_only.run_precision(TrainConfig(mixed_precision="bf16"))
+    assert precision == expected
+    warned = [r for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)
+    assert cpu_only.run_precision(TrainConfig(mixed_precision="no")) == "no"
+
+
+def test_bf16_on_an_emulating_cpu_is_kept_when_asked(cpu_only, monkeypatch):
+    monkeypatch.setattr(cpu_only, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setenv(cpu_only.CPU_BF16_ENV, "1")
+    assert cpu_only.run_precision(TrainConfig(mixed_precision="bf16")) == "bf16"
+    accelerator = cpu_only.build_accelerator(
+        TrainConfig(output_dir="unused", mixed_precision="bf16")
+    )
+    assert accelerator.mixed_precision == "bf16"

@@ -99,9 +99,56 @@ def check_launch() -> None:
             )
 
 
+CPU_BF16_ENV = "VQGPT_CPU_BF16"  # "1": keep bf16 autocast on a CPU that only emulates it
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware, so that bf16 autocast is faster than
+    float32 on it: AVX512-BF16 or AMX on x86-64 (Intel Cooper Lake, Sapphire Rapids and later; AMD
+    Zen 4 and later), the BF16 extension on arm64 Linux (`bf16` in /proc/cpuinfo's Features).
+
+    Without it PyTorch emulates bf16 on the CPU: measured on an AVX2-only AMD EPYC (2 cores,
+    torch 2.13.0), a [2048, 1024] x [1024, 1024] product took 4.5 s in bf16 against 0.027 s in
+    float32, and a 3x3 convolution under bf16 autocast 33x its float32 time.
+    """
+    import platform
+
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i386", "i686"):
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    if machine in ("aarch64", "arm64") and sys.platform.startswith("linux"):
+        try:
+            text = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return True  # unknown: keep what the config asks for
+        flags = [line.split(":", 1)[1].split() for line in text.splitlines() if ":" in line]
+        return any("bf16" in row for row in flags)
+    return True  # other CPUs (Apple silicon, ...): not known to vqgpt; keep the config's choice
+
+
+def run_precision(cfg: TrainConfig) -> str:
+    """The precision this run trains in: `cfg.mixed_precision`, except that bf16 on a CPU without
+    native bf16 (`cpu_has_native_bf16`) trains in float32 ("no"), with one warning: there bf16
+    autocast is tens of times slower than float32, so a recipe's minutes would buy a few dozen
+    steps. `VQGPT_CPU_BF16=1` keeps bf16 anyway (to reproduce a bf16 run's numerics)."""
+    if cfg.mixed_precision != "bf16" or os.environ.get(CPU_BF16_ENV) == "1":
+        return cfg.mixed_precision
+    on_cpu = multi_cpu_run() or not torch.accelerator.is_available()
+    if not on_cpu or cpu_has_native_bf16():
+        return cfg.mixed_precision
+    if os.environ.get("RANK", "0") == "0":  # one warning, not one per process
+        logger.warning(
+            "train.mixed_precision=bf16, but this CPU has no native bf16 (AVX512-BF16, AMX or "
+            "arm64 BF16), where bf16 runs tens of times slower than float32: training in float32 "
+            "instead (%s=1 keeps bf16)",
+            CPU_BF16_ENV,
+        )
+    return "no"
+
+
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    """One Accelerator for the run: mixed precision, accumulation, split global batches,
-    seedable data order."""
+    """One Accelerator for the run: mixed precision (`run_precision`: bf16 on a CPU without
+    native bf16 runs in float32), accumulation, split global batches, seedable data order."""
     check_launch()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -111,7 +158,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     AcceleratorState._reset_state()
     return Accelerator(
         cpu=multi_cpu_run(),
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=run_precision(cfg),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=cfg.log_with,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir),

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from vqgpt import training
 from vqgpt.training import TrainConfig, build_accelerator, list_checkpoints, read_metrics
 
 
@@ -49,8 +50,9 @@ def test_killed_run_resumes_with_the_same_next_step_loss(
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-7), step
 
 
-def test_runs_in_one_process_may_change_precision(tmp_path):
+def test_runs_in_one_process_may_change_precision(tmp_path, monkeypatch):
     # `vqgpt demo` trains the tokenizer, then the LM, in one process, each with its own precision
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
     first = build_accelerator(TrainConfig(output_dir=str(tmp_path), mixed_precision="no"))
     assert first.mixed_precision == "no"
     second = build_accelerator(TrainConfig(output_dir=str(tmp_path), mixed_precision="bf16"))
