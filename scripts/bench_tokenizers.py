@@ -327,6 +327,7 @@ def measure(job: Job, recipe, final: Path) -> dict[str, Any]:
     summary = json.loads((final / "eval.json").read_text())
     row["steps"] = summary["step"]
     row["s_per_step"] = summary["elapsed_s"] / max(summary["step"], 1)
+    row["precision"] = summary.get("mixed_precision")  # what the row trained in (bf16 or "no")
     return row
 
 

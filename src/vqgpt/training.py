@@ -730,7 +730,9 @@ def finish_run(accelerator: Accelerator) -> None:
 def write_summary(
     accelerator: Accelerator, model: torch.nn.Module, final: Path, state: TrainerState
 ) -> None:
-    """<run>/final/eval.json: steps, time, processes, replica drift and the last evaluation."""
+    """<run>/final/eval.json: steps, time, processes, the precision trained in (`run_precision`:
+    "no" where a CPU without native bf16 turned a recipe's bf16 into float32), replica drift and
+    the last evaluation."""
     drift = replica_max_abs_diff(accelerator, model)  # a collective: every rank calls it
     if accelerator.is_main_process:
         summary: dict[str, Any] = {
@@ -738,6 +740,7 @@ def write_summary(
             "elapsed_s": round(state.elapsed_s, 1),
             "num_processes": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type.value),
+            "mixed_precision": str(accelerator.mixed_precision),
             "replica_max_abs_diff": drift,
         }
         evals = read_metrics(final.parent, kind="eval")

@@ -30,6 +30,7 @@ def test_run_writes_final_model_metrics_grid_and_checkpoints(full_run):
     assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
     summary = json.loads((final / "eval.json").read_text())
     assert summary["step"] == 6 and 0 < summary["usage"] <= 1 and summary["psnr"] > 5
+    assert summary["mixed_precision"] == "no"  # the precision it trained in, for the record
     assert list((full_run / "samples").glob("recon_*.png"))
     assert [p.name for p in list_checkpoints(full_run)] == ["step_2", "step_4", "step_6"]
     assert sorted(losses(full_run)) == [1, 2, 3, 4, 5, 6]
