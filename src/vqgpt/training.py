@@ -121,8 +121,9 @@ def cpu_has_native_bf16() -> bool:
             text = Path("/proc/cpuinfo").read_text(errors="replace")
         except OSError:
             return True  # unknown: keep what the config asks for
-        flags = [line.split(":", 1)[1].split() for line in text.splitlines() if ":" in line]
-        return any("bf16" in row for row in flags)
+        features = [line.split(":", 1)[1].split() for line in text.splitlines()
+                    if line.startswith("Features")]  # fmt: skip
+        return any("bf16" in row for row in features)
     return True  # other CPUs (Apple silicon, ...): not known to vqgpt; keep the config's choice
 
 
