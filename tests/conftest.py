@@ -5,13 +5,18 @@ Helpers are fixtures (most return a function), so test files never import each o
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
+import json
 import os
+import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -91,7 +96,106 @@ def _run_cli(
     faulthandler for it) before it is killed, and the failure shows them.
     """
     cmd = (launcher or [sys.executable]) + ["-m", "vqgpt.cli", *args]
+    if launcher is None and _CliServer.serves(_cli_env()):
+        return _CliServer.get().run(cmd, check=check, timeout=timeout, cwd=cwd)
     return _run(cmd, check=check, timeout=timeout, cwd=cwd)
+
+
+class _CliServer:
+    """The client of tests/cli_server.py: `python -m vqgpt.cli ARGS` forked from a process that
+    has imported torch & co. once (the same process, without ~5 s of imports in each). One per
+    pytest worker, started on first use; a call whose environment differs from the one it started
+    with (other than pytest's own variables) runs in a new Python instead."""
+
+    _instance: _CliServer | None = None
+    _env: dict[str, str] | None = None
+
+    @staticmethod
+    def _key(env: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in env.items() if not k.startswith("PYTEST_")}
+
+    @classmethod
+    def serves(cls, env: dict[str, str]) -> bool:
+        if os.environ.get("VQGPT_TESTS_NO_CLI_SERVER") == "1":
+            return False
+        return cls._env is None or cls._key(env) == cls._env
+
+    @classmethod
+    def get(cls) -> _CliServer:
+        if cls._instance is None or cls._instance.proc.poll() is not None:
+            env = _cli_env()
+            cls._env = cls._key(env)
+            cls._instance = cls(env)
+        return cls._instance
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("cli_server.py"))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+            env=env,
+            start_new_session=True,
+        )
+        self.folder = Path(tempfile.mkdtemp(prefix="vqgpt-cli-server-"))
+        self.calls = 0
+        self.pending = b""  # read from the server, not yet a whole line
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()  # EOF: the server ends
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _reply(self, timeout: float | None) -> dict | None:
+        """The server's next line, or None if none came within `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.proc.stdout], [], [], left)[0]:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise AssertionError("the CLI fork server (tests/cli_server.py) died")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, cmd: list[str], check: bool, timeout: int, cwd: Path | None):
+        self.calls += 1
+        out, err = self.folder / f"{self.calls}.out", self.folder / f"{self.calls}.err"
+        env = _cli_env()
+        request = dict(argv=cmd[3:], env=env, cwd=str(cwd) if cwd else None, stdout=str(out),
+                       stderr=str(err))  # fmt: skip
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        self.proc.stdin.flush()
+        pid = self._reply(60)["pid"]
+        reply = self._reply(timeout)
+        timed_out = reply is None
+        if timed_out:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGUSR1)  # every thread dumps its stack to stderr
+            time.sleep(3)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            reply = self._reply(None)
+        stdout, stderr = (p.read_text(errors="replace") for p in (out, err))
+        out.unlink()
+        err.unlink()
+        if timed_out:
+            raise AssertionError(
+                f"{' '.join(cmd)} timed out after {timeout} s; stacks and output:\n"
+                f"{stdout[-3000:]}\n{stderr[-20000:]}"
+            )
+        result = subprocess.CompletedProcess(cmd, reply["returncode"], stdout, stderr)
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(cmd)} failed ({result.returncode})\n{result.stdout[-3000:]}\n"
+                f"{result.stderr[-5000:]}"
+            )
+        return result
 
 
 def _run(
@@ -133,9 +237,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture()
-def accelerate_launcher() -> list[str]:
-    """`accelerate launch` with two CPU processes over gloo."""
+def _accelerate_launcher() -> list[str]:
+    """`accelerate launch` with two CPU processes over gloo, on a free port."""
     return [
         sys.executable,
         "-m",
@@ -152,6 +255,18 @@ def accelerate_launcher() -> list[str]:
         "--main_process_port",
         str(_free_port()),
     ]
+
+
+@pytest.fixture()
+def accelerate_launcher() -> list[str]:
+    """`accelerate launch` with two CPU processes over gloo."""
+    return _accelerate_launcher()
+
+
+@pytest.fixture(scope="session")
+def new_accelerate_launcher():
+    """() -> a fresh `accelerate_launcher` (for module- and session-scoped fixtures)."""
+    return _accelerate_launcher
 
 
 def _tiny_lm_recipe(tokenizer_run: Path, out_dir: Path, codes_dir: Path, **sections) -> dict:

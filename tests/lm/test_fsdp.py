@@ -14,18 +14,27 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "fsdp_lm_loss.py"
+MODES = ["split", "full"]
+STRATEGIES = ["fsdp2", "fsdp2-keep", "fsdp1-full", "fsdp1-grad-op"]
+
+
+@pytest.fixture(scope="module")
+def sharded_records(tmp_path_factory, run_command, new_accelerate_launcher) -> Path:
+    """Every (mode, strategy) pair in one 2-process launch (a launch costs more than the step):
+    the prefix of the per-pair, per-rank records."""
+    out = tmp_path_factory.mktemp("fsdp_loss") / "result"
+    launcher = new_accelerate_launcher()
+    run_command([*launcher, str(SCRIPT), ",".join(MODES), ",".join(STRATEGIES), str(out)],
+                timeout=300)  # fmt: skip
+    return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fsdp2", "fsdp2-keep", "fsdp1-full", "fsdp1-grad-op"])
-@pytest.mark.parametrize("mode", ["split", "full"])
-def test_sharded_loss_and_gradients_equal_one_unsharded_process(
-    tmp_path, run_command, accelerate_launcher, mode, strategy
-):
-    out = tmp_path / "result"
-    run_command([*accelerate_launcher, str(SCRIPT), mode, strategy, str(out)], timeout=240)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("mode", MODES)
+def test_sharded_loss_and_gradients_equal_one_unsharded_process(sharded_records, mode, strategy):
     for rank in range(2):
-        record = json.loads(Path(f"{out}.{rank}.json").read_text())
+        record = json.loads(Path(f"{sharded_records}.{mode}.{strategy}.{rank}.json").read_text())
         sharded, reference = record["loss"]
         assert sharded == pytest.approx(reference, rel=1e-5)
         assert record["params"] > 10  # every parameter was compared
