@@ -345,7 +345,9 @@ def cli_env():
 
 @pytest.fixture(scope="session")
 def run_cli():
-    """(*args, launcher=None, check=True, timeout=300, cwd=None) -> CompletedProcess of the CLI."""
+    """(*args, launcher=None, check=True, timeout=300, cwd=None) -> CompletedProcess of the CLI,
+    in its own process: through `launcher` (a real `accelerate launch`), else forked from the
+    worker's CLI server (tests/cli_server.py)."""
     return _run_cli
 
 

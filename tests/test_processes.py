@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from vqgpt.lm.pipeline import Pipeline
 from vqgpt.training import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -175,7 +176,8 @@ def test_resume_with_another_process_count_is_refused(
 def test_lm_in_two_processes_and_with_accumulation_trains_like_one(
     tiny_tokenizer_run, tmp_path, run_cli, tiny_lm_recipe, write_yaml, accelerate_launcher
 ):
-    """Captions, text-to-image and (30% of the examples) shapes stories documents."""
+    """Captions, text-to-image and (30% of the examples) shapes stories documents; two
+    processes save one loadable pipeline and log each step once."""
     codes = tmp_path / "codes"  # pretokenized once, shared
     stories = dict(num_stories=24, num_test_stories=4, max_scenes=2, image_size=32)
     documents = dict(source="shapes_stories", stories=stories)
@@ -190,12 +192,20 @@ def test_lm_in_two_processes_and_with_accumulation_trains_like_one(
         recipe["data"]["documents"] = documents
         recipe["sequences"]["document_ratio"] = 0.3
         cfg = write_yaml(tmp_path / f"{name}.yaml", recipe)
-        run_cli("train-lm", "--config", str(cfg), launcher=launcher)
+        result = run_cli("train-lm", "--config", str(cfg), launcher=launcher)
+        assert "pipeline saved to" in result.stderr
         runs[name] = out
     for name in ("two", "two-accumulate"):
-        assert summary(runs[name])["num_processes"] == 2
+        assert not (runs[name] / "final.tmp").exists()
+        assert (
+            summary(runs[name])["num_processes"],
+            summary(runs[name])["replica_max_abs_diff"],
+        ) == (2, 0.0)
+        # one writer: every step logged once, not once per rank
+        assert [r["step"] for r in read_metrics(runs[name], "train")] == [1, 2, 3, 4, 5, 6]
         for key in ("loss", "image_loss", "text_loss"):
             assert_same_training(runs["one"], runs[name], key, rel=1e-4)
+    Pipeline.from_pretrained(runs["two"])
 
 
 @pytest.mark.parametrize("processes", [1, 2])

@@ -79,24 +79,6 @@ def test_an_epoch_smaller_than_one_step_is_a_config_error(
 
 
 @pytest.mark.slow
-def test_two_process_run_trains_and_saves_once(
-    tiny_tokenizer_run, tmp_path, accelerate_launcher, run_cli, tiny_lm_recipe, write_yaml
-):
-    out = tmp_path / "run"
-    recipe = tiny_lm_recipe(
-        tiny_tokenizer_run, out, tmp_path / "codes", train=dict(max_steps=3, save_every=0)
-    )
-    cfg = write_yaml(tmp_path / "r.yaml", recipe)
-    result = run_cli("train-lm", "--config", str(cfg), launcher=accelerate_launcher)
-    assert "pipeline saved to" in result.stderr
-    assert not (out / "final.tmp").exists()
-    # one writer: every step logged once, not once per rank
-    assert [r["step"] for r in read_metrics(out, "train")] == [1, 2, 3]
-    summary = json.loads((out / "final" / "eval.json").read_text())
-    assert summary["num_processes"] == 2 and summary["replica_max_abs_diff"] == 0.0
-    Pipeline.from_pretrained(out)
-
-
 def test_generate_and_caption_commands_write_their_files(lm_run, tmp_path, run_cli):
     listed = ["a small red circle at the top", "a large blue square at the left"]
     prompts = tmp_path / "prompts.txt"
