@@ -93,8 +93,17 @@ def test_streamed_shards_in_two_processes_train_like_one(
 @pytest.mark.parametrize(
     "name, sections",
     [
-        # a gradient-trained codebook sits out the bypass steps (the projections train in them)
-        ("bypass-factorised", dict(quantizer=dict(bypass_steps=2, codebook_dim=4))),
+        # a gradient-trained codebook sits out the bypass steps (the projections train in
+        # them), and the discriminator joins at step index 3 (then runs one forward per
+        # backward): the first 2 steps leave both out, the third the discriminator only, the
+        # fourth neither (one launch for both: a launch costs ~15 s)
+        (
+            "bypass-factorised-gan-start-step",
+            dict(
+                quantizer=dict(bypass_steps=2, codebook_dim=4),
+                loss=dict(adversarial_weight=0.1, adversarial_start_step=3),
+            ),
+        ),
         ("bypass-seed", dict(quantizer=dict(preset="seed", bypass_steps=2))),
         # LFQ's entropy penalty takes the batch mean over every rank's rows
         (
@@ -103,8 +112,6 @@ def test_streamed_shards_in_two_processes_train_like_one(
                 quantizer=dict(type="lfq", bypass_steps=2, codebook_dim=5, restart_after_steps=20)
             ),
         ),  # VQ's field: its default
-        # the discriminator joins at step 2 (and runs one forward per backward)
-        ("gan-start-step", dict(loss=dict(adversarial_weight=0.1, adversarial_start_step=2))),
     ],
 )
 def test_steps_that_leave_parameters_unused_train_in_two_processes(
