@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -26,12 +25,17 @@ def curve(run: Path, key: str) -> dict[int, tuple[float, float]]:
     return {r["step"]: (r["lr"], r[key]) for r in read_metrics(run, "train")}
 
 
-def assert_same_training(one: Path, other: Path, key: str, rel: float) -> None:
+def assert_same_training(
+    one: Path, other: Path, key: str, rel: float, drift_after: int | None = None
+) -> None:
+    """The same LR at every step, exactly, and `key` within `rel`; past step `drift_after`,
+    within 2e-3 (the reduction order's last-bit differences, grown by Adam's first steps)."""
     a, b = curve(one, key), curve(other, key)
     assert sorted(a) == sorted(b) and a
     for step in a:
         assert b[step][0] == a[step][0], f"lr at step {step}: {b[step][0]} vs {a[step][0]}"
-        assert b[step][1] == pytest.approx(a[step][1], rel=rel), f"{key} at step {step}"
+        tol = rel if drift_after is None or step <= drift_after else 2e-3
+        assert b[step][1] == pytest.approx(a[step][1], rel=tol), f"{key} at step {step}"
 
 
 def sha(path: Path) -> str:
@@ -46,26 +50,37 @@ def summary(run: Path) -> dict:
 # stage one
 
 
+TOKENIZER_TRAIN = dict(max_steps=12, save_every=2, keep_checkpoints=6)
+
+
 @pytest.fixture(scope="module")
-def one_process_tokenizer(tmp_path_factory, run_cli, tiny_tokenizer_recipe, write_yaml):
-    """The reference: one process, global batch 8 (the tiny recipe, 6 steps, warm-up 2)."""
-    out = tmp_path_factory.mktemp("tok1") / "run"
-    cfg = write_yaml(out.parent / "r.yaml", tiny_tokenizer_recipe(out, train=dict(save_every=0)))
-    run_cli("train-tokenizer", "--config", str(cfg))
-    return out
+def full_tokenizer_runs(
+    tmp_path_factory, run_cli, tiny_tokenizer_recipe, write_yaml, new_accelerate_launcher
+) -> dict[int, Path]:
+    """processes -> a run of the tiny recipe (global batch 8: 8 steps an epoch; warm-up 2,
+    dead-code restarts every 2 unused steps), 12 steps, a checkpoint every 2: the runs that the
+    two-process comparison, the resumes and the refusal share (a launch costs ~10-15 s)."""
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path_factory.mktemp(f"tok{processes}") / "full"
+        recipe = tiny_tokenizer_recipe(out, train=TOKENIZER_TRAIN)
+        launcher = new_accelerate_launcher() if processes == 2 else None
+        run_cli("train-tokenizer", "--config", str(write_yaml(out.parent / "full.yaml", recipe)),
+                launcher=launcher)  # fmt: skip
+        runs[processes] = out
+    return runs
 
 
-def test_tokenizer_in_two_processes_trains_like_one(
-    one_process_tokenizer, tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml, accelerate_launcher
-):
-    out = tmp_path / "run"
-    cfg = write_yaml(tmp_path / "r.yaml", tiny_tokenizer_recipe(out, train=dict(save_every=0)))
-    run_cli("train-tokenizer", "--config", str(cfg), launcher=accelerate_launcher)
+def test_tokenizer_in_two_processes_trains_like_one(full_tokenizer_runs):
+    one, out = full_tokenizer_runs[1], full_tokenizer_runs[2]
     info = summary(out)
     assert (info["num_processes"], info["replica_max_abs_diff"]) == (2, 0.0)
     # the LR schedule of one process (it ran 2x too fast with two), and the same losses: same
-    # batches, k-means and restarts on every rank's rows, global means logged
-    assert_same_training(one_process_tokenizer, out, "total", rel=1e-4)
+    # batches, k-means and restarts on every rank's rows, global means logged. Measured
+    # (2026-12-02): relative gaps <= 6.3e-6 over steps 1-6, then 1.5e-4, -8e-5, -2.7e-6, 3.0e-4,
+    # -3.3e-4, -1.9e-4 (steps 7-12): rounding grown by the updates, not another batch or restart
+    # (those move the loss by percents)
+    assert_same_training(one, out, "total", rel=1e-4, drift_after=6)
     lrs = [lr for lr, _ in curve(out, "total").values()]
     assert lrs[:2] == [lrs[0], lrs[0]] and lrs[2] < lrs[1]  # warm-up 2 steps, then cosine
 
@@ -134,22 +149,21 @@ def test_steps_that_leave_parameters_unused_train_in_two_processes(
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_resume_is_bit_exact_from_mid_epoch_and_epoch_boundaries(
-    processes, tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml, accelerate_launcher
-):
-    """12 steps of 8 per epoch, dead-code restarts every 2 unused steps; resumed into a new
-    folder from step 10 (mid-epoch, in the second epoch: the epoch's order and the skip
-    together) and, in one process, from step 8 (the epoch boundary): the same losses after the
-    checkpoint and the same final weights, byte for byte. (A mid-epoch resume in the first
-    epoch: tokenizer/test_train.py.) Two processes resume once: each launch costs ~10 s."""
+    processes, full_tokenizer_runs, tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml,
+    accelerate_launcher,
+):  # fmt: skip
+    """The 12-step runs resumed into a new folder from step 10 (mid-epoch, in the second epoch:
+    the epoch's order and the skip together) and, in one process, from step 8 (the epoch
+    boundary): the same losses after the checkpoint and the same final weights, byte for byte.
+    (A mid-epoch resume in the first epoch: tokenizer/test_train.py.) Two processes resume once:
+    each launch costs ~10-15 s."""
     launcher = accelerate_launcher if processes == 2 else None
-    train = dict(max_steps=12, save_every=2, keep_checkpoints=6)
-    full = tmp_path / "full"
-    cfg = write_yaml(tmp_path / "full.yaml", tiny_tokenizer_recipe(full, train=train))
-    run_cli("train-tokenizer", "--config", str(cfg), launcher=launcher)
+    full = full_tokenizer_runs[processes]
     reference = {r["step"]: r["total"] for r in read_metrics(full, "train")}
     for step in (8, 10) if processes == 1 else (10,):
         out = tmp_path / f"from_{step}"
-        cfg = write_yaml(tmp_path / f"{step}.yaml", tiny_tokenizer_recipe(out, train=train))
+        recipe = tiny_tokenizer_recipe(out, train=TOKENIZER_TRAIN)
+        cfg = write_yaml(tmp_path / f"{step}.yaml", recipe)
         checkpoint = full / "checkpoints" / f"step_{step}"
         result = run_cli(
             "train-tokenizer", "--config", str(cfg), "--resume", str(checkpoint), launcher=launcher
@@ -162,18 +176,17 @@ def test_resume_is_bit_exact_from_mid_epoch_and_epoch_boundaries(
 
 
 def test_resume_with_another_process_count_is_refused(
-    tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml, accelerate_launcher
+    full_tokenizer_runs, tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml
 ):
+    """A checkpoint of two processes, resumed by one: refused before a step, nothing written."""
     out = tmp_path / "run"
-    cfg = write_yaml(tmp_path / "r.yaml", tiny_tokenizer_recipe(out, train=dict(max_steps=2)))
-    run_cli("train-tokenizer", "--config", str(cfg))
-    shutil.rmtree(out / "final")
-    result = run_cli(
-        "train-tokenizer", "--config", str(cfg), "--resume", "latest",
-        launcher=accelerate_launcher, check=False,
-    )  # fmt: skip
+    recipe = tiny_tokenizer_recipe(out, train=TOKENIZER_TRAIN)
+    checkpoint = full_tokenizer_runs[2] / "checkpoints" / "step_4"
+    result = run_cli("train-tokenizer", "--config", str(write_yaml(tmp_path / "r.yaml", recipe)),
+                     "--resume", str(checkpoint), check=False)  # fmt: skip
     assert result.returncode != 0
-    assert "written by 1 process(es); resume it with 1" in result.stderr
+    assert "written by 2 process(es); resume it with 2" in result.stderr
+    assert not (out / "final").exists() and not read_metrics(out, "train")
 
 
 # ---------------------------------------------------------------------------------------------
