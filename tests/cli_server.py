@@ -1,5 +1,6 @@
-"""A fork server for the tests' CLI processes: `python -m vqgpt.cli ARGS` without the ~5 s import
-of torch, transformers, accelerate and datasets in every one.
+"""A fork server for the tests' CLI processes: `python -m vqgpt.cli ARGS` (and `python -m
+accelerate.commands.launch ...`, the launcher only) without the ~3-5 s import of torch,
+transformers, accelerate and datasets in every one.
 
 The tests run the real CLI in a new process (its exit status, its stdout and stderr, its signals),
 over a hundred times. Started once per pytest worker, this process imports those libraries (and
@@ -9,7 +10,8 @@ request forks a child that is such a process: new session, its own cwd, environm
 `__main__` as `python -m` runs it, its exit handlers run at the end. The server reports the
 child's pid at once (a timeout signals its process group) and its exit status when it ends.
 
-Protocol, one JSON object per line: request {"argv", "env", "cwd", "stdout", "stderr"} on stdin,
+Protocol, one JSON object per line: request {"module", "argv", "env", "cwd", "stdout", "stderr"}
+on stdin,
 then {"pid": N} and {"returncode": N} (negative: killed by that signal) on stdout. EOF ends it.
 """
 
@@ -38,7 +40,8 @@ def preload() -> None:
 
 
 def child(request: dict) -> None:
-    """In the forked child: become `python -m vqgpt.cli ARGV`; never returns."""
+    """In the forked child: become `python -m MODULE ARGV` (MODULE: vqgpt.cli or accelerate's
+    launcher, whose workers are new Pythons); never returns."""
     code = 1
     try:
         os.setsid()
@@ -56,9 +59,10 @@ def child(request: dict) -> None:
         import numpy
 
         numpy.random.seed()
-        sys.argv = ["vqgpt.cli", *request["argv"]]
+        module = request.get("module", "vqgpt.cli")
+        sys.argv = [module, *request["argv"]]
         try:
-            runpy.run_module("vqgpt.cli", run_name="__main__", alter_sys=True)
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
