@@ -115,8 +115,8 @@ class _CliServer:
 
     @classmethod
     def serves(cls, env: dict[str, str]) -> bool:
-        if os.environ.get("VQGPT_TESTS_NO_CLI_SERVER") == "1":
-            return False
+        if os.environ.get("VQGPT_TESTS_NO_CLI_SERVER") == "1" or sys.platform != "linux":
+            return False  # macOS: forking after torch's import is not safe there
         return cls._env is None or cls._key(env) == cls._env
 
     @classmethod
