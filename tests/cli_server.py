@@ -6,13 +6,13 @@ The tests run the real CLI in a new process (its exit status, its stdout and std
 over a hundred times. Started once per pytest worker, this process imports those libraries (and
 nothing of vqgpt), runs no torch op (so no thread pool exists to break in a fork), then for each
 request forks a child that is such a process: new session, its own cwd, environment, stdin
-(/dev/null), stdout and stderr (files), fresh `random` / NumPy seeds, `vqgpt.cli` run as
+(/dev/null), stdout and stderr (files), fresh `random` / NumPy seeds, the module run as
 `__main__` as `python -m` runs it, its exit handlers run at the end. The server reports the
 child's pid at once (a timeout signals its process group) and its exit status when it ends.
 
 Protocol, one JSON object per line: request {"module", "argv", "env", "cwd", "stdout", "stderr"}
-on stdin,
-then {"pid": N} and {"returncode": N} (negative: killed by that signal) on stdout. EOF ends it.
+on stdin, then {"pid": N} and {"returncode": N} (negative: killed by that signal) on stdout. EOF
+ends it.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def child(request: dict) -> None:
         import numpy
 
         numpy.random.seed()
-        module = request.get("module", "vqgpt.cli")
+        module = request["module"]
         sys.argv = [module, *request["argv"]]
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)

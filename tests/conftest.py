@@ -162,10 +162,10 @@ class _CliServer:
         line, self.pending = self.pending.split(b"\n", 1)
         return json.loads(line)
 
-    def run(self, cmd: list[str], check: bool, timeout: int, cwd: Path | None):
+    def run(self, cmd: list[str], env: dict[str, str], check: bool, timeout: int, cwd: Path | None):
+        """`cmd` (`python -m MODULE ...`) as a forked child with `env`: as `_run` returns."""
         self.calls += 1
         out, err = self.folder / f"{self.calls}.out", self.folder / f"{self.calls}.err"
-        env = _cli_env()
         request = dict(module=cmd[2], argv=cmd[3:], env=env, cwd=str(cwd) if cwd else None,
                        stdout=str(out), stderr=str(err))  # fmt: skip
         self.proc.stdin.write((json.dumps(request) + "\n").encode())
@@ -184,17 +184,25 @@ class _CliServer:
         out.unlink()
         err.unlink()
         if timed_out:
-            raise AssertionError(
-                f"{' '.join(cmd)} timed out after {timeout} s; stacks and output:\n"
-                f"{stdout[-3000:]}\n{stderr[-20000:]}"
-            )
-        result = subprocess.CompletedProcess(cmd, reply["returncode"], stdout, stderr)
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"{' '.join(cmd)} failed ({result.returncode})\n{result.stdout[-3000:]}\n"
-                f"{result.stderr[-5000:]}"
-            )
-        return result
+            raise _timed_out(cmd, timeout, stdout, stderr)
+        return _completed(cmd, reply["returncode"], stdout, stderr, check)
+
+
+def _timed_out(cmd: list[str], timeout: float, out: str, err: str) -> AssertionError:
+    return AssertionError(
+        f"{' '.join(cmd)} timed out after {timeout} s; stacks and output:\n{out[-3000:]}\n"
+        f"{err[-20000:]}"
+    )
+
+
+def _completed(
+    cmd: list[str], returncode: int, out: str, err: str, check: bool
+) -> subprocess.CompletedProcess:
+    """The result; with `check`, a failure raises with the ends of both streams."""
+    result = subprocess.CompletedProcess(cmd, returncode, out, err)
+    if check and returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({returncode})\n{out[-3000:]}\n{err[-5000:]}")
+    return result
 
 
 def _run(
@@ -205,8 +213,9 @@ def _run(
     environment fork from the worker's CLI server (`_CliServer`): the same process, ~3-5 s
     sooner (a launch's workers are new Pythons either way)."""
     if env is None and cmd[:2] == [sys.executable, "-m"] and cmd[2] in _CliServer.MODULES:
-        if _CliServer.serves(_cli_env()):
-            return _CliServer.get().run(cmd, check=check, timeout=timeout, cwd=cwd)
+        env = _cli_env()
+        if _CliServer.serves(env):
+            return _CliServer.get().run(cmd, env, check=check, timeout=timeout, cwd=cwd)
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -223,16 +232,8 @@ def _run(
         time.sleep(3)
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(
-            f"{' '.join(cmd)} timed out after {timeout} s; stacks and output:\n{out[-3000:]}\n"
-            f"{err[-20000:]}"
-        ) from None
-    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({result.returncode})\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-        )
-    return result
+        raise _timed_out(cmd, timeout, out, err) from None
+    return _completed(cmd, proc.returncode, out, err, check)
 
 
 def _free_port() -> int:
@@ -351,8 +352,8 @@ def cli_env():
 @pytest.fixture(scope="session")
 def run_cli():
     """(*args, launcher=None, check=True, timeout=300, cwd=None) -> CompletedProcess of the CLI,
-    in its own process: through `launcher` (a real `accelerate launch`), else forked from the
-    worker's CLI server (tests/cli_server.py)."""
+    in its own process (or through `launcher`, a real `accelerate launch`), forked from the
+    worker's CLI server (tests/cli_server.py; a launch's workers are new Pythons)."""
     return _run_cli
 
 

@@ -217,10 +217,8 @@ def test_lm_in_two_processes_and_with_accumulation_trains_like_one(
         runs[name] = out
     for name in ("two", "two-accumulate"):
         assert not (runs[name] / "final.tmp").exists()
-        assert (
-            summary(runs[name])["num_processes"],
-            summary(runs[name])["replica_max_abs_diff"],
-        ) == (2, 0.0)
+        info = summary(runs[name])
+        assert (info["num_processes"], info["replica_max_abs_diff"]) == (2, 0.0)
         # one writer: every step logged once, not once per rank
         assert [r["step"] for r in read_metrics(runs[name], "train")] == [1, 2, 3, 4, 5, 6]
         for key in ("loss", "image_loss", "text_loss"):

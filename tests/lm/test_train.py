@@ -78,7 +78,6 @@ def test_an_epoch_smaller_than_one_step_is_a_config_error(
     assert status and all("already pretokenized" in s for s in status)
 
 
-@pytest.mark.slow
 def test_generate_and_caption_commands_write_their_files(lm_run, tmp_path, run_cli):
     listed = ["a small red circle at the top", "a large blue square at the left"]
     prompts = tmp_path / "prompts.txt"

@@ -109,7 +109,6 @@ def test_a_new_run_into_a_folder_holding_a_run_is_refused(
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written  # nothing lost
 
 
-@pytest.mark.slow
 def test_unknown_config_key_fails_with_a_clear_message(
     tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml
 ):
