@@ -32,6 +32,9 @@ from vqgpt.lm.vocab import VocabLayout
 from vqgpt.training import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
+# the program each `accelerate launch` of the tests starts as a worker (python -u launch_worker.py
+# -m vqgpt.cli ...): forked from a preloaded server, not a new Python (tests/launch_worker.py)
+LAUNCH_WORKER = Path(__file__).with_name("launch_worker.py")
 
 # Under pytest-xdist (`-n 2`, the README's command) each worker is one of N processes sharing the
 # cores: torch's default (one thread per core) in every worker oversubscribes them, and its
@@ -95,15 +98,18 @@ def _run_cli(
     On a timeout every process of the run prints its stacks (SIGUSR1: `vqgpt.cli` registers
     faulthandler for it) before it is killed, and the failure shows them.
     """
+    if launcher is not None and launcher[-1] != str(LAUNCH_WORKER):
+        launcher = [*launcher, str(LAUNCH_WORKER)]
     cmd = (launcher or [sys.executable]) + ["-m", "vqgpt.cli", *args]
     return _run(cmd, check=check, timeout=timeout, cwd=cwd)
 
 
 class _CliServer:
     """The client of tests/cli_server.py: `python -m vqgpt.cli ARGS` forked from a process that
-    has imported torch & co. once (the same process, without ~5 s of imports in each). One per
+    has imported torch & co. once (the same process, without ~5-10 s of imports in each). One per
     pytest worker, started on first use; a call whose environment differs from the one it started
-    with (other than pytest's own variables) runs in a new Python instead."""
+    with (other than pytest's own variables) runs in a new Python instead. A launch's workers fork
+    from it too, through tests/launch_worker.py (any number at once)."""
 
     MODULES = ("vqgpt.cli", "accelerate.commands.launch")
     _instance: _CliServer | None = None
@@ -128,18 +134,28 @@ class _CliServer:
         return cls._instance
 
     def __init__(self, env: dict[str, str]) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="vqgpt-cli-server-"))
+        self.socket = str(self.folder / "workers.sock")  # launched workers connect here
+        server = Path(__file__).with_name("cli_server.py")
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("cli_server.py"))],
+            [sys.executable, str(server), "--listen", self.socket],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             bufsize=0,
             env=env,
             start_new_session=True,
         )
-        self.folder = Path(tempfile.mkdtemp(prefix="vqgpt-cli-server-"))
+        self.ready = False
         self.calls = 0
         self.pending = b""  # read from the server, not yet a whole line
         atexit.register(self.close)
+
+    def worker_socket(self) -> str:
+        """The socket that serves launched workers (tests/launch_worker.py), ready on return."""
+        if not self.ready:
+            assert self._reply(120) == {"ready": True}, "the CLI fork server did not start"
+            self.ready = True
+        return self.socket
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -162,30 +178,52 @@ class _CliServer:
         line, self.pending = self.pending.split(b"\n", 1)
         return json.loads(line)
 
-    def run(self, cmd: list[str], env: dict[str, str], check: bool, timeout: int, cwd: Path | None):
-        """`cmd` (`python -m MODULE ...`) as a forked child with `env`: as `_run` returns."""
+    def start(self, cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> _Started:
+        """Fork `cmd` (`python -m MODULE ...`) with `env`; its pid (a session leader) at once.
+        One at a time: `finish` it before the next."""
         self.calls += 1
         out, err = self.folder / f"{self.calls}.out", self.folder / f"{self.calls}.err"
+        socket_path = self.worker_socket()
+        if cmd[2] == "accelerate.commands.launch":  # its workers fork from this server too
+            env = dict(env, VQGPT_TESTS_WORKER_SOCKET=socket_path)
         request = dict(module=cmd[2], argv=cmd[3:], env=env, cwd=str(cwd) if cwd else None,
                        stdout=str(out), stderr=str(err))  # fmt: skip
         self.proc.stdin.write((json.dumps(request) + "\n").encode())
         self.proc.stdin.flush()
-        pid = self._reply(60)["pid"]
+        return _Started(cmd, self._reply(60)["pid"], out, err)
+
+    def finish(
+        self, started: _Started, check: bool = True, timeout: float | None = None
+    ) -> subprocess.CompletedProcess:
+        """Wait for `started` to end (on a timeout: stacks, then a kill, then raise)."""
         reply = self._reply(timeout)
         timed_out = reply is None
         if timed_out:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGUSR1)  # every thread dumps its stack to stderr
+                os.killpg(started.pid, signal.SIGUSR1)  # every thread dumps its stack to stderr
             time.sleep(3)
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+                os.killpg(started.pid, signal.SIGKILL)
             reply = self._reply(None)
-        stdout, stderr = (p.read_text(errors="replace") for p in (out, err))
-        out.unlink()
-        err.unlink()
+        stdout, stderr = (p.read_text(errors="replace") for p in (started.out, started.err))
+        started.out.unlink()
+        started.err.unlink()
         if timed_out:
-            raise _timed_out(cmd, timeout, stdout, stderr)
-        return _completed(cmd, reply["returncode"], stdout, stderr, check)
+            raise _timed_out(started.cmd, timeout, stdout, stderr)
+        return _completed(started.cmd, reply["returncode"], stdout, stderr, check)
+
+    def run(self, cmd: list[str], env: dict[str, str], check: bool, timeout: int, cwd: Path | None):
+        """`cmd` (`python -m MODULE ...`) as a forked child with `env`: as `_run` returns."""
+        return self.finish(self.start(cmd, env, cwd), check=check, timeout=timeout)
+
+
+class _Started(NamedTuple):
+    """A command the CLI server forked: its pid and the files of its stdout and stderr."""
+
+    cmd: list[str]
+    pid: int
+    out: Path
+    err: Path
 
 
 def _timed_out(cmd: list[str], timeout: float, out: str, err: str) -> AssertionError:
@@ -244,7 +282,8 @@ def _free_port() -> int:
 
 
 def _accelerate_launcher() -> list[str]:
-    """`accelerate launch` with two CPU processes over gloo, on a free port."""
+    """`accelerate launch` with two CPU processes over gloo, on a free port; its last item is the
+    workers' program (LAUNCH_WORKER), so `-m MODULE ARGS` or `SCRIPT ARGS` follows."""
     return [
         sys.executable,
         "-m",
@@ -260,6 +299,7 @@ def _accelerate_launcher() -> list[str]:
         "no",
         "--main_process_port",
         str(_free_port()),
+        str(LAUNCH_WORKER),  # then `-m vqgpt.cli ...` or `SCRIPT ...`, as after `python -u`
     ]
 
 
@@ -267,6 +307,29 @@ def _accelerate_launcher() -> list[str]:
 def accelerate_launcher() -> list[str]:
     """`accelerate launch` with two CPU processes over gloo."""
     return _accelerate_launcher()
+
+
+def _python_forked() -> tuple[list[str], dict[str, str]]:
+    """(command prefix, env): `[*prefix, "-m", MODULE, ...]` runs as `python -u -m MODULE ...`
+    forked from the preloaded worker server when the tests' CLI server serves (several at once,
+    unlike `run_cli`); else a new Python."""
+    env = _cli_env()
+    if _CliServer.serves(env):
+        env["VQGPT_TESTS_WORKER_SOCKET"] = _CliServer.get().worker_socket()
+    return [sys.executable, str(LAUNCH_WORKER)], env
+
+
+@pytest.fixture(scope="session")
+def launch_worker() -> Path:
+    """The program to give `accelerate launch` as its script, before `-m MODULE` or `SCRIPT`."""
+    return LAUNCH_WORKER
+
+
+@pytest.fixture(scope="session")
+def python_forked():
+    """() -> (command prefix, env) of a `python -u` forked from a preloaded server, for
+    processes that must run side by side (two launchers of a two-machine run)."""
+    return _python_forked
 
 
 @pytest.fixture(scope="session")
@@ -316,20 +379,36 @@ def tiny_tokenizer_run(tmp_path_factory) -> Path:
 
 
 def _kill_after_checkpoint(cmd: list[str], out: Path, step: int = 2) -> int:
-    """Start `python -m vqgpt.cli CMD`, SIGKILL it once checkpoint `step` exists; the newest step."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vqgpt.cli", *cmd],
-        env=_cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    """Start `python -m vqgpt.cli CMD`, SIGKILL it once checkpoint `step` exists (a hard kill,
+    possibly in the middle of a later save); the newest step left. Returns once it is dead."""
+    cmd, env = [sys.executable, "-m", "vqgpt.cli", *cmd], _cli_env()
     deadline = time.time() + 240
-    while not (out / "checkpoints" / f"step_{step}").is_dir():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # a hard kill, possibly in the middle of a later save
-    proc.wait()
+
+    def wait_for_checkpoint(running, stderr) -> None:
+        while not (out / "checkpoints" / f"step_{step}").is_dir():
+            assert running(), f"the run ended before its checkpoint:\n{stderr()[-3000:]}"
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+
+    if _CliServer.serves(env):  # forked: a session leader, its end reported once it is reaped
+        server = _CliServer.get()
+        started = server.start(cmd, env)
+
+        def running() -> bool:
+            try:
+                os.kill(started.pid, 0)  # the server reaps it within ~20 ms of its end
+            except ProcessLookupError:
+                return False
+            return True
+
+        wait_for_checkpoint(running, lambda: started.err.read_text(errors="replace"))
+        os.killpg(started.pid, signal.SIGKILL)
+        assert server.finish(started, check=False).returncode == -signal.SIGKILL
+    else:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for_checkpoint(lambda: proc.poll() is None, lambda: proc.stderr.read().decode())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     return int(list_checkpoints(out)[-1].name.split("_")[1])
 
 

@@ -58,8 +58,8 @@ def test_cpu_2proc_starts_two_processes(
 
 @pytest.mark.parametrize("stage", ["tokenizer", "lm"])
 def test_two_machines_on_one_host_train_like_one_process(
-    stage, repo_root, tmp_path, run_cli, cli_env, tiny_tokenizer_recipe, tiny_lm_recipe,
-    tiny_tokenizer_run, write_yaml, free_port,
+    stage, repo_root, tmp_path, run_cli, python_forked, tiny_tokenizer_recipe, tiny_lm_recipe,
+    tiny_tokenizer_run, write_yaml, free_port, launch_worker,
 ):  # fmt: skip
     runs = {}
     for name in ("one", "two-machines"):
@@ -73,16 +73,19 @@ def test_two_machines_on_one_host_train_like_one_process(
     run_cli(command, "--config", str(runs["one"][1]))
     port = str(free_port())
     config = str(configs(repo_root) / "multi_node_cpu.yaml")
+    python, env = python_forked()  # the two launchers run side by side
     machines = [
         subprocess.Popen(
             [
-                *LAUNCH,
+                *python,
+                *LAUNCH[1:],
                 "--config_file",
                 config,
                 "--machine_rank",
                 str(rank),
                 "--main_process_port",
                 port,
+                str(launch_worker),
                 "-m",
                 "vqgpt.cli",
                 command,
@@ -92,7 +95,7 @@ def test_two_machines_on_one_host_train_like_one_process(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=cli_env(),
+            env=env,
         )  # fmt: skip
         for rank in (0, 1)
     ]
