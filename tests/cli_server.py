@@ -22,7 +22,9 @@ stderr (SCM_RIGHTS); the server forks a child that runs the module or script as 
 and writes its exit status back (also from `os._exit`, how a launched CLI ends). The connection
 stays open: a signal the launcher sends the worker program is passed on to the child (one byte, the
 signal number), and the child kills itself when the connection closes (the program was killed).
-Any number of workers run at once, beside the one request of stdin.
+Any number of workers run at once, beside the one request of stdin. The tests also hand scripts a
+`python` that is this program (VQGPT_TESTS_PYTHON: `python ARGS` -> `launch_worker.py ARGS`), and
+it is `sys.executable` in what it forks: a benchmark's own subprocesses fork too.
 """
 
 from __future__ import annotations
@@ -55,11 +57,17 @@ def preload() -> None:
 
 
 def _new_process(env: dict[str, str], cwd: str | None) -> None:
-    """In a forked child: the environment, cwd and seeds of a new process."""
+    """In a forked child: the environment, cwd and seeds of a new process; PYTHONPATH entries the
+    server did not start with go on sys.path where a new Python puts them (after the script's
+    folder), and `sys.executable` is the tests' served `python` when they name one."""
     if cwd:
         os.chdir(cwd)
+    started_with = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    added = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in started_with]
+    sys.path[1:1] = [os.path.abspath(p) for p in added]
     os.environ.clear()
     os.environ.update(env)
+    sys.executable = env.get("VQGPT_TESTS_PYTHON", sys.executable)
     random.seed()  # a new process draws new seeds; a fork copies the server's
     import numpy
 

@@ -145,6 +145,9 @@ class _CliServer:
             env=env,
             start_new_session=True,
         )
+        self.python = self.folder / "python"  # `python ARGS` served: launch_worker.py ARGS
+        self.python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{LAUNCH_WORKER}" "$@"\n')
+        self.python.chmod(0o755)
         self.ready = False
         self.calls = 0
         self.pending = b""  # read from the server, not yet a whole line
@@ -310,13 +313,16 @@ def accelerate_launcher() -> list[str]:
 
 
 def _python_forked() -> tuple[list[str], dict[str, str]]:
-    """(command prefix, env): `[*prefix, "-m", MODULE, ...]` runs as `python -u -m MODULE ...`
-    forked from the preloaded worker server when the tests' CLI server serves (several at once,
-    unlike `run_cli`); else a new Python."""
+    """(command prefix, env): `[*prefix, "-m", MODULE, ...]` or `[*prefix, SCRIPT, ...]` runs as
+    `python -u ...` would, forked from the preloaded CLI server when it serves (several at once,
+    unlike `run_cli`; what it starts with `sys.executable` is forked too); else a new Python."""
     env = _cli_env()
-    if _CliServer.serves(env):
-        env["VQGPT_TESTS_WORKER_SOCKET"] = _CliServer.get().worker_socket()
-    return [sys.executable, str(LAUNCH_WORKER)], env
+    if not _CliServer.serves(env):
+        return [sys.executable], env
+    server = _CliServer.get()
+    env["VQGPT_TESTS_WORKER_SOCKET"] = server.worker_socket()
+    env["VQGPT_TESTS_PYTHON"] = str(server.python)
+    return [str(server.python)], env
 
 
 @pytest.fixture(scope="session")

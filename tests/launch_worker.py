@@ -1,5 +1,6 @@
 """The program `accelerate launch` starts as each worker in the tests: `python -u
-launch_worker.py -m MODULE ARGS` (or `SCRIPT ARGS`) behaves as `python -u -m MODULE ARGS`.
+launch_worker.py -m MODULE ARGS` (or `SCRIPT ARGS`) behaves as `python -u -m MODULE ARGS`. The
+tests' served `python` (VQGPT_TESTS_PYTHON, for scripts and what they start) runs it too.
 
 With VQGPT_TESTS_WORKER_SOCKET set (tests/conftest.py sets it for launches it forks), the worker
 is forked from the pytest worker's preloaded `cli_server.py --listen` instead of importing torch,
@@ -26,8 +27,10 @@ def _real_python(argv: list[str]) -> None:
 
 def main(argv: list[str]) -> int:
     path = os.environ.get("VQGPT_TESTS_WORKER_SOCKET")
-    if not path:
-        _real_python(argv)
+    while argv[:1] == ["-u"]:  # the server's streams are unbuffered (PYTHONUNBUFFERED=1)
+        argv = argv[1:]
+    if not path or not argv or (argv[0].startswith("-") and argv[0] != "-m"):
+        _real_python(argv)  # not served, or `python -c ...`, `python -I ...`: a real one
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(path)

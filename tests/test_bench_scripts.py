@@ -66,7 +66,7 @@ def _table(stdout: str) -> dict[str, list[str]]:
 
 
 def test_shapes_ceiling_script_tables_every_size_and_shape(
-    tiny_tokenizer_run, tmp_path, cli_env, repo_root
+    tiny_tokenizer_run, tmp_path, python_forked, repo_root
 ):
     from vqgpt.data.shapes import ShapesConfig, shapes_dataset, write_image_folder
 
@@ -74,9 +74,10 @@ def test_shapes_ceiling_script_tables_every_size_and_shape(
         shapes_dataset(ShapesConfig(num_images=1, num_test_images=40, image_size=32), "test"),
         tmp_path / "test",
     )
+    python, env = python_forked()
     out = subprocess.run(
         [
-            sys.executable,
+            *python,
             str(repo_root / "scripts" / "shapes_ceiling.py"),
             "--tokenizer",
             str(tiny_tokenizer_run),
@@ -87,7 +88,7 @@ def test_shapes_ceiling_script_tables_every_size_and_shape(
         ],
         capture_output=True,
         text=True,
-        env=cli_env(),
+        env=env,
         check=True,
         timeout=300,
     ).stdout
@@ -111,7 +112,9 @@ def _rows(section: str) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_bench_gpu_quick_prints_every_table(cli_env, repo_root):
-    """~40 s: the three benchmarks at toy sizes; the fast sampler and the kernel agree."""
+    """~40 s: the three benchmarks at toy sizes; the fast sampler and the kernel agree. New
+    Pythons, not the CLI server's forks: the nearest-code script sets TRITON_INTERPRET=1, which
+    Triton reads when it is imported (the server has imported it)."""
     script = repo_root / "scripts" / "bench_gpu.sh"
     env = dict(cli_env(), PYTHON=sys.executable)
     result = subprocess.run(
@@ -287,10 +290,11 @@ def test_bench_tokenizers_variants_are_valid_configs_of_k_codes(bench_tokenizers
     )
 
 
-def _bench_tokenizers(repo_root, cli_env, out, *args) -> tuple[str, list[dict]]:
+def _bench_tokenizers(repo_root, python_forked, out, *args) -> tuple[str, list[dict]]:
+    python, env = python_forked()  # the script, its rows and its LM runs fork from the server
     result = subprocess.run(
         [
-            sys.executable,
+            *python,
             str(repo_root / "scripts" / "bench_tokenizers.py"),
             "--quick",
             "--out",
@@ -299,7 +303,7 @@ def _bench_tokenizers(repo_root, cli_env, out, *args) -> tuple[str, list[dict]]:
         ],
         capture_output=True,
         text=True,
-        env=cli_env(),
+        env=env,
         timeout=300,
     )
     assert result.returncode == 0, (
@@ -310,11 +314,11 @@ def _bench_tokenizers(repo_root, cli_env, out, *args) -> tuple[str, list[dict]]:
     return result.stdout, rows
 
 
-def test_bench_tokenizers_quick_measures_every_row(repo_root, cli_env, tmp_path):
+def test_bench_tokenizers_quick_measures_every_row(repo_root, python_forked, tmp_path):
     """~25 s: two variants trained 3 steps each, measured on 16 held-out shapes images."""
     stdout, rows = _bench_tokenizers(
         repo_root,
-        cli_env,
+        python_forked,
         tmp_path,
         "--no-peer",
         "--variants",
@@ -346,7 +350,7 @@ def test_bench_tokenizers_quick_measures_every_row(repo_root, cli_env, tmp_path)
 
 
 def test_bench_tokenizers_peer_row_matches_vqgpt_fsq(
-    repo_root, cli_env, tmp_path, bench_tokenizers
+    repo_root, python_forked, tmp_path, bench_tokenizers
 ):
     """The peer's FSQ in the same network, data, steps and seed gives vqgpt's FSQ numbers: only
     with the peer already installed (`bench_tokenizers.py --peer` installs it once)."""
@@ -356,7 +360,14 @@ def test_bench_tokenizers_peer_row_matches_vqgpt_fsq(
             f"vector-quantize-pytorch is not installed in {cache} (run the script with --peer once)"
         )
     _, rows = _bench_tokenizers(
-        repo_root, cli_env, tmp_path, "--peer", "--peer-cache", str(cache), "--variants", "fsq"
+        repo_root,
+        python_forked,
+        tmp_path,
+        "--peer",
+        "--peer-cache",
+        str(cache),
+        "--variants",
+        "fsq",
     )
     ours, peer = rows
     assert (ours["impl"], peer["impl"], peer["peer_version"]) == (
@@ -368,12 +379,12 @@ def test_bench_tokenizers_peer_row_matches_vqgpt_fsq(
     assert peer["usage"] == pytest.approx(ours["usage"], abs=1 / 64)
 
 
-def test_bench_tokenizers_lm_column_trains_one_lm_per_seed(repo_root, cli_env, tmp_path):
+def test_bench_tokenizers_lm_column_trains_one_lm_per_seed(repo_root, python_forked, tmp_path):
     """--lm: per vqgpt row, one short LM run per seed on that tokenizer's codes (pretokenised
     once), its held-out image-token loss and single-draw text-to-image accuracy, mean ± sd."""
     stdout, rows = _bench_tokenizers(
         repo_root,
-        cli_env,
+        python_forked,
         tmp_path,
         "--no-peer",
         "--variants",

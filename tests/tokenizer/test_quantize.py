@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -443,12 +442,14 @@ def test_state_dict_round_trip_keeps_initialized_and_codes():
 # benchmark smoke run
 
 
-def test_benchmark_quick_run_prints_a_table(repo_root):
+def test_benchmark_quick_run_prints_a_table(repo_root, python_forked):
     script = repo_root / "scripts" / "bench_quantizer.py"
+    python, env = python_forked()
     result = subprocess.run(
-        [sys.executable, str(script), "--quick", "--device", "cpu"],
+        [*python, str(script), "--quick", "--device", "cpu"],
         capture_output=True,
         text=True,
+        env=env,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
