@@ -264,7 +264,7 @@ def use_peer_quantizer(variant: str) -> None:
 
 def recipe_of(job: Job):
     """The dataset's recipe with the job's overrides and the variant's quantizer section."""
-    from vqgpt.config import from_dict
+    from vqgpt.config import apply_overrides, from_dict
     from vqgpt.tokenizer.quantize import QuantizerConfig
     from vqgpt.tokenizer.train import load_recipe
 
@@ -283,6 +283,11 @@ def recipe_of(job: Job):
     recipe = load_recipe(REPO / "configs" / "tokenizer" / f"{job.dataset}.yaml", overrides)
     bypass = recipe.quantizer.bypass_steps
     section = quantizer_section(job.variant, job.codebook_size, bypass)
+    if job.impl == "vqgpt":  # --set quantizer.* (an ablation) goes over the variant's section
+        given = [o for o in job.overrides if o.split("=", 1)[0].strip().startswith("quantizer.")]
+        wrapped = {"quantizer": section}
+        apply_overrides(wrapped, given)
+        section = wrapped["quantizer"]
     recipe.quantizer = from_dict(QuantizerConfig, section, "quantizer")
     return recipe
 
@@ -551,8 +556,9 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="recipe overrides for every row, e.g. quantizer.bypass_steps=20 (of the quantizer "
-        "section only bypass_steps is read: the rest is the variant's)",
+        help="recipe overrides for every row, e.g. quantizer.bypass_steps=20; other quantizer.* "
+        "keys go over the variant's section in vqgpt's rows only (an ablation, e.g. "
+        "quantizer.dead_code_threshold=2; peer rows read only bypass_steps)",
     )
     parser.add_argument("--codebook-size", type=int, choices=[1024], default=1024)
     parser.add_argument("--eval-images", type=int, default=500, help="held-out images measured")

@@ -290,6 +290,23 @@ def test_bench_tokenizers_variants_are_valid_configs_of_k_codes(bench_tokenizers
     )
 
 
+def test_bench_tokenizers_quantizer_overrides_go_over_vqgpt_rows_only(bench_tokenizers):
+    """`--set quantizer.<key>=...` is an ablation of vqgpt's row (over the variant's section);
+    a peer row keeps the variant's section (it reads only bypass_steps)."""
+    overrides = ["quantizer.dead_code_threshold=2", "quantizer.dead_code_sampling=uniform"]
+
+    def quantizer(impl: str):
+        job = bench_tokenizers.Job(
+            "shapes", "vq-ste", impl, 0, 1024, 10, None, 8, overrides, "/tmp/unused"
+        )
+        return bench_tokenizers.recipe_of(job).quantizer
+
+    vqgpt, peer = quantizer("vqgpt"), quantizer("peer")
+    assert (vqgpt.dead_code_threshold, vqgpt.dead_code_sampling) == (2.0, "uniform")
+    assert (vqgpt.ema_decay, vqgpt.estimator) == (0.95, "ste")  # the rest is the variant's
+    assert (peer.dead_code_threshold, peer.dead_code_sampling) == (0.0, "error")
+
+
 def _bench_tokenizers(repo_root, python_forked, out, *args) -> tuple[str, list[dict]]:
     python, env = python_forked()  # the script, its rows and its LM runs fork from the server
     result = subprocess.run(

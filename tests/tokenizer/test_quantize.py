@@ -319,6 +319,32 @@ def test_a_dead_code_threshold_reseeds_codes_used_less_than_it(rule):
         assert lone_kept
 
 
+@pytest.mark.parametrize("sampling", ["error", "uniform"])
+def test_dead_code_sampling_picks_badly_served_vectors_or_any(sampling):
+    """Sampling "error" re-seeds dead codes on the vectors the codebook serves worst (here the 10 of
+    1,000 far from the only live code); "uniform" draws any vector alike (the peer's rule), so
+    about 32 x 10 / 1,000 of its 32 new codes land there."""
+    torch.manual_seed(3)
+    vq = make(dim=2, codebook_size=33, kmeans_init=False, restart_after_steps=1,
+              dead_code_sampling=sampling)  # fmt: skip
+    set_codes(vq, torch.cat([torch.zeros(1, 2), 50.0 + torch.randn(32, 2)]))  # 32 far: dead
+    bulk = 0.01 * torch.randn(990, 2)
+    rare = torch.tensor([5.0, 5.0]) + 0.01 * torch.randn(10, 2)
+    vq(grid(torch.cat([bulk, rare])))
+    fresh = vq.codebook[1:]
+    assert (fresh.norm(dim=1) < 10).all()  # every dead code re-seeded from the batch
+    on_rare = int(((fresh - torch.tensor([5.0, 5.0])).norm(dim=1) < 0.1).sum())
+    if sampling == "error":
+        assert on_rare == 10  # every badly served vector first
+    else:
+        assert on_rare <= 3
+
+
+def test_dead_code_sampling_is_checked():
+    with pytest.raises(ConfigError, match="dead_code_sampling='nearest' is unknown"):
+        QuantizerConfig(dead_code_sampling="nearest")
+
+
 def test_a_dead_code_threshold_needs_the_ema_statistics():
     with pytest.raises(ConfigError, match="dead_code_threshold needs ema"):
         QuantizerConfig(ema=False, dead_code_threshold=2.0)

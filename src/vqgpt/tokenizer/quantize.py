@@ -56,6 +56,9 @@ QUANTIZER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# how re-seeded codes are drawn from a step's vectors (QuantizerConfig.dead_code_sampling)
+DEAD_CODE_SAMPLING = ("error", "uniform")
+
 # Fields each family reads beyond COMMON_FIELDS. A family that does not read a field needs it at
 # its default (a non-default value is a ConfigError naming it): the VQ codebook upkeep (EMA,
 # k-means, restarts, init) is on by default and simply unused by simvq, fsq and lfq.
@@ -66,6 +69,7 @@ FAMILY_FIELDS: dict[str, frozenset[str]] = {
         _VQ_SEARCH
         | {"preset", "l2_normalize", "num_quantizers", "init", "ema", "ema_decay", "ema_eps"}
         | {"kmeans_init", "kmeans_iters", "restart_after_steps", "dead_code_threshold"}
+        | {"dead_code_sampling"}
     ),
     "simvq": frozenset(_VQ_SEARCH),  # frozen random codebook, learnt linear map (simvq.py)
     "fsq": frozenset({"fsq_levels"}),  # no codebook, no auxiliary loss (fsq.py)
@@ -106,6 +110,10 @@ class QuantizerConfig:
     # `threshold_ema_dead_code` (2 in its examples: with as many vectors per step as 2K, every code
     # used less than the average is replaced)
     dead_code_threshold: float = 0.0
+    # how a re-seeded code's new value is drawn from the step's encoder outputs: "error" (each
+    # vector with probability proportional to its squared quantization error: the badly served
+    # ones) or "uniform" (every vector alike: vector-quantize-pytorch's `sample_vectors`)
+    dead_code_sampling: str = "error"
     bypass_steps: int = 0  # first training steps decode z_e itself (no quantizer); k-means after
     chunk_size: int = 256  # rows of the search per chunk: peak memory O(chunk_size * K); see
     # scripts/bench_quantizer.py (small blocks stay in cache: faster than bigger ones on CPU)
@@ -144,6 +152,11 @@ class QuantizerConfig:
             raise ConfigError("quantizer.restart_after_steps must be >= 0")
         if self.dead_code_threshold < 0:
             raise ConfigError("quantizer.dead_code_threshold must be >= 0")
+        if self.dead_code_sampling not in DEAD_CODE_SAMPLING:
+            raise ConfigError(
+                f"quantizer.dead_code_sampling={self.dead_code_sampling!r} is unknown; known: "
+                f"{list(DEAD_CODE_SAMPLING)}"
+            )
         if self.dead_code_threshold > 0 and not self.ema:
             raise ConfigError(
                 "quantizer.dead_code_threshold needs ema: true (it reads the EMA cluster sizes)"
@@ -521,9 +534,11 @@ class Codebook(nn.Module):
     def _restart_dead_(self, x: Tensor, codes: Tensor, counts: Tensor) -> None:
         """Re-seed the dead codes (`_dead`) from this batch's vectors.
 
-        Replacements are drawn with probability proportional to each vector's squared
-        quantization error: vectors the codebook already fits (the frequent background of an
-        image) are rarely picked, the badly served rare ones (small objects) often.
+        `dead_code_sampling` "error" (default) draws each replacement with probability
+        proportional to a vector's squared quantization error: vectors the codebook already fits
+        (the frequent background of an image) are rarely picked, the badly served rare ones
+        (small objects) often. "uniform" draws every vector alike, without replacement when the
+        step has enough (vector-quantize-pytorch's `sample_vectors`).
         """
         dead = self._dead(counts).to(torch.uint8)
         _broadcast_(dead)  # rank 0 decides
@@ -534,8 +549,11 @@ class Codebook(nn.Module):
         fresh = torch.empty(num_dead, x.shape[1], device=x.device)
         x, codes = _gather_rows(x), _gather_rows(codes)  # every rank's rows, drawn from on rank 0
         if _is_rank0():
-            error = (x.float() - self.vectors[codes]).pow(2).sum(dim=1)  # (N,)
-            weights = error + 1e-12 * error.max().clamp(min=1e-12)  # every vector stays possible
+            if self.cfg.dead_code_sampling == "uniform":
+                weights = torch.ones(x.shape[0], device=x.device)
+            else:
+                error = (x.float() - self.vectors[codes]).pow(2).sum(dim=1)  # (N,)
+                weights = error + 1e-12 * error.max().clamp(min=1e-12)  # all stay possible
             replace = x.shape[0] < num_dead
             pick = torch.multinomial(weights, num_dead, replacement=replace)
             fresh = x[pick].float()
