@@ -396,6 +396,35 @@ def test_bench_tokenizers_peer_row_matches_vqgpt_fsq(
     assert peer["usage"] == pytest.approx(ours["usage"], abs=1 / 64)
 
 
+@pytest.mark.parametrize("sampling", ["uniform", "error"])
+def test_vq_with_the_peer_dead_code_rule_is_the_peer_step_by_step(
+    repo_root, python_forked, bench_tokenizers, sampling
+):
+    """vqgpt's EMA VQ with the peer's dead-code rule (`dead_code_threshold=2`,
+    `dead_code_sampling=uniform`, no unused-steps rule) is vector-quantize-pytorch's
+    VectorQuantize draw for draw: the same codes and codebooks (float rounding) at every step of
+    k-means init, EMA updates and re-seeding. With vqgpt's default error-weighted draws the
+    codebooks part at the first re-seeding (step 0, right after the k-means init). Only with the peer already installed."""
+    cache = Path(os.environ.get("VQGPT_BENCH_PEER_CACHE", bench_tokenizers.DEFAULT_PEER_CACHE))
+    if not bench_tokenizers.peer_ready(cache):
+        pytest.skip(f"vector-quantize-pytorch is not installed in {cache}")
+    python, env = python_forked()
+    script = repo_root / "tests" / "tokenizer" / "peer_scripts" / "vq_step_by_step.py"
+    site = str(bench_tokenizers.peer_site(cache))
+    result = subprocess.run([*python, str(script), site, sampling],
+                            capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [json.loads(ln) for ln in result.stdout.splitlines() if ln.startswith("{")]
+    assert len(steps) == 12
+    assert steps[0]["codes_equal"]  # k-means init alike; re-seeding follows in the same step
+    if sampling == "uniform":
+        assert all(s["codes_equal"] for s in steps)
+        assert max(s["codebook_diff"] for s in steps) < 1e-4
+        assert all(s["loss"] == pytest.approx(s["peer_loss"], rel=1e-5) for s in steps)
+    else:
+        assert max(s["codebook_diff"] for s in steps) > 0.1
+
+
 def test_bench_tokenizers_lm_column_trains_one_lm_per_seed(repo_root, python_forked, tmp_path):
     """--lm: per vqgpt row, one short LM run per seed on that tokenizer's codes (pretokenised
     once), its held-out image-token loss and single-draw text-to-image accuracy, mean ± sd."""

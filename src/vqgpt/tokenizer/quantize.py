@@ -549,13 +549,16 @@ class Codebook(nn.Module):
         fresh = torch.empty(num_dead, x.shape[1], device=x.device)
         x, codes = _gather_rows(x), _gather_rows(codes)  # every rank's rows, drawn from on rank 0
         if _is_rank0():
-            if self.cfg.dead_code_sampling == "uniform":
-                weights = torch.ones(x.shape[0], device=x.device)
+            n = x.shape[0]
+            if self.cfg.dead_code_sampling == "uniform":  # the peer's `sample_vectors`, draw for draw
+                if n >= num_dead:
+                    pick = torch.randperm(n, device=x.device)[:num_dead]
+                else:
+                    pick = torch.randint(0, n, (num_dead,), device=x.device)
             else:
                 error = (x.float() - self.vectors[codes]).pow(2).sum(dim=1)  # (N,)
                 weights = error + 1e-12 * error.max().clamp(min=1e-12)  # all stay possible
-            replace = x.shape[0] < num_dead
-            pick = torch.multinomial(weights, num_dead, replacement=replace)
+                pick = torch.multinomial(weights, num_dead, replacement=n < num_dead)
             fresh = x[pick].float()
         _broadcast_(fresh)
         if self.cfg.l2_normalize:

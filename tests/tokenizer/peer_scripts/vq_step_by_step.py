@@ -1,0 +1,46 @@
+"""vqgpt's EMA VQ with the peer's dead-code rule against vector-quantize-pytorch's VectorQuantize,
+on the same inputs and random draws: prints one JSON line per step (codes equal, max |codebook
+difference|, both losses). argv: the peer's site folder, dead_code_sampling ("uniform": the
+peer's rule; "error": vqgpt's default draws, which must differ)."""
+
+import json
+import sys
+
+import torch
+
+sys.path.insert(0, sys.argv[1])
+import vector_quantize_pytorch as vqp  # noqa: E402
+
+from vqgpt.config import from_dict  # noqa: E402
+from vqgpt.tokenizer.quantize import QuantizerConfig, VectorQuantizer  # noqa: E402
+
+DIM, K, STEPS = 16, 128, 12
+torch.manual_seed(0)
+centers = 2 * torch.randn(40, DIM)  # fewer clusters than codes: k-means leaves codes dead
+
+
+def batch(step: int) -> torch.Tensor:
+    """[8, DIM, 4, 4]: 128 vectors around the centers, drifting a little each step."""
+    g = torch.Generator().manual_seed(step)
+    x = centers[torch.randint(0, 40, (128,), generator=g)] + 0.3 * torch.randn(
+        128, DIM, generator=g
+    )
+    return (x + 0.05 * step).reshape(8, 4, 4, DIM).permute(0, 3, 1, 2).contiguous()
+
+
+section = dict(preset="default", codebook_size=K, ema_decay=0.9, restart_after_steps=0,
+               dead_code_threshold=2.0, dead_code_sampling=sys.argv[2])  # fmt: skip
+ours = VectorQuantizer(DIM, from_dict(QuantizerConfig, section)).train()
+peer = vqp.VectorQuantize(
+    dim=DIM, codebook_size=K, decay=0.9, kmeans_init=True, kmeans_iters=10,
+    threshold_ema_dead_code=2, commitment_weight=0.25, accept_image_fmap=True,
+).train()  # fmt: skip
+for step in range(STEPS):
+    x = batch(step)
+    torch.manual_seed(100 + step)
+    a = ours(x.clone().requires_grad_())
+    torch.manual_seed(100 + step)
+    b = peer(x.clone().requires_grad_())
+    diff = (ours.codebooks[0].embed - peer._codebook.embed[0]).abs().max().item()
+    print(json.dumps(dict(step=step, codes_equal=bool((a.codes == b[1]).all()), codebook_diff=diff,
+                          loss=a.loss.item(), peer_loss=b[2].item())))  # fmt: skip
