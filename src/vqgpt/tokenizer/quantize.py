@@ -550,7 +550,8 @@ class Codebook(nn.Module):
         x, codes = _gather_rows(x), _gather_rows(codes)  # every rank's rows, drawn from on rank 0
         if _is_rank0():
             n = x.shape[0]
-            if self.cfg.dead_code_sampling == "uniform":  # the peer's `sample_vectors`, draw for draw
+            # "uniform": vector-quantize-pytorch's `sample_vectors`, draw for draw
+            if self.cfg.dead_code_sampling == "uniform":
                 if n >= num_dead:
                     pick = torch.randperm(n, device=x.device)[:num_dead]
                 else:
