@@ -404,7 +404,8 @@ def test_vq_with_the_peer_dead_code_rule_is_the_peer_step_by_step(
     `dead_code_sampling=uniform`, no unused-steps rule) is vector-quantize-pytorch's
     VectorQuantize draw for draw: the same codes and codebooks (float rounding) at every step of
     k-means init, EMA updates and re-seeding. With vqgpt's default error-weighted draws the
-    codebooks part at the first re-seeding (step 0, right after the k-means init). Only with the peer already installed."""
+    codebooks part at the first re-seeding (step 0, right after the k-means init). Only with
+    the peer already installed."""
     cache = Path(os.environ.get("VQGPT_BENCH_PEER_CACHE", bench_tokenizers.DEFAULT_PEER_CACHE))
     if not bench_tokenizers.peer_ready(cache):
         pytest.skip(f"vector-quantize-pytorch is not installed in {cache}")

@@ -1,17 +1,19 @@
 """vqgpt's EMA VQ with the peer's dead-code rule against vector-quantize-pytorch's VectorQuantize,
-on the same inputs and random draws: prints one JSON line per step (codes equal, max |codebook
+both as the bench's vq-ste rows build them, on the same inputs and random draws: prints one JSON line per step (codes equal, max |codebook
 difference|, both losses). argv: the peer's site folder, dead_code_sampling ("uniform": the
 peer's rule; "error": vqgpt's default draws, which must differ)."""
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, sys.argv[1])
-import vector_quantize_pytorch as vqp  # noqa: E402
+sys.path.insert(0, sys.argv[1])  # the peer
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
+import bench_tokenizers  # noqa: E402
 
-from vqgpt.config import from_dict  # noqa: E402
+from vqgpt.config import apply_overrides, from_dict  # noqa: E402
 from vqgpt.tokenizer.quantize import QuantizerConfig, VectorQuantizer  # noqa: E402
 
 DIM, K, STEPS = 16, 128, 12
@@ -28,13 +30,13 @@ def batch(step: int) -> torch.Tensor:
     return (x + 0.05 * step).reshape(8, 4, 4, DIM).permute(0, 3, 1, 2).contiguous()
 
 
-section = dict(preset="default", codebook_size=K, ema_decay=0.9, restart_after_steps=0,
-               dead_code_threshold=2.0, dead_code_sampling=sys.argv[2])  # fmt: skip
-ours = VectorQuantizer(DIM, from_dict(QuantizerConfig, section)).train()
-peer = vqp.VectorQuantize(
-    dim=DIM, codebook_size=K, decay=0.9, kmeans_init=True, kmeans_iters=10,
-    threshold_ema_dead_code=2, commitment_weight=0.25, accept_image_fmap=True,
-).train()  # fmt: skip
+# the bench's vq-ste rows: vqgpt's section with the peer's rule over it, and the peer's module
+rule = ["quantizer.dead_code_threshold=2", f"quantizer.dead_code_sampling={sys.argv[2]}",
+        "quantizer.restart_after_steps=0"]  # fmt: skip
+wrapped = {"quantizer": bench_tokenizers.quantizer_section("vq-ste", K, bypass_steps=0)}
+apply_overrides(wrapped, rule)
+ours = VectorQuantizer(DIM, from_dict(QuantizerConfig, wrapped["quantizer"])).train()
+peer = bench_tokenizers.peer_module("vq-ste", DIM, K).train()
 for step in range(STEPS):
     x = batch(step)
     torch.manual_seed(100 + step)
