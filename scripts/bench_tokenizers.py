@@ -58,7 +58,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PEER_VERSION = "1.32.0"
@@ -303,6 +306,38 @@ def trained_model(final: Path):
     return model.eval()
 
 
+def nearest_other_code(model) -> torch.Tensor:
+    """(K,) ids: for each code, the other code whose decoder input vector (the quantizer's
+    `lookup`, after any projection out) is nearest in l2. A K x K distance table, K ~ 1,024.
+    Plain codes only (one id per position); ties go to the lower id (FSQ's lattice)."""
+    import torch
+
+    k = model.codebook_size
+    with torch.no_grad():
+        vectors = model.quantizer.lookup(torch.arange(k).view(1, 1, k)).float()[0, :, 0].T
+    distance = torch.cdist(vectors, vectors)  # (K, K)
+    distance.fill_diagonal_(float("inf"))
+    return distance.argmin(dim=1)
+
+
+def neighbour_swap_psnr(model, pixels: torch.Tensor, batch: int = 100) -> float:
+    """Code-neighbourhood smoothness: mean PSNR (dB) between each image's reconstruction and the
+    decoding of its codes with every code replaced by its nearest other code
+    (`nearest_other_code`). High: a code confused with its neighbour draws nearly the same
+    patch, so an LM's near misses cost little. pixels (n, 3, H, W) in [-1, 1]."""
+    import torch
+
+    from vqgpt.tokenizer.metrics import psnr
+
+    neighbour = nearest_other_code(model)
+    scores = []
+    with torch.no_grad():
+        for b in pixels.split(batch):
+            codes = model.encode(b)
+            scores.append(psnr(model.decode(codes), model.decode(neighbour[codes])))
+    return torch.cat(scores).mean().item()
+
+
 def measure(job: Job, recipe, final: Path) -> dict[str, Any]:
     """Held-out metrics of the trained model (and, on shapes, the checker's ceiling)."""
     import torch
@@ -318,12 +353,13 @@ def measure(job: Job, recipe, final: Path) -> dict[str, Any]:
     row = asdict(metrics)
     row["dead_codes"] = k - round(metrics.usage * k)
     row["ceiling"] = None
+    n = min(len(eval_set), job.eval_images)
+    items = [eval_set[i] for i in range(n)]
+    pixels = torch.stack([it["pixel_values"] for it in items])  # (n, 3, H, W)
+    row["neighbour_psnr"] = neighbour_swap_psnr(model, pixels)
     if job.dataset == "shapes":
         from vqgpt.eval.shape_checker import t2i_scores
 
-        n = min(len(eval_set), job.eval_images)
-        items = [eval_set[i] for i in range(n)]
-        pixels = torch.stack([it["pixel_values"] for it in items])  # (n, 3, H, W)
         with torch.no_grad():
             recon = torch.cat([model.decode(model.encode(b)) for b in pixels.split(100)])
         texts = [it["text"] for it in items]
@@ -336,8 +372,10 @@ def measure(job: Job, recipe, final: Path) -> dict[str, Any]:
     return row
 
 
-def run_worker(job: Job) -> dict[str, Any]:
-    """Train and measure one row in this process; writes and returns <run>/bench.json's record."""
+def run_worker(job: Job, remeasure: bool = False) -> dict[str, Any]:
+    """Train and measure one row in this process; writes and returns <run>/bench.json's record.
+    `remeasure`: no training; the row's kept weights (final/) are measured again and the new
+    metrics merged into its existing bench.json (metrics added to the bench after it ran)."""
     import torch
 
     from vqgpt.tokenizer.train import train_tokenizer
@@ -345,6 +383,11 @@ def run_worker(job: Job) -> dict[str, Any]:
     if job.impl == "peer":
         use_peer_quantizer(job.variant)
     recipe = recipe_of(job)
+    if remeasure:
+        done = Path(job.out) / "bench.json"
+        row = dict(json.loads(done.read_text()), **measure(job, recipe, Path(job.out) / "final"))
+        done.write_text(json.dumps(row, indent=2))
+        return row
     final = train_tokenizer(recipe)
     row = dict(asdict(job), **measure(job, recipe, final), torch=torch.__version__)
     if job.impl == "peer":
@@ -475,10 +518,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     with_lm = any(r.get("lm") for r in rows)
     head = (
         "| variant | impl | seeds | PSNR (dB) | SSIM | usage | perplexity | dead codes "
-        "| shapes ceiling | s / step | steps |"
+        "| neighbour-swap PSNR (dB) | shapes ceiling | s / step | steps |"
         + (" LM image loss (nats) | LM t2i, 1 draw | LM runs |" if with_lm else "")
     )
-    lines = [head, "|" + "---|" * (14 if with_lm else 11)]
+    lines = [head, "|" + "---|" * (15 if with_lm else 12)]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["variant"], r["impl"]), []).append(r)
@@ -491,6 +534,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {variant} | {impl} | {len(rs)} | {col('psnr', '.2f')} | {col('ssim', '.4f')} "
             f"| {col('usage', '.1f', 100)}% | {col('perplexity', '.0f')} | {col('dead_codes', '.0f')} "
+            f"| {col('neighbour_psnr', '.2f')} "
             f"| {col('ceiling', '.1f', 100) + '%' if rs[0].get('ceiling') is not None else '-'} "
             f"| {col('s_per_step', '.2f')} | {'/'.join(map(str, steps))} |"
             + (_lm_cells(rs) if with_lm else "")
@@ -524,16 +568,19 @@ def plan(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
-def run_job(job: Job, site: Path | None, log: Path) -> dict[str, Any]:
-    """One row in a fresh process (the peer's folder on its path for a peer row)."""
-    done = Path(job.out) / "bench.json"
-    if done.is_file():
+def run_job(job: Job, site: Path | None, log: Path, remeasure: bool = False) -> dict[str, Any]:
+    """One row in a fresh process (the peer's folder on its path for a peer row). A row already
+    run is not run again; with `remeasure` its kept weights are measured again (run_worker)."""
+    done, weights = Path(job.out) / "bench.json", Path(job.out) / "final" / "model.safetensors"
+    if done.is_file() and not (remeasure and weights.is_file()):
         return json.loads(done.read_text())
     paths = [str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
     if job.impl == "peer":
         paths.insert(0, str(site))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
     cmd = [sys.executable, __file__, "--worker", json.dumps(asdict(job))]
+    if done.is_file():
+        cmd.append("--remeasure")
     with log.open("a") as f:
         f.write(f"\n=== {job.name}\n")
         f.flush()
@@ -582,13 +629,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lm-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lm-steps", type=int, default=400, help="steps of each LM run")
     parser.add_argument("--lm-images", type=int, default=100, help="held-out captions drawn")
+    parser.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="rows already run are measured again from their kept weights (final/), the new "
+        "metrics merged into their bench.json (rows run before a metric was added)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, K=64, 3 steps")
     parser.add_argument("--out", default="runs/bench_tokenizers")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(run_worker(Job(**json.loads(args.worker)))))
+        print(json.dumps(run_worker(Job(**json.loads(args.worker)), args.remeasure)))
         return
 
     if args.lm and args.dataset != "shapes":
@@ -602,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for job in plan(args):
         start = time.time()
-        row = run_job(job, site, log)
+        row = run_job(job, site, log, args.remeasure)
         if args.lm and job.impl == "vqgpt":
             lm_steps = 2 if args.quick else args.lm_steps
             lm_images = 4 if args.quick else args.lm_images

@@ -353,6 +353,7 @@ def test_bench_tokenizers_quick_measures_every_row(repo_root, python_forked, tmp
         assert r["dead_codes"] == 64 - round(64 * r["usage"]) and 0 < r["usage"] <= 1
         assert 1 <= r["perplexity"] <= 64 and r["psnr"] > 0 and r["s_per_step"] > 0
         assert 0 <= r["ceiling"] <= 1 and r["ceiling_originals"] == 1.0
+        assert 0 < r["neighbour_psnr"] <= 100  # dB, capped where the swap changes nothing
         config = (tmp_path / "shapes" / f"{r['variant']}-vqgpt-s0" / "config.yaml").read_text()
         assert "type: fsq" in config if r["variant"] == "fsq" else "estimator: rotation" in config
         assert "bypass_steps: 2" in config  # --set reaches the recipe
@@ -364,6 +365,51 @@ def test_bench_tokenizers_quick_measures_every_row(repo_root, python_forked, tmp
         [" fsq ", " vqgpt "],
     ]
     assert "shapes checker on the originals 100.0%" in stdout
+
+
+def test_neighbour_swap_psnr_is_high_where_each_code_has_a_near_twin(bench_tokenizers):
+    """The code-neighbourhood smoothness metric: with codes in near-identical pairs, each code's
+    nearest other code is its twin (never itself) and the swap barely changes the decoding;
+    with the same codes spread apart, the swap costs tens of dB."""
+    from vqgpt.tokenizer.quantize import QuantizerConfig
+    from vqgpt.tokenizer.vqvae import VQVAE, ModelConfig, VQVAEConfig
+
+    torch.manual_seed(0)
+    arch = ModelConfig(image_size=32, base_channels=8, channel_mult=(1, 2), latent_dim=8,
+                       norm_groups=4)  # fmt: skip
+    model = VQVAE(VQVAEConfig.build(arch, QuantizerConfig(codebook_size=16))).eval()
+    pixels = torch.rand(6, 3, 32, 32) * 2 - 1
+    embed = model.quantizer.codebooks[0].embed
+    with torch.no_grad():
+        embed.copy_(torch.randn(16, 8) * 3)
+    spread = bench_tokenizers.neighbour_swap_psnr(model, pixels)
+    with torch.no_grad():
+        embed[1::2] = embed[0::2] + 1e-4
+    twins = bench_tokenizers.nearest_other_code(model)
+    assert twins.tolist() == [i ^ 1 for i in range(16)]  # 0 <-> 1, 2 <-> 3, ...
+    paired = bench_tokenizers.neighbour_swap_psnr(model, pixels)
+    assert paired > 80 and spread < 40
+
+
+def test_bench_tokenizers_remeasure_adds_new_metrics_without_training(
+    repo_root, python_forked, tmp_path
+):
+    """--remeasure: a row run before a metric existed is measured again from its kept weights
+    (same PSNR, the new metric added), not trained again."""
+    args = ("--no-peer", "--variants", "vq-ste", "--set", "quantizer.bypass_steps=2")
+    _, (row,) = _bench_tokenizers(repo_root, python_forked, tmp_path, *args)
+    done = tmp_path / "shapes" / "vq-ste-vqgpt-s0" / "bench.json"
+    old = {k: v for k, v in row.items() if k != "neighbour_psnr"}
+    done.write_text(json.dumps(old))
+    metrics = done.parent / "metrics.jsonl"
+    trained = metrics.stat().st_mtime_ns
+    _, (again,) = _bench_tokenizers(repo_root, python_forked, tmp_path, *args)
+    assert "neighbour_psnr" not in again  # without --remeasure a row run is never touched
+    _, (again,) = _bench_tokenizers(repo_root, python_forked, tmp_path, *args, "--remeasure")
+    assert again["neighbour_psnr"] == pytest.approx(row["neighbour_psnr"], abs=1e-4)
+    assert again["psnr"] == pytest.approx(row["psnr"], abs=1e-4)
+    assert metrics.stat().st_mtime_ns == trained  # not trained again
+    assert json.loads(done.read_text())["neighbour_psnr"] == again["neighbour_psnr"]
 
 
 def test_bench_tokenizers_peer_row_matches_vqgpt_fsq(
