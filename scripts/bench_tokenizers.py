@@ -8,9 +8,13 @@ Every row trains stage one on the recipe of `--dataset` (configs/tokenizer/<data
 architecture, data, optimizer, LR schedule, batch size, loss, bypass warm-up) with only the
 quantizer section replaced by the variant's (VARIANTS), for `--steps` optimizer steps (at most
 `--minutes`), one fresh process per row, then measures on the held-out split: PSNR, SSIM, codebook
-usage, perplexity, dead codes (of the K codes, those the held-out split never uses), the shapes
-checker on the reconstructions (shapes only: the text-to-image ceiling) and wall seconds per step
-(the whole run, checkpoints off, the final evaluation excluded).
+usage, perplexity, dead codes (of the K codes, those the held-out split never uses), the
+neighbour-swap PSNR (code-neighbourhood smoothness: the reconstruction against the decoding of the
+same codes with each replaced by its nearest other code, in dB; high means an LM's near miss
+draws nearly the right patch), the shapes checker on the reconstructions (shapes only: the
+text-to-image ceiling) and wall seconds per step (the whole run, checkpoints off, the final
+evaluation excluded). `--remeasure` measures rows already run again from their kept weights
+(final/), adding metrics that did not exist when they ran, without training them again.
 
 vqgpt rows train through `vqgpt.tokenizer.train.train_tokenizer`. Peer rows run the very same
 function with one thing swapped: the quantizer module of the VQVAE is the peer's
