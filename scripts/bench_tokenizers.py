@@ -40,8 +40,11 @@ fixed stage-two run on that tokenizer's codes (configs/lm/shapes.yaml, `--lm-ste
 own seed; `vqgpt train-lm` in a fresh process, codes pretokenised once per row), then its held-out
 image-token loss (the run's final eval.json, `split/t2i/image`, nats per image token) and the
 single-draw text-to-image accuracy of `vqgpt eval --data shapes --num-images --lm-images` (the
-shapes checker, CFG 1, one image per held-out caption). Mean and standard deviation over the LM
-seeds, so that the tokenizers' differences can be read against the LM's own noise. Peer rows get
+shapes checker, CFG 1, one image per held-out caption) and its greedy captions' exact match;
+results.json also keeps the per-attribute text-to-image scores and the unigram loss of the same
+image tokens (the codes' own entropy, against which the LM's loss reads). Mean and standard
+deviation over the LM seeds, so that the tokenizers' differences can be read against the LM's
+own noise. Peer rows get
 no LM column (their quantizer is not vqgpt's, so vqgpt's pretokeniser cannot load them).
 
 Out, in `--out/<dataset>/`: `<variant>-<impl>-s<seed>/` (each row's run and its bench.json),
@@ -458,9 +461,20 @@ def lm_column(
             args = ["eval", "--model", str(lm), "--data", "shapes", "--num-images", str(images)]
             args += ["--rerank", "1", "--caption-rerank", "1", "--seed", str(seed)]
             _cli([*args, "--out", str(lm / "eval")], log)
-        loss = json.loads((lm / "final" / "eval.json").read_text())["split/t2i/image"]
-        t2i = json.loads(metrics.read_text())["t2i"]["cfg=1"]["accuracy"]
-        per_seed.append(dict(seed=seed, image_loss=loss, t2i=t2i))
+        losses = json.loads((lm / "final" / "eval.json").read_text())
+        scores = json.loads(metrics.read_text())
+        t2i = scores["t2i"]["cfg=1"]
+        per_seed.append(
+            dict(
+                seed=seed,
+                image_loss=losses["split/t2i/image"],
+                # the codes' own entropy: a unigram model's loss on the same tokens
+                image_loss_unigram=losses.get("unigram_split/t2i/image"),
+                t2i=t2i["accuracy"],
+                t2i_attributes=t2i.get("per_attribute"),  # color, shape, size, position
+                caption=scores["caption"]["exact_match"],  # greedy captions of held-out images
+            )
+        )
     return dict(steps=steps, images=images, runs=per_seed)
 
 
@@ -511,10 +525,11 @@ def _lm_cells(rs: list[dict[str, Any]]) -> str:
     """The LM columns of one (variant, impl) line: mean ± sd over every LM run of its rows."""
     runs = [run for r in rs if r.get("lm") for run in r["lm"]["runs"]]
     if not runs:
-        return " - | - | 0 |"
+        return " - | - | - | 0 |"
     loss = _mean_sd([run["image_loss"] for run in runs], ".3f")
     t2i = _mean_sd([100 * run["t2i"] for run in runs], ".1f")
-    return f" {loss} | {t2i}% | {len(runs)} |"
+    caption = _mean_sd([100 * run["caption"] for run in runs if "caption" in run], ".1f")
+    return f" {loss} | {t2i}% | {caption}% | {len(runs)} |"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -523,9 +538,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| variant | impl | seeds | PSNR (dB) | SSIM | usage | perplexity | dead codes "
         "| neighbour-swap PSNR (dB) | shapes ceiling | s / step | steps |"
-        + (" LM image loss (nats) | LM t2i, 1 draw | LM runs |" if with_lm else "")
+        + (" LM image loss (nats) | LM t2i, 1 draw | LM captions | LM runs |" if with_lm else "")
     )
-    lines = [head, "|" + "---|" * (15 if with_lm else 12)]
+    lines = [head, "|" + "---|" * (16 if with_lm else 12)]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["variant"], r["impl"]), []).append(r)

@@ -493,7 +493,8 @@ def test_bench_tokenizers_lm_column_trains_one_lm_per_seed(repo_root, python_for
     runs = row["lm"]["runs"]
     assert [r["seed"] for r in runs] == [0, 1] and row["lm"]["steps"] == 2
     for r in runs:
-        assert r["image_loss"] > 0 and 0 <= r["t2i"] <= 1
+        assert r["image_loss"] > 0 and 0 <= r["t2i"] <= 1 and 0 <= r["caption"] <= 1
+        assert r["image_loss_unigram"] > 0 and set(r["t2i_attributes"]) >= {"color", "shape"}
         lm_config = json.loads((tmp_path / "shapes" / "vq-ste-vqgpt-s0" / f"lm-s{r['seed']}"
                                 / "final" / "config.json").read_text())  # fmt: skip
         assert lm_config["vocab_size"] > 50257 + 64  # GPT-2's text ids + the row's 64 codes
