@@ -59,6 +59,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -663,6 +664,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_worker(Job(**json.loads(args.worker)), args.remeasure)))
         return
 
+    # SIGTERM (a job scheduler, `kill`) ends the script as Ctrl-C does: subprocess.run then kills
+    # the row's or LM run's process instead of leaving it running without its parent
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.lm and args.dataset != "shapes":
         parser.error("--lm needs --dataset shapes (text-to-image is scored by the shapes checker)")
     if args.impls and "peer" in args.impls and not args.peer:

@@ -412,6 +412,31 @@ def test_bench_tokenizers_remeasure_adds_new_metrics_without_training(
     assert json.loads(done.read_text())["neighbour_psnr"] == again["neighbour_psnr"]
 
 
+def test_bench_tokenizers_sigterm_ends_the_row_process_too(repo_root, tmp_path):
+    """SIGTERM to the script ends the row's training process with it (no orphan left training),
+    and no bench.json is written for the unfinished row."""
+    import signal
+    import time
+
+    cmd = [sys.executable, str(repo_root / "scripts" / "bench_tokenizers.py"), "--quick",
+           "--no-peer", "--variants", "vq-ste", "--steps", "100000", "--out", str(tmp_path)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    children = Path(f"/proc/{script.pid}/task/{script.pid}/children")
+    deadline = time.time() + 120
+    while not children.read_text().split() and time.time() < deadline:
+        time.sleep(0.2)
+    (row,) = map(int, children.read_text().split())  # the row's worker process
+    time.sleep(2)  # let it start training
+    script.send_signal(signal.SIGTERM)
+    assert script.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline = time.time() + 30
+    while Path(f"/proc/{row}").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{row}").exists()  # killed and reaped
+    assert not (tmp_path / "shapes" / "vq-ste-vqgpt-s0" / "bench.json").exists()
+
+
 def test_bench_tokenizers_peer_row_matches_vqgpt_fsq(
     repo_root, python_forked, tmp_path, bench_tokenizers
 ):
