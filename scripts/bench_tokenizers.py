@@ -11,7 +11,9 @@ quantizer section replaced by the variant's (VARIANTS), for `--steps` optimizer 
 usage, perplexity, dead codes (of the K codes, those the held-out split never uses), the
 neighbour-swap PSNR (code-neighbourhood smoothness: the reconstruction against the decoding of the
 same codes with each replaced by its nearest other code, in dB; high means an LM's near miss
-draws nearly the right patch), the shapes checker on the reconstructions (shapes only: the
+draws nearly the right patch), the codes kept under noise (code_stability: the fraction of code
+positions unchanged when the image gets invisible Gaussian noise), the shapes checker on the
+reconstructions (shapes only: the
 text-to-image ceiling) and wall seconds per step (the whole run, checkpoints off, the final
 evaluation excluded). `--remeasure` measures rows already run again from their kept weights
 (final/), adding metrics that did not exist when they ran, without training them again.
@@ -346,6 +348,27 @@ def neighbour_swap_psnr(model, pixels: torch.Tensor, batch: int = 100) -> float:
     return torch.cat(scores).mean().item()
 
 
+STABILITY_NOISE = 0.02  # pixel noise std on the [-1, 1] scale (2.55 / 255 of the range)
+
+
+def code_stability(model, pixels: torch.Tensor, batch: int = 100, seed: int = 0) -> float:
+    """Fraction of code positions unchanged when each image gets Gaussian pixel noise of std
+    STABILITY_NOISE (invisible: ~2.6 levels of 255): how consistently the same content maps to
+    the same id. Near-duplicate codes flip under it, and an LM must then predict a choice the
+    image does not determine. pixels (n, 3, H, W) in [-1, 1]; fixed noise seed."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    same = total = 0
+    with torch.no_grad():
+        for b in pixels.split(batch):
+            noise = torch.randn(b.shape, generator=gen) * STABILITY_NOISE
+            codes, noisy = model.encode(b), model.encode((b + noise).clamp(-1, 1))
+            same += (codes == noisy).sum().item()
+            total += codes.numel()
+    return same / total
+
+
 def measure(job: Job, recipe, final: Path) -> dict[str, Any]:
     """Held-out metrics of the trained model (and, on shapes, the checker's ceiling)."""
     import torch
@@ -365,6 +388,7 @@ def measure(job: Job, recipe, final: Path) -> dict[str, Any]:
     items = [eval_set[i] for i in range(n)]
     pixels = torch.stack([it["pixel_values"] for it in items])  # (n, 3, H, W)
     row["neighbour_psnr"] = neighbour_swap_psnr(model, pixels)
+    row["code_stability"] = code_stability(model, pixels)
     if job.dataset == "shapes":
         from vqgpt.eval.shape_checker import t2i_scores
 
@@ -538,10 +562,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     with_lm = any(r.get("lm") for r in rows)
     head = (
         "| variant | impl | seeds | PSNR (dB) | SSIM | usage | perplexity | dead codes "
-        "| neighbour-swap PSNR (dB) | shapes ceiling | s / step | steps |"
+        "| neighbour-swap PSNR (dB) | codes kept under noise | shapes ceiling | s / step | steps |"
         + (" LM image loss (nats) | LM t2i, 1 draw | LM captions | LM runs |" if with_lm else "")
     )
-    lines = [head, "|" + "---|" * (16 if with_lm else 12)]
+    lines = [head, "|" + "---|" * (17 if with_lm else 13)]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["variant"], r["impl"]), []).append(r)
@@ -554,7 +578,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {variant} | {impl} | {len(rs)} | {col('psnr', '.2f')} | {col('ssim', '.4f')} "
             f"| {col('usage', '.1f', 100)}% | {col('perplexity', '.0f')} | {col('dead_codes', '.0f')} "
-            f"| {col('neighbour_psnr', '.2f')} "
+            f"| {col('neighbour_psnr', '.2f')} | {col('code_stability', '.1f', 100)}% "
             f"| {col('ceiling', '.1f', 100) + '%' if rs[0].get('ceiling') is not None else '-'} "
             f"| {col('s_per_step', '.2f')} | {'/'.join(map(str, steps))} |"
             + (_lm_cells(rs) if with_lm else "")

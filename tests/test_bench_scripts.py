@@ -354,6 +354,7 @@ def test_bench_tokenizers_quick_measures_every_row(repo_root, python_forked, tmp
         assert 1 <= r["perplexity"] <= 64 and r["psnr"] > 0 and r["s_per_step"] > 0
         assert 0 <= r["ceiling"] <= 1 and r["ceiling_originals"] == 1.0
         assert 0 < r["neighbour_psnr"] <= 100  # dB, capped where the swap changes nothing
+        assert 0 <= r["code_stability"] <= 1
         config = (tmp_path / "shapes" / f"{r['variant']}-vqgpt-s0" / "config.yaml").read_text()
         assert "type: fsq" in config if r["variant"] == "fsq" else "estimator: rotation" in config
         assert "bypass_steps: 2" in config  # --set reaches the recipe
@@ -389,6 +390,28 @@ def test_neighbour_swap_psnr_is_high_where_each_code_has_a_near_twin(bench_token
     assert twins.tolist() == [i ^ 1 for i in range(16)]  # 0 <-> 1, 2 <-> 3, ...
     paired = bench_tokenizers.neighbour_swap_psnr(model, pixels)
     assert paired > 80 and spread < 40
+
+
+def test_code_stability_counts_the_codes_that_invisible_noise_flips(bench_tokenizers):
+    """1.0 where each encoder vector sits on its own code; about half where it sits midway
+    between two near-duplicate codes (the noise then picks the twin at random)."""
+    from vqgpt.tokenizer.quantize import QuantizerConfig
+    from vqgpt.tokenizer.vqvae import VQVAE, ModelConfig, VQVAEConfig
+
+    torch.manual_seed(0)
+    arch = ModelConfig(image_size=32, base_channels=8, channel_mult=(1, 2), latent_dim=8,
+                       norm_groups=4)  # fmt: skip
+    model = VQVAE(VQVAEConfig.build(arch, QuantizerConfig(codebook_size=128))).eval()
+    pixels = torch.rand(1, 3, 32, 32) * 2 - 1
+    embed = model.quantizer.codebooks[0].embed
+    with torch.no_grad():
+        z = model.encoder(pixels).permute(0, 2, 3, 1).reshape(-1, 8)  # (64, 8): 8x8 codes
+        embed.fill_(1e3)
+        embed[:64] = z  # each vector on its own code, the other codes far away
+        assert bench_tokenizers.code_stability(model, pixels) == 1.0
+        offset = torch.nn.functional.normalize(torch.randn(64, 8), dim=1) * 1e-4
+        embed[0::2], embed[1::2] = z + offset, z - offset  # twins on either side of each vector
+        assert 0.2 < bench_tokenizers.code_stability(model, pixels) < 0.8
 
 
 def test_bench_tokenizers_remeasure_adds_new_metrics_without_training(
