@@ -368,19 +368,24 @@ def test_bench_tokenizers_quick_measures_every_row(repo_root, python_forked, tmp
     assert "shapes checker on the originals 100.0%" in stdout
 
 
-def test_neighbour_swap_psnr_is_high_where_each_code_has_a_near_twin(bench_tokenizers):
-    """The code-neighbourhood smoothness metric: with codes in near-identical pairs, each code's
-    nearest other code is its twin (never itself) and the swap barely changes the decoding;
-    with the same codes spread apart, the swap costs tens of dB."""
+def _tiny_vqvae(codebook_size: int):
+    """(model, its codebook tensor): a random 32x32 -> 8x8 VQVAE with 8-dim codes, seeded."""
     from vqgpt.tokenizer.quantize import QuantizerConfig
     from vqgpt.tokenizer.vqvae import VQVAE, ModelConfig, VQVAEConfig
 
     torch.manual_seed(0)
     arch = ModelConfig(image_size=32, base_channels=8, channel_mult=(1, 2), latent_dim=8,
                        norm_groups=4)  # fmt: skip
-    model = VQVAE(VQVAEConfig.build(arch, QuantizerConfig(codebook_size=16))).eval()
+    model = VQVAE(VQVAEConfig.build(arch, QuantizerConfig(codebook_size=codebook_size))).eval()
+    return model, model.quantizer.codebooks[0].embed
+
+
+def test_neighbour_swap_psnr_is_high_where_each_code_has_a_near_twin(bench_tokenizers):
+    """The code-neighbourhood smoothness metric: with codes in near-identical pairs, each code's
+    nearest other code is its twin (never itself) and the swap barely changes the decoding;
+    with the same codes spread apart, the swap costs tens of dB."""
+    model, embed = _tiny_vqvae(codebook_size=16)
     pixels = torch.rand(6, 3, 32, 32) * 2 - 1
-    embed = model.quantizer.codebooks[0].embed
     with torch.no_grad():
         embed.copy_(torch.randn(16, 8) * 3)
     spread = bench_tokenizers.neighbour_swap_psnr(model, pixels)
@@ -395,15 +400,8 @@ def test_neighbour_swap_psnr_is_high_where_each_code_has_a_near_twin(bench_token
 def test_code_stability_counts_the_codes_that_invisible_noise_flips(bench_tokenizers):
     """1.0 where each encoder vector sits on its own code; about half where it sits midway
     between two near-duplicate codes (the noise then picks the twin at random)."""
-    from vqgpt.tokenizer.quantize import QuantizerConfig
-    from vqgpt.tokenizer.vqvae import VQVAE, ModelConfig, VQVAEConfig
-
-    torch.manual_seed(0)
-    arch = ModelConfig(image_size=32, base_channels=8, channel_mult=(1, 2), latent_dim=8,
-                       norm_groups=4)  # fmt: skip
-    model = VQVAE(VQVAEConfig.build(arch, QuantizerConfig(codebook_size=128))).eval()
+    model, embed = _tiny_vqvae(codebook_size=128)
     pixels = torch.rand(1, 3, 32, 32) * 2 - 1
-    embed = model.quantizer.codebooks[0].embed
     with torch.no_grad():
         z = model.encoder(pixels).permute(0, 2, 3, 1).reshape(-1, 8)  # (64, 8): 8x8 codes
         embed.fill_(1e3)
