@@ -13,9 +13,8 @@ neighbour-swap PSNR (code-neighbourhood smoothness: the reconstruction against t
 same codes with each replaced by its nearest other code, in dB; high means an LM's near miss
 draws nearly the right patch), the codes kept under noise (code_stability: the fraction of code
 positions unchanged when the image gets invisible Gaussian noise), the shapes checker on the
-reconstructions (shapes only: the
-text-to-image ceiling) and wall seconds per step (the whole run, checkpoints off, the final
-evaluation excluded). `--remeasure` measures rows already run again from their kept weights
+reconstructions (shapes only: the text-to-image ceiling) and wall seconds per step (the whole
+run, checkpoints off, the final evaluation excluded). `--remeasure` measures rows already run again from their kept weights
 (final/), adding metrics that did not exist when they ran, without training them again.
 
 vqgpt rows train through `vqgpt.tokenizer.train.train_tokenizer`. Peer rows run the very same
@@ -46,8 +45,8 @@ shapes checker, CFG 1, one image per held-out caption) and its greedy captions' 
 results.json also keeps the per-attribute text-to-image scores and the unigram loss of the same
 image tokens (the codes' own entropy, against which the LM's loss reads). Mean and standard
 deviation over the LM seeds, so that the tokenizers' differences can be read against the LM's
-own noise. Peer rows get
-no LM column (their quantizer is not vqgpt's, so vqgpt's pretokeniser cannot load them).
+own noise. Peer rows get no LM column (their quantizer is not vqgpt's, so vqgpt's pretokeniser
+cannot load them).
 
 Out, in `--out/<dataset>/`: `<variant>-<impl>-s<seed>/` (each row's run and its bench.json),
 `rows.log` (the rows' output), `results.json` and `table.md` (also printed). A row whose bench.json
