@@ -329,43 +329,42 @@ def nearest_other_code(model) -> torch.Tensor:
     return distance.argmin(dim=1)
 
 
-def neighbour_swap_psnr(model, pixels: torch.Tensor, batch: int = 100) -> float:
+def neighbour_swap_psnr(model, codes: torch.Tensor, recon: torch.Tensor, batch: int = 100) -> float:
     """Code-neighbourhood smoothness: mean PSNR (dB) between each image's reconstruction and the
     decoding of its codes with every code replaced by its nearest other code
     (`nearest_other_code`). High: a code confused with its neighbour draws nearly the same
-    patch, so an LM's near misses cost little. pixels (n, 3, H, W) in [-1, 1]."""
+    patch, so an LM's near misses cost little. codes (n, h, w) of the images, recon
+    (n, 3, H, W) their decoding."""
     import torch
 
     from vqgpt.tokenizer.metrics import psnr
 
     neighbour = nearest_other_code(model)
-    scores = []
     with torch.no_grad():
-        for b in pixels.split(batch):
-            codes = model.encode(b)
-            scores.append(psnr(model.decode(codes), model.decode(neighbour[codes])))
-    return torch.cat(scores).mean().item()
+        swapped = torch.cat([model.decode(neighbour[c]) for c in codes.split(batch)])
+    return psnr(recon, swapped).mean().item()
 
 
 STABILITY_NOISE = 0.02  # pixel noise std on the [-1, 1] scale (2.55 / 255 of the range)
 
 
-def code_stability(model, pixels: torch.Tensor, batch: int = 100, seed: int = 0) -> float:
+def code_stability(
+    model, pixels: torch.Tensor, codes: torch.Tensor, batch: int = 100, seed: int = 0
+) -> float:
     """Fraction of code positions unchanged when each image gets Gaussian pixel noise of std
     STABILITY_NOISE (invisible: ~2.6 levels of 255): how consistently the same content maps to
     the same id. Near-duplicate codes flip under it, and an LM must then predict a choice the
-    image does not determine. pixels (n, 3, H, W) in [-1, 1]; fixed noise seed."""
+    image does not determine. pixels (n, 3, H, W) in [-1, 1], codes (n, h, w) their codes;
+    fixed noise seed."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    same = total = 0
+    same = 0
     with torch.no_grad():
-        for b in pixels.split(batch):
+        for b, c in zip(pixels.split(batch), codes.split(batch), strict=True):
             noise = torch.randn(b.shape, generator=gen) * STABILITY_NOISE
-            codes, noisy = model.encode(b), model.encode((b + noise).clamp(-1, 1))
-            same += (codes == noisy).sum().item()
-            total += codes.numel()
-    return same / total
+            same += (model.encode((b + noise).clamp(-1, 1)) == c).sum().item()
+    return same / codes.numel()
 
 
 def measure(job: Job, recipe, final: Path) -> dict[str, Any]:
@@ -386,13 +385,14 @@ def measure(job: Job, recipe, final: Path) -> dict[str, Any]:
     n = min(len(eval_set), job.eval_images)
     items = [eval_set[i] for i in range(n)]
     pixels = torch.stack([it["pixel_values"] for it in items])  # (n, 3, H, W)
-    row["neighbour_psnr"] = neighbour_swap_psnr(model, pixels)
-    row["code_stability"] = code_stability(model, pixels)
+    with torch.no_grad():  # encoded and decoded once for the measures below
+        codes = torch.cat([model.encode(b) for b in pixels.split(100)])
+        recon = torch.cat([model.decode(c) for c in codes.split(100)])
+    row["neighbour_psnr"] = neighbour_swap_psnr(model, codes, recon)
+    row["code_stability"] = code_stability(model, pixels, codes)
     if job.dataset == "shapes":
         from vqgpt.eval.shape_checker import t2i_scores
 
-        with torch.no_grad():
-            recon = torch.cat([model.decode(model.encode(b)) for b in pixels.split(100)])
         texts = [it["text"] for it in items]
         row["ceiling"] = t2i_scores(texts, list(recon)).accuracy
         row["ceiling_originals"] = t2i_scores(texts, list(pixels)).accuracy

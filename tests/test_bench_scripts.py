@@ -388,12 +388,14 @@ def test_neighbour_swap_psnr_is_high_where_each_code_has_a_near_twin(bench_token
     pixels = torch.rand(6, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         embed.copy_(torch.randn(16, 8) * 3)
-    spread = bench_tokenizers.neighbour_swap_psnr(model, pixels)
+    codes = model.encode(pixels)
+    spread = bench_tokenizers.neighbour_swap_psnr(model, codes, model.decode(codes))
     with torch.no_grad():
         embed[1::2] = embed[0::2] + 1e-4
     twins = bench_tokenizers.nearest_other_code(model)
     assert twins.tolist() == [i ^ 1 for i in range(16)]  # 0 <-> 1, 2 <-> 3, ...
-    paired = bench_tokenizers.neighbour_swap_psnr(model, pixels)
+    codes = model.encode(pixels)
+    paired = bench_tokenizers.neighbour_swap_psnr(model, codes, model.decode(codes))
     assert paired > 80 and spread < 40
 
 
@@ -406,10 +408,10 @@ def test_code_stability_counts_the_codes_that_invisible_noise_flips(bench_tokeni
         z = model.encoder(pixels).permute(0, 2, 3, 1).reshape(-1, 8)  # (64, 8): 8x8 codes
         embed.fill_(1e3)
         embed[:64] = z  # each vector on its own code, the other codes far away
-        assert bench_tokenizers.code_stability(model, pixels) == 1.0
+        assert bench_tokenizers.code_stability(model, pixels, model.encode(pixels)) == 1.0
         offset = torch.nn.functional.normalize(torch.randn(64, 8), dim=1) * 1e-4
         embed[0::2], embed[1::2] = z + offset, z - offset  # twins on either side of each vector
-        assert 0.2 < bench_tokenizers.code_stability(model, pixels) < 0.8
+        assert 0.2 < bench_tokenizers.code_stability(model, pixels, model.encode(pixels)) < 0.8
 
 
 def test_bench_tokenizers_remeasure_adds_new_metrics_without_training(
