@@ -14,8 +14,9 @@ same codes with each replaced by its nearest other code, in dB; high means an LM
 draws nearly the right patch), the codes kept under noise (code_stability: the fraction of code
 positions unchanged when the image gets invisible Gaussian noise), the shapes checker on the
 reconstructions (shapes only: the text-to-image ceiling) and wall seconds per step (the whole
-run, checkpoints off, the final evaluation excluded). `--remeasure` measures rows already run again from their kept weights
-(final/), adding metrics that did not exist when they ran, without training them again.
+run, checkpoints off, the final evaluation excluded). `--remeasure` measures rows already run
+again from their kept weights (final/), adding metrics that did not exist when they ran, without
+training them again.
 
 vqgpt rows train through `vqgpt.tokenizer.train.train_tokenizer`. Peer rows run the very same
 function with one thing swapped: the quantizer module of the VQVAE is the peer's
