@@ -158,6 +158,35 @@ def test_random_crop_is_a_function_of_its_seed():
     assert torch.equal(ImageTransform(64)(image), ImageTransform(64)(image, crop_seed=(5,)))
 
 
+def test_augmentation_flips_and_rotates_hue_by_seed():
+    """hflip / hue_jitter: drawn from the crop seed after the crop (which they leave alone);
+    a flip mirrors the crop exactly, a hue rotation keeps grey pixels and moves colours."""
+    image = rgb_noise(96, 64)
+    plain = ImageTransform(64, random_crop=True)
+    flip = ImageTransform(64, random_crop=True, hflip=True)
+    seeds = [(0, 0, row) for row in range(16)]
+    outs = [(plain(image, crop_seed=s), flip(image, crop_seed=s)) for s in seeds]
+    mirrored = [torch.equal(f, p.flip(-1)) for p, f in outs]
+    kept = [torch.equal(f, p) for p, f in outs]
+    assert all(m or k for m, k in zip(mirrored, kept, strict=True))  # the same crop, maybe mirrored
+    assert 3 <= sum(mirrored) <= 13  # about half of 16
+    assert all(
+        torch.equal(flip(image, crop_seed=s), f) for s, (_, f) in zip(seeds, outs, strict=True)
+    )
+
+    hue = ImageTransform(32, hue_jitter=0.5)
+    grey = rgb_noise(32, 32).convert("L").convert("RGB")
+    assert all(torch.equal(hue(grey, (0, 0, r)), ImageTransform(32)(grey)) for r in range(4))
+    red = Image.new("RGB", (32, 32), (200, 30, 30))
+    rotated = [hue(red, (0, 0, r))[:, 0, 0] for r in range(16)]
+    assert len({tuple(x.tolist()) for x in rotated}) > 8  # many hues
+    assert all(x.max() - x.min() > 1.0 for x in rotated)  # still saturated: a hue, not a grey
+    with pytest.raises(ValueError, match="hue_jitter"):
+        ImageTransform(32, hue_jitter=0.7)
+    with pytest.raises(ConfigError, match="hue_jitter"):
+        DataConfig(hue_jitter=-0.1)
+
+
 def test_to_pil_rejects_wrong_shape():
     with pytest.raises(ValueError, match=r"\[3, H, W\]"):
         to_pil(torch.zeros(1, 3, 8, 8))
@@ -287,6 +316,11 @@ def test_image_text_dataset_transform_flags():
     assert train.transform.random_crop and not evaluation.transform.random_crop
     assert len(train) == 4 and len(evaluation) == 3
     assert train[0]["pixel_values"].shape == (3, 64, 64)
+    cfg = DataConfig(num_images=4, hflip=True, hue_jitter=0.25)
+    train = image_text_dataset(cfg, cfg.train_split, train=True)
+    evaluation = image_text_dataset(cfg, cfg.eval_split, train=False)
+    assert train.transform.hflip and train.transform.hue_jitter == 0.25
+    assert not evaluation.transform.hflip and evaluation.transform.hue_jitter == 0.0
 
 
 def test_photos_source():

@@ -213,28 +213,61 @@ def nothing_readable(skipped: Sequence[SkippedFile]) -> ImageInputError:
 
 
 class ImageTransform:
-    """Resize the shorter side to image_size, crop a square (centre or random), scale to [-1, 1]."""
+    """Resize the shorter side to image_size, crop a square (centre or random), scale to [-1, 1];
+    for training, optionally flip left-right and rotate the hue (augmentation)."""
 
-    def __init__(self, image_size: int, random_crop: bool = False) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        random_crop: bool = False,
+        hflip: bool = False,
+        hue_jitter: float = 0.0,
+    ) -> None:
+        if not 0.0 <= hue_jitter <= 0.5:
+            raise ValueError(
+                f"hue_jitter={hue_jitter} must be in [0, 0.5] (turns of the hue circle)"
+            )
         self.image_size = image_size
         self.random_crop = random_crop
+        self.hflip = hflip
+        self.hue_jitter = hue_jitter
 
     def __call__(self, image: Image.Image, crop_seed: Sequence[int] = (0,)) -> torch.Tensor:
         """RGB PIL image -> float tensor [3, image_size, image_size] in [-1, 1].
 
-        A random crop is a function of `crop_seed` (the dataset passes (seed, epoch, row)), not of
-        a global RNG: the same in one or N processes, with any number of DataLoader workers, and
-        after a resume.
+        A random crop, flip (probability 1/2) and hue rotation (uniform in +-hue_jitter turns)
+        are a function of `crop_seed` (the dataset passes (seed, epoch, row)), not of a global
+        RNG: the same in one or N processes, with any number of DataLoader workers, and after a
+        resume. The crop's draws come first, so turning augmentation on moves no crop.
         """
         s = self.image_size
         image = resize_shorter_side(image, s)
+        rng = np.random.default_rng(list(crop_seed))
         if self.random_crop:
-            rng = np.random.default_rng(list(crop_seed))
             left = int(rng.integers(image.width - s + 1))
             top = int(rng.integers(image.height - s + 1))
         else:
             left, top = center_offsets(image, s)
-        return crop_to_tensor(image, left, top, s)
+        if not (self.hflip or self.hue_jitter):
+            return crop_to_tensor(image, left, top, s)
+        image = image.crop((left, top, left + s, top + s))
+        if self.hflip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.hue_jitter:
+            image = rotate_hue(image, rng.uniform(-self.hue_jitter, self.hue_jitter))
+        return crop_to_tensor(image, 0, 0, s)
+
+
+def rotate_hue(image: Image.Image, turns: float) -> Image.Image:
+    """`image` (RGB) with every pixel's hue rotated by `turns` of the hue circle (PIL's 8-bit
+    HSV: saturation and value kept, grey pixels unchanged; the round trip rounds each channel
+    by at most a few levels)."""
+    shift = round(turns * 256) % 256
+    if shift == 0:
+        return image
+    hsv = np.asarray(image.convert("HSV")).copy()
+    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + shift) % 256
+    return Image.fromarray(hsv, "HSV").convert("RGB")
 
 
 def to_pil(pixels: torch.Tensor) -> Image.Image:

@@ -108,6 +108,11 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "test"
     random_crop: bool = False  # train transform: random instead of centre crop
+    # tokenizer training augmentation (the LM's pretokenised data never sees it: a caption may
+    # name a side or a colour): flip left-right with probability 1/2; rotate the hue uniformly
+    # within +-hue_jitter turns (0 = off, 0.5 = any hue)
+    hflip: bool = False
+    hue_jitter: float = 0.0
     num_workers: int = 0  # DataLoader workers
 
     def __post_init__(self) -> None:
@@ -123,6 +128,8 @@ class DataConfig:
             raise ConfigError("data.train_split and data.eval_split must be non-empty")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must be >= 0")
+        if not 0.0 <= self.hue_jitter <= 0.5:
+            raise ConfigError(f"data.hue_jitter={self.hue_jitter} must be in [0, 0.5] (turns)")
         if self.format not in FORMATS:
             raise ConfigError(f"data.format={self.format!r} is not one of {', '.join(FORMATS)}")
         if self.shuffle_buffer < 1:
@@ -521,8 +528,8 @@ class StreamingImageTextDataset(torch.utils.data.IterableDataset):
 def image_text_dataset(
     cfg: DataConfig, split: str, train: bool, seed: int = 0, max_rows: int | None = None
 ) -> ImageTextDataset | StreamingImageTextDataset:
-    """Load `split` and wrap it for training (random crop only when `train` and cfg.random_crop,
-    drawn from `seed`).
+    """Load `split` and wrap it for training (random crop, flip and hue rotation only when
+    `train` and cfg asks for them, drawn from `seed`).
 
     With cfg.streaming a training split is a `StreamingImageTextDataset` (shuffled through
     cfg.shuffle_buffer); any other split keeps its first `max_rows` rows (all when None) in
@@ -530,7 +537,12 @@ def image_text_dataset(
     """
     import datasets
 
-    transform = ImageTransform(cfg.image_size, random_crop=train and cfg.random_crop)
+    transform = ImageTransform(
+        cfg.image_size,
+        random_crop=train and cfg.random_crop,
+        hflip=train and cfg.hflip,
+        hue_jitter=cfg.hue_jitter if train else 0.0,
+    )
     ds = load_image_dataset(cfg, split)
     if isinstance(ds, datasets.IterableDataset):
         if train:
