@@ -101,6 +101,32 @@ def test_shapes_ceiling_script_tables_every_size_and_shape(
     assert rows and sum(int(r.split("|")[3].split("/")[1].split()[0]) for r in rows) >= 40
 
 
+def test_photos_per_photo_script_tables_each_photograph_of_both_splits(
+    tiny_tokenizer_run, python_forked, repo_root
+):
+    pytest.importorskip("skimage")
+    from vqgpt.data.sources import TEST_PHOTOS, TRAIN_PHOTOS
+
+    python, env = python_forked()
+    script = [*python, str(repo_root / "scripts" / "photos_per_photo.py"), str(tiny_tokenizer_run)]
+    for extra in ([], ["--bypass"]):
+        out = subprocess.run(
+            [*script, "--num-images", "44", *extra],  # 44: every photo of both splits alike
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+            timeout=300,
+        ).stdout
+        rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in out.splitlines()]
+        for split, names in (("train", TRAIN_PHOTOS), ("test", TEST_PHOTOS)):
+            mine = {r[1]: float(r[2]) for r in rows if r[0] == split and not r[1].startswith("**")}
+            assert set(mine) == set(names)
+            (overall,) = [float(r[2].strip("*")) for r in rows if r[0] == split and "all" in r[1]]
+            # equal crops per photo: the split's mean is the mean of the photos' means
+            assert abs(sum(mine.values()) / len(mine) - overall) < 0.01
+
+
 # ---------------------------------------------------------------------------------------------
 # scripts/bench_gpu.sh (nearest code, bench_lm.py, bench_sampling.py) in its CPU mode
 
