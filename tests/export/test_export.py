@@ -237,7 +237,10 @@ def test_quantizer_variants_and_families_export_with_identical_codes(tmp_path, r
         ),
         # the other quantizer families (quantizer.type), K = 32 each
         "simvq": dict(quantizer=dict(type="simvq", estimator="rotation")),
-        "fsq": dict(quantizer=dict(type="fsq", fsq_levels=[4, 4, 2], codebook_dim=3)),
+        "fsq": dict(  # and the decoder without its output norm (model.norm_out)
+            model=dict(norm_out=False),
+            quantizer=dict(type="fsq", fsq_levels=[4, 4, 2], codebook_dim=3),
+        ),
         "lfq": dict(quantizer=dict(type="lfq", codebook_dim=5)),
     }
     grids = {"residual": (4, 8, 8, 2), "factorised_l2": (4, 16, 16)}

@@ -20,6 +20,7 @@ def tiny(**arch) -> VQVAE:
         (dict(stem_stride=1, channel_mult=(1, 2, 2)), (8, 8)),  # f = 4
         (dict(stem_stride=2, channel_mult=(1, 2, 2)), (4, 4)),  # f = 8
         (dict(stem_stride=2, channel_mult=(1, 1, 2, 2), attention=True), (2, 2)),  # f = 16
+        (dict(stem_stride=2, channel_mult=(1, 2, 2), norm_out=False), (4, 4)),
     ],
 )
 def test_encode_decode_shapes(arch, grid):
@@ -53,6 +54,25 @@ def test_save_load_round_trip_gives_identical_codes(tmp_path):
     assert torch.equal(loaded.encode(pixels), model.encode(pixels))
     assert torch.allclose(loaded.decode(model.encode(pixels)), model.decode(model.encode(pixels)))
     assert loaded.config.quant == model.config.quant
+
+
+def test_norm_out_false_drops_the_two_output_norms_and_round_trips(tmp_path):
+    """norm_out: the GroupNorm before the encoder's last conv and the decoder's output conv
+    (taming's `norm_out`); a config.json without the key (before 2026-12-06) keeps both."""
+
+    def norms(m: torch.nn.Module) -> int:
+        return sum(isinstance(x, torch.nn.GroupNorm) for x in m.modules())
+
+    with_norms, without = tiny(), tiny(norm_out=False)
+    assert norms(with_norms.encoder) - norms(without.encoder) == 1
+    assert norms(with_norms.decoder) - norms(without.decoder) == 1
+    assert not isinstance(without.decoder.layers[-2], torch.nn.GroupNorm)
+    without.save_pretrained(tmp_path / "new")
+    loaded = VQVAE.from_pretrained(tmp_path / "new")
+    assert loaded.config.arch.norm_out is False and norms(loaded) == norms(without)
+    with_norms.config.architecture.pop("norm_out")  # an older run's config.json
+    with_norms.save_pretrained(tmp_path / "old")
+    assert VQVAE.from_pretrained(tmp_path / "old").config.arch.norm_out is True
 
 
 def test_bad_input_shapes_are_clear_errors():

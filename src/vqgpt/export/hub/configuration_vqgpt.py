@@ -23,6 +23,7 @@ ARCHITECTURE_DEFAULTS: dict[str, Any] = {
     "latent_dim": 64,  # channels of z_e, the quantizer's input
     "attention": False,  # self-attention in the mid blocks
     "norm_groups": 32,
+    "norm_out": True,  # GroupNorm before the encoder's last conv and the decoder's output conv
     "dropout": 0.0,
 }
 QUANTIZER_DEFAULTS: dict[str, Any] = {

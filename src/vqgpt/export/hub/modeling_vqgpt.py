@@ -139,7 +139,7 @@ class Encoder(nn.Module):
                 layers.append(Downsample(ch))
         layers += [
             MidBlock(ch, groups, arch["attention"], dropout),
-            group_norm(ch, groups),
+            *([group_norm(ch, groups)] if arch.get("norm_out", True) else []),
             nn.SiLU(),
             nn.Conv2d(ch, arch["latent_dim"], 3, padding=1),
         ]
@@ -169,7 +169,7 @@ class Decoder(nn.Module):
                 layers.append(Upsample(ch))
         if arch["stem_stride"] == 2:
             layers.append(Upsample(ch))
-        layers += [group_norm(ch, groups), nn.SiLU()]
+        layers += [*([group_norm(ch, groups)] if arch.get("norm_out", True) else []), nn.SiLU()]
         self.layers = nn.Sequential(*layers)
         self.conv_out = nn.Conv2d(ch, arch["in_channels"], 3, padding=1)
 
