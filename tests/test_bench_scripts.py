@@ -65,6 +65,15 @@ def _table(stdout: str) -> dict[str, list[str]]:
     }
 
 
+def _script_stdout(python_forked, script: Path, *args) -> str:
+    """stdout of `python script args...` in a forked interpreter (fails on a non-zero exit)."""
+    python, env = python_forked()
+    cmd = [*python, str(script), *map(str, args)]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=env, check=True, timeout=300
+    ).stdout
+
+
 def test_shapes_ceiling_script_tables_every_size_and_shape(
     tiny_tokenizer_run, tmp_path, python_forked, repo_root
 ):
@@ -74,24 +83,17 @@ def test_shapes_ceiling_script_tables_every_size_and_shape(
         shapes_dataset(ShapesConfig(num_images=1, num_test_images=40, image_size=32), "test"),
         tmp_path / "test",
     )
-    python, env = python_forked()
-    out = subprocess.run(
-        [
-            *python,
-            str(repo_root / "scripts" / "shapes_ceiling.py"),
-            "--tokenizer",
-            str(tiny_tokenizer_run),
-            "--data",
-            str(folder),
-            "--num-images",
-            "40",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-        timeout=300,
-    ).stdout
+    script = repo_root / "scripts" / "shapes_ceiling.py"
+    out = _script_stdout(
+        python_forked,
+        script,
+        "--tokenizer",
+        tiny_tokenizer_run,
+        "--data",
+        folder,
+        "--num-images",
+        40,
+    )
     assert "all objects right: originals 100.0%" in out and "(40 images)" in out
     rows = [
         line
@@ -107,17 +109,9 @@ def test_photos_per_photo_script_tables_each_photograph_of_both_splits(
     pytest.importorskip("skimage")
     from vqgpt.data.sources import TEST_PHOTOS, TRAIN_PHOTOS
 
-    python, env = python_forked()
-    script = [*python, str(repo_root / "scripts" / "photos_per_photo.py"), str(tiny_tokenizer_run)]
-    for extra in ([], ["--bypass"]):
-        out = subprocess.run(
-            [*script, "--num-images", "44", *extra],  # 44: every photo of both splits alike
-            capture_output=True,
-            text=True,
-            env=env,
-            check=True,
-            timeout=300,
-        ).stdout
+    script = repo_root / "scripts" / "photos_per_photo.py"
+    for extra in ([], ["--bypass"]):  # 44 crops: every photo of both splits alike
+        out = _script_stdout(python_forked, script, tiny_tokenizer_run, "--num-images", 44, *extra)
         rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in out.splitlines()]
         for split, names in (("train", TRAIN_PHOTOS), ("test", TEST_PHOTOS)):
             mine = {r[1]: float(r[2]) for r in rows if r[0] == split and not r[1].startswith("**")}
