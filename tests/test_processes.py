@@ -124,6 +124,12 @@ def test_streamed_shards_in_two_processes_train_like_one(
             ),
         ),
         ("bypass-seed", dict(quantizer=dict(preset="seed", bypass_steps=2))),
+        # the photos recipe's network (no output norms) on flipped, hue-rotated crops: each
+        # row's flip and hue are drawn from (seed, epoch, row), so both ranks see one process's
+        (
+            "augmented-no-output-norm",
+            dict(data=dict(hflip=True, hue_jitter=0.5), model=dict(norm_out=False)),
+        ),
         # LFQ's entropy penalty takes the batch mean over every rank's rows
         (
             "bypass-lfq",
