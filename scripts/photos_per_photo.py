@@ -4,7 +4,7 @@
     python scripts/photos_per_photo.py RUN/final --bypass   # the autoencoder without its quantizer
 
 The photos source (`data.source: photos`) crops 11 training photographs and 4 held-out ones
-(`TRAIN_PHOTOS`, `TEST_PHOTOS`; crop i comes from photo i mod n, in name order). This script
+(`TRAIN_PHOTOS`, `TEST_PHOTOS`; each crop's caption names its photograph). This script
 draws `--num-images` crops of each split (the recipe's seed, so the test crops are the ones the
 training run evaluated on) and prints a Markdown table: mean PSNR (dB, per image, as
 `ReconstructionMeter`) per photograph, per split, and each split's codebook usage.
@@ -31,12 +31,13 @@ from vqgpt.tokenizer.metrics import CodebookUsage, psnr
 @torch.no_grad()
 def per_photo(model, split: str, num_images: int, bypass: bool, batch_size: int = 100):
     """({photo: mean PSNR dB}, mean PSNR dB, usage fraction) of `num_images` crops of `split`."""
-    names = sorted(TRAIN_PHOTOS if split == "train" else TEST_PHOTOS)
+    photos = TRAIN_PHOTOS if split == "train" else TEST_PHOTOS
+    name_of = {f"a photo of {text}": name for name, text in photos.items()}  # caption -> photo
     cfg = PhotosConfig(num_images=num_images, num_test_images=num_images)
     size = model.config.arch.image_size
-    crops = photos_dataset(cfg, split, size)["image"]
+    crops = photos_dataset(cfg, split, size)
     transform = ImageTransform(size)
-    pixels = torch.stack([transform(im.convert("RGB")) for im in crops])  # (N, 3, H, W)
+    pixels = torch.stack([transform(im.convert("RGB")) for im in crops["image"]])  # (N, 3, H, W)
     usage, scores = CodebookUsage(model.codebook_size), []
     for batch in pixels.split(batch_size):
         codes = model.encode(batch)
@@ -45,8 +46,12 @@ def per_photo(model, split: str, num_images: int, bypass: bool, batch_size: int 
             model(batch, bypass_quantizer=True).reconstruction if bypass else model.decode(codes)
         )
         scores.append(psnr(batch, recon))
-    scores = torch.cat(scores)  # (N,) dB; crop i is from names[i % len(names)]
-    by_photo = {n: float(scores[j :: len(names)].mean()) for j, n in enumerate(names)}
+    scores = torch.cat(scores)  # (N,) dB
+    names = [name_of[text] for text in crops["text"]]  # each crop's photograph
+    by_photo = {
+        n: float(scores[[i for i, m in enumerate(names) if m == n]].mean())
+        for n in sorted(set(names))
+    }
     return by_photo, float(scores.mean()), usage.compute().usage
 
 

@@ -248,8 +248,6 @@ class ImageTransform:
             top = int(rng.integers(image.height - s + 1))
         else:
             left, top = center_offsets(image, s)
-        if not (self.hflip or self.hue_jitter):
-            return crop_to_tensor(image, left, top, s)
         image = image.crop((left, top, left + s, top + s))
         if self.hflip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -40,6 +40,12 @@ def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
+def output_norm(channels: int, arch: dict) -> list[nn.Module]:
+    """The GroupNorm before the encoder's last conv and the decoder's output conv (taming's
+    `norm_out`): [the norm], or [] when `arch["norm_out"]` is false."""
+    return [group_norm(channels, arch["norm_groups"])] if arch["norm_out"] else []
+
+
 class ResnetBlock(nn.Module):
     """norm -> SiLU -> conv, twice, plus a (1x1-projected) skip."""
 
@@ -139,7 +145,7 @@ class Encoder(nn.Module):
                 layers.append(Downsample(ch))
         layers += [
             MidBlock(ch, groups, arch["attention"], dropout),
-            *([group_norm(ch, groups)] if arch.get("norm_out", True) else []),
+            *output_norm(ch, arch),
             nn.SiLU(),
             nn.Conv2d(ch, arch["latent_dim"], 3, padding=1),
         ]
@@ -169,7 +175,7 @@ class Decoder(nn.Module):
                 layers.append(Upsample(ch))
         if arch["stem_stride"] == 2:
             layers.append(Upsample(ch))
-        layers += [*([group_norm(ch, groups)] if arch.get("norm_out", True) else []), nn.SiLU()]
+        layers += [*output_norm(ch, arch), nn.SiLU()]
         self.layers = nn.Sequential(*layers)
         self.conv_out = nn.Conv2d(ch, arch["in_channels"], 3, padding=1)
 
