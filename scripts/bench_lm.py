@@ -54,6 +54,7 @@ class Row:
     loss: str = "full"  # lm_loss mode of a shipped row
     precision: str = "no"  # Accelerate mixed_precision: "no" | "bf16"
     compile: bool = False
+    keep_freed_memory: bool = True  # shipped rows on a CPU: as train.keep_freed_memory
 
 
 @dataclass
@@ -83,10 +84,12 @@ class Measurement(NamedTuple):
     note: str = ""
 
 
-def plan_rows(device: str, compile_: bool) -> list[Row]:
-    """The rows to measure on `device`: plain HF, shipped full / split (+ bf16, + compiled)."""
+def plan_rows(device: str, compile_: bool, cpu_bf16: bool = False) -> list[Row]:
+    """The rows to measure on `device`: plain HF, shipped full / split (+ bf16 on CUDA, or on a
+    CPU with `cpu_bf16`; + compiled). On a CPU also the split rows with glibc's default
+    allocator thresholds (`train.keep_freed_memory=false`), to show what `vqgpt.cpu_memory` buys."""
     shipped = [Row("shipped full", "shipped", "full"), Row("shipped split", "shipped", "split")]
-    if device == "cuda":
+    if device == "cuda" or cpu_bf16:
         shipped += [
             Row("shipped full bf16", "shipped", "full", "bf16"),
             Row("shipped split bf16", "shipped", "split", "bf16"),
@@ -94,6 +97,12 @@ def plan_rows(device: str, compile_: bool) -> list[Row]:
     if compile_:
         shipped += [
             Row(f"{r.name} compiled", r.path, r.loss, r.precision, True) for r in list(shipped)
+        ]
+    if device == "cpu":
+        shipped += [
+            Row(f"{r.name}, default malloc", r.path, r.loss, r.precision, r.compile, False)
+            for r in list(shipped)
+            if r.loss == "split"
         ]
     return [Row("plain HF", "plain"), *shipped]
 
@@ -131,6 +140,7 @@ def run_job(job: Job) -> Measurement:
     """Build the model and optimizer of `job.row`, run warmup + timed steps, measure them."""
     from accelerate import Accelerator
 
+    from vqgpt.cpu_memory import keep_freed_memory
     from vqgpt.lm.loss import LMWithLoss
     from vqgpt.lm.model import LMConfig, build_lm, flops_per_token
     from vqgpt.training import TrainConfig, build_optimizer
@@ -170,6 +180,8 @@ def run_job(job: Job) -> Measurement:
             return loss.detach()
 
     else:
+        if device.type == "cpu" and row.keep_freed_memory:
+            keep_freed_memory()  # as build_accelerator does for a CPU run
         tc = TrainConfig(output_dir="unused", mixed_precision=row.precision)
         accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=row.precision)
         raw = LMWithLoss(model.to(device), row.loss, image_offset, job.codebook_size)
@@ -347,6 +359,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak")
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd rows")
+    parser.add_argument(
+        "--bf16", action="store_true", help="on a CPU too: bf16 autocast rows (CUDA has them)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few steps")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -373,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     elif device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch sees no CUDA device")
 
-    rows = plan_rows(device, args.compile)
+    rows = plan_rows(device, args.compile, args.bf16)
     jobs = [Job(row, device, image_fraction=args.image_fraction, **sizes) for row in rows]
     results = []
     for row, job in zip(rows, jobs, strict=True):

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from vqgpt.artifacts import TRAINER_STATE, DamagedFileError, check_checkpoint, checkpoint_files
 from vqgpt.config import ConfigError, save_config
+from vqgpt.cpu_memory import keep_freed_memory
 from vqgpt.distributed import multi_cpu_run
 from vqgpt.errors import VqgptError
 from vqgpt.files import FileReadError, read_json, read_json_lines, write_text
@@ -69,6 +70,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_with: str | None = None  # any Accelerate tracker ("tensorboard", "wandb", ...)
     num_threads: int | None = None  # torch CPU threads per process (None: torch's default)
+    # CPU runs on Linux: glibc keeps freed big blocks for reuse (vqgpt.cpu_memory; ~1.2x faster
+    # LM steps, same numbers; the process keeps its peak resident memory)
+    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "gradient_accumulation_steps", "max_steps", "log_every")
@@ -153,6 +157,9 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     check_launch()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    on_cpu = multi_cpu_run() or not torch.accelerator.is_available()
+    if cfg.keep_freed_memory and on_cpu:
+        keep_freed_memory()
     # One process may train several runs (`vqgpt demo`: the tokenizer, then the LM), each with its
     # own precision; Accelerate keeps that in a singleton, so every run starts from a fresh one
     # (the process group lives in PartialState, which stays).

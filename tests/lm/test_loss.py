@@ -63,6 +63,17 @@ def test_lm_loss_matches_reference_values_and_gradients(mode):
     torch.testing.assert_close(out.weight_sum, (loss_weights[:, 1:] * valid).sum())
 
 
+def test_a_group_without_targets_gets_zero_gradient_rows():
+    # only image targets: the text rows' gradient is written by no chunk (the buffer starts empty)
+    hidden, weight, labels, loss_weights = loss_inputs(seed=3)
+    labels = torch.where(labels >= 0, labels % K + OFF, labels)
+    ref, _ = reference_loss(hidden, weight, labels, loss_weights, "split")
+    out = lm_loss(hidden, weight, labels, loss_weights, "split", OFF, K, chunk_size=4)
+    grad_w = torch.autograd.grad(out.loss, weight)[0]
+    torch.testing.assert_close(grad_w, torch.autograd.grad(ref, weight)[0])
+    assert grad_w[:OFF].abs().max() == 0 and grad_w[OFF + K :].abs().max() == 0
+
+
 def test_split_and_full_differ():
     hidden, weight, labels, loss_weights = loss_inputs()
     split = lm_loss(hidden, weight, labels, loss_weights, "split", OFF, K).loss

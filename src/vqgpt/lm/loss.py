@@ -46,6 +46,16 @@ class RowGroup(NamedTuple):
     hi: int
 
 
+def _gaps(ranges: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """The parts of [0, n) that no (lo, hi) of `ranges` (disjoint) covers, in order."""
+    gaps, at = [], 0
+    for lo, hi in sorted(ranges):
+        if lo > at:
+            gaps.append((at, lo))
+        at = max(at, hi)
+    return gaps + ([(at, n)] if at < n else [])
+
+
 class _ChunkedLinearCE(torch.autograd.Function):
     """sum_i w_i * CE(h_i @ W[lo:hi].T, y_i - lo) per row group, chunked over positions.
 
@@ -73,9 +83,14 @@ class _ChunkedLinearCE(torch.autograd.Function):
         need_w = need_grad and ctx.needs_input_grad[1]
         ce = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        # every row of grad_w is written once (a group's first chunk, or the zero fill of rows no
+        # group reaches) before chunks add to it: no zero pass over the ~V x C buffer
+        grad_w = torch.empty_like(weight, dtype=torch.float32) if need_w else None
+        written: list[tuple[int, int]] = []  # row ranges of grad_w holding a group's gradient
         device_type = hidden.device.type
         for positions, lo, hi in groups:
+            if positions.numel() == 0:
+                continue  # no target: its rows of grad_w are zero-filled below
             w_rows = weight[lo:hi]  # (V_g, C)
             if torch.is_autocast_enabled(device_type):  # cast the slice once, not once per chunk
                 w_rows = w_rows.to(torch.get_autocast_dtype(device_type))
@@ -91,10 +106,19 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 probs = logits.sub_(lse).exp_()  # softmax, in the logits' memory
                 probs.scatter_add_(1, y, torch.full_like(y, -1, dtype=probs.dtype))
                 dlogits = probs.mul_(weights[pos].unsqueeze(1))  # (n, V_g) = w * (p - onehot)
+                dlogits = dlogits.to(w_rows.dtype)  # one cast for both products
                 if need_h:
-                    grad_h[pos] = (dlogits.to(w_rows.dtype) @ w_rows).to(grad_h.dtype)
+                    grad_h[pos] = (dlogits @ w_rows).to(grad_h.dtype)
                 if need_w:
-                    grad_w[lo:hi] += (dlogits.to(w_rows.dtype).T @ h).float()
+                    part = dlogits.T @ h  # (V_g, C)
+                    if start == 0:
+                        grad_w[lo:hi].copy_(part)
+                        written.append((lo, hi))
+                    else:
+                        grad_w[lo:hi] += part
+        if grad_w is not None:
+            for lo, hi in _gaps(written, grad_w.shape[0]):
+                grad_w[lo:hi].zero_()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(ce)
@@ -104,10 +128,12 @@ class _ChunkedLinearCE(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_loss: Tensor, _grad_ce: Tensor) -> tuple[Tensor | None, ...]:
         grad_h, grad_w = ctx.saved_tensors
+        # in place: the buffers are this call's own (once_differentiable), and a second ~V x C
+        # allocation per micro-batch is what the CPU steps spent their time on
         if grad_h is not None:
-            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+            grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
         if grad_w is not None:
-            grad_w = (grad_w * grad_loss).to(ctx.weight_dtype)
+            grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype)
         return grad_h, grad_w, None, None, None, None, None
 
 
