@@ -12,6 +12,7 @@ from vqgpt.lm.model import (
     build_lm,
     flops_per_token,
     get_real_vocab_size,
+    init_image_embeddings,
     peak_flops,
     resize_for_vocab,
 )
@@ -233,3 +234,52 @@ def test_peak_flops_table(monkeypatch, name, flops):
     assert peak_flops("cuda") == flops
     assert peak_flops("cpu") is None
     assert peak_flops("cpu", override=1e12) == 1e12
+
+
+def _centred_gram(x: torch.Tensor) -> torch.Tensor:
+    x = x.double() - x.double().mean(0)
+    return x @ x.T
+
+
+@pytest.mark.parametrize("code_dim", [8, 64])  # under and over the width (16): rotated, projected
+def test_codebook_init_sets_image_rows_from_the_codes(code_dim):
+    model = build_lm(LMConfig(preset="tiny", n_embd=16, n_head=2), VOCAB, n_positions=40)
+    before = model.get_input_embeddings().weight.detach().clone()
+    codes = torch.randn(CODEBOOK, code_dim, generator=torch.Generator().manual_seed(1)) * 3 + 1
+    init_image_embeddings(model, codes, IMAGE_OFFSET, seed=0)
+    after = model.get_input_embeddings().weight.detach()
+    rows = after[IMAGE_OFFSET : IMAGE_OFFSET + CODEBOOK]
+    assert rows.std().item() == pytest.approx(model.config.initializer_range, rel=1e-4)
+    assert torch.equal(after[:IMAGE_OFFSET], before[:IMAGE_OFFSET])  # text rows untouched
+    assert torch.equal(after[IMAGE_OFFSET + CODEBOOK :], before[IMAGE_OFFSET + CODEBOOK :])
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
+    gram, ref = _centred_gram(rows), _centred_gram(codes)
+    if code_dim <= 16:  # a rotation: the codes' inner products, up to one scale
+        scale = (gram.trace() / ref.trace()).item()
+        torch.testing.assert_close(
+            gram, ref * scale, rtol=1e-4, atol=1e-4 * scale * ref.abs().max()
+        )
+    else:  # a random projection: nearest codes stay mostly nearest
+        d_rows, d_ref = (
+            torch.cdist(rows.double(), rows.double()),
+            torch.cdist(codes.double(), codes.double()),
+        )
+        d_rows.fill_diagonal_(float("inf"))
+        d_ref.fill_diagonal_(float("inf"))
+        kept = torch.corrcoef(torch.stack([d_rows[d_rows.isfinite()], d_ref[d_ref.isfinite()]]))
+        assert kept[0, 1] > 0.3  # distances correlate (a 64 -> 16 projection keeps ~1/2)
+    again = build_lm(LMConfig(preset="tiny", n_embd=16, n_head=2), VOCAB, n_positions=40)
+    init_image_embeddings(again, codes, IMAGE_OFFSET, seed=0)
+    image_rows = slice(IMAGE_OFFSET, IMAGE_OFFSET + CODEBOOK)  # seeded: the same on every rank
+    assert torch.equal(again.get_input_embeddings().weight[image_rows], after[image_rows])
+
+
+def test_codebook_init_errors():
+    model = build_lm(LMConfig(preset="tiny"), VOCAB, n_positions=40)
+    rows = model.get_input_embeddings().weight.shape[0]
+    with pytest.raises(ValueError, match="do not fit"):
+        init_image_embeddings(model, torch.randn(CODEBOOK, 4), rows - 10)
+    with pytest.raises(ValueError, match=r"\[K, D\]"):
+        init_image_embeddings(model, torch.randn(CODEBOOK), IMAGE_OFFSET)
+    with pytest.raises(ConfigError, match="image_embedding_init"):
+        LMConfig(image_embedding_init="pca")

@@ -268,6 +268,38 @@ def test_a_run_with_documents_trains_on_them_and_reports_their_loss(
     assert "Traceback" not in result.stderr and not (tmp_path / "x").exists()
 
 
+def test_codebook_init_starts_the_image_rows_from_the_tokenizers_codes(
+    tiny_tokenizer_run, tmp_path, run_cli, tiny_lm_recipe, write_yaml
+):
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from vqgpt.lm.model import init_image_embeddings
+    from vqgpt.tokenizer.codec import load_tokenizer_model
+
+    out = tmp_path / "run"
+    recipe = tiny_lm_recipe(
+        tiny_tokenizer_run,
+        out,
+        tmp_path / "codes",
+        model=dict(image_embedding_init="codebook"),
+        # one step of a vanishing learning rate: the saved rows are the initial ones (+- 1e-9)
+        train=dict(max_steps=1, warmup_steps=0, learning_rate=1e-9, save_every=0),
+        eval=dict(max_images=0),
+    )
+    run_cli("train-lm", "--config", str(write_yaml(tmp_path / "r.yaml", recipe)))
+    saved = GPT2LMHeadModel.from_pretrained(out / "final").get_input_embeddings().weight
+    layout = json.loads((out / "final" / "vqgpt_vocab.json").read_text())
+    lo = layout["text_vocab_size"] + len(layout["special_tokens"])
+    vectors = load_tokenizer_model(tiny_tokenizer_run).code_vectors()
+    expected = GPT2LMHeadModel.from_pretrained(out / "final")  # the same init on a copy
+    init_image_embeddings(expected, vectors, lo, seed=recipe["train"].get("seed", 0))
+    rows = slice(lo, lo + vectors.shape[0])
+    want = expected.get_input_embeddings().weight[rows]
+    torch.testing.assert_close(saved[rows], want, atol=1e-6, rtol=0)
+    assert not torch.allclose(saved[rows], saved[rows][torch.randperm(vectors.shape[0])])
+
+
 def test_a_document_ratio_without_documents_is_a_config_error(repo_root):
     from vqgpt.config import ConfigError
     from vqgpt.lm.train import load_lm_recipe

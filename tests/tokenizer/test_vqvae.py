@@ -158,3 +158,21 @@ def test_a_seeded_encoder_and_decoder_do_not_depend_on_the_quantizer():
             a, b = getattr(first, part).state_dict(), getattr(other, part).state_dict()
             assert all(torch.equal(a[name], b[name]) for name in a)
     assert not torch.equal(built[0].quantizer.codebook, built[1].quantizer.codebook)
+
+
+def test_code_vectors_are_what_the_decoder_reads():
+    model = tiny().eval()
+    vectors = model.code_vectors()
+    assert vectors.shape == (16, 8) and vectors.dtype == torch.float32
+    ids = torch.randint(0, 16, (2, 4, 4))
+    torch.testing.assert_close(model.quantizer.lookup(ids), vectors[ids].permute(0, 3, 1, 2))
+    model.quantizer.codebooks[0].embed.data += 1.0  # follows the codebook as it is now
+    torch.testing.assert_close(model.code_vectors(), vectors + 1.0)
+
+
+def test_code_vectors_refuse_residual_codes():
+    model = dict(image_size=32, base_channels=8, channel_mult=(1, 2), latent_dim=8, norm_groups=4)
+    quantizer = QuantizerConfig(codebook_size=16, num_quantizers=2)
+    residual = VQVAE(VQVAEConfig.build(ModelConfig(**model), quantizer))
+    with pytest.raises(ValueError, match="residual"):
+        residual.code_vectors()

@@ -22,6 +22,7 @@ LM_PRESETS: dict[str, dict[str, int]] = {
     "small": dict(n_layer=12, n_head=12, n_embd=768),  # GPT-2 small (124M)
     "medium": dict(n_layer=24, n_head=16, n_embd=1024),  # GPT-2 medium (350M)
 }
+IMAGE_EMBEDDING_INITS = ("random", "codebook")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 # Dense bf16 tensor-core peak per GPU (vendor datasheets), matched against the CUDA device name.
@@ -65,6 +66,9 @@ class LMConfig:
     gradient_checkpointing: bool = False  # recompute each block in the backward: less memory
     pad_vocab_to: int = 64  # embedding rows rounded up to a multiple of this (tensor cores)
     loss: str = "split"  # "split": image targets over image rows, others over text rows | "full"
+    # the image ids' embedding rows at the start: "random" (GPT-2's N(0, 0.02)) or "codebook" (the
+    # tokenizer's code vectors, rotated into the model width: `init_image_embeddings`)
+    image_embedding_init: str = "random"
 
     def __post_init__(self) -> None:
         if self.preset not in LM_PRESETS:
@@ -95,6 +99,11 @@ class LMConfig:
             raise ConfigError(f"model.pad_vocab_to must be at least 1, got {self.pad_vocab_to}")
         if self.loss not in LOSS_MODES:
             raise ConfigError(f"model.loss must be one of {list(LOSS_MODES)}, got {self.loss!r}")
+        if self.image_embedding_init not in IMAGE_EMBEDDING_INITS:
+            raise ConfigError(
+                f"model.image_embedding_init must be one of {list(IMAGE_EMBEDDING_INITS)}, got "
+                f"{self.image_embedding_init!r}"
+            )
 
     @property
     def architecture(self) -> Architecture:
@@ -164,6 +173,40 @@ def build_lm(cfg: LMConfig, vocab_size: int, n_positions: int) -> GPT2LMHeadMode
         model.activation_checkpointing_enable({"use_reentrant": False})
         model.config.use_cache = False  # a cache is useless while training and clashes with it
     return model
+
+
+@torch.no_grad()
+def init_image_embeddings(
+    model: GPT2LMHeadModel, code_vectors: Tensor, image_offset: int, seed: int = 0
+) -> None:
+    """Set the embedding rows of image ids [image_offset, image_offset + K) from the tokenizer's
+    code vectors `code_vectors` [K, D] (what its decoder reads for each id), so that the LM starts
+    with codes that draw alike near each other; the output head is tied to them.
+
+    Rows = (v - mean(v)) @ P, scaled to GPT-2's init std (`initializer_range`, 0.02), with P a
+    seeded random [D, C] matrix of orthonormal rows when D <= C (inner products of centred codes
+    kept exactly, up to the scale) or orthonormal columns when D > C (a random projection). Our
+    own option, measured in docs/results.md (issue 14); not from a paper. Text rows untouched.
+
+    Raises ValueError when the ids do not fit the embedding or `code_vectors` is not [K, D].
+    """
+    if code_vectors.ndim != 2:
+        raise ValueError(f"code_vectors must be [K, D], got {tuple(code_vectors.shape)}")
+    k, d = code_vectors.shape
+    emb = model.get_input_embeddings().weight  # (Vpad, C)
+    if image_offset < 0 or image_offset + k > emb.shape[0]:
+        raise ValueError(
+            f"image ids [{image_offset}, {image_offset + k}) do not fit the embedding's "
+            f"{emb.shape[0]} rows"
+        )
+    c = emb.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(max(d, c), min(d, c), generator=g, dtype=torch.float64))
+    proj = q.T if d <= c else q  # (D, C): orthonormal rows, or columns
+    x = code_vectors.detach().double().cpu()
+    rows = (x - x.mean(0)) @ proj  # (K, C)
+    rows *= model.config.initializer_range / rows.std().clamp_min(1e-12)
+    emb[image_offset : image_offset + k] = rows.to(emb.dtype).to(emb.device)
 
 
 def _sample_like(rows: Tensor, count: int, generator: torch.Generator | None) -> Tensor:
@@ -305,6 +348,7 @@ def peak_flops(device: torch.device | str, override: float | None = None) -> flo
 
 
 __all__ = [
+    "IMAGE_EMBEDDING_INITS",
     "LM_PRESETS",
     "Architecture",
     "LMConfig",
@@ -313,6 +357,7 @@ __all__ = [
     "flops_per_token",
     "forward_hidden",
     "get_real_vocab_size",
+    "init_image_embeddings",
     "peak_flops",
     "resize_for_vocab",
     "round_up",

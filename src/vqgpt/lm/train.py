@@ -16,10 +16,17 @@ from vqgpt.config import ConfigError, load_config
 from vqgpt.lm.batches import DocumentBank, ExampleBank, build_epoch, joint_tokenizer
 from vqgpt.lm.evaluate import LMEvalConfig, evaluate_lm
 from vqgpt.lm.loss import LMWithLoss
-from vqgpt.lm.model import LMConfig, build_lm, flops_per_token, peak_flops
+from vqgpt.lm.model import (
+    LMConfig,
+    build_lm,
+    flops_per_token,
+    init_image_embeddings,
+    peak_flops,
+)
 from vqgpt.lm.pipeline import save_pipeline
 from vqgpt.lm.pretokenize import PretokenizeConfig, pretokenize
 from vqgpt.lm.sequences import SequenceConfig
+from vqgpt.tokenizer.codec import load_tokenizer_model
 from vqgpt.training import (
     Metric,
     TrainConfig,
@@ -109,6 +116,14 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
             eval_docs = DocumentBank.load(recipe.data, documents.eval_split, tokenizer)
 
     lm = build_lm(recipe.model, layout.vocab_size, seq.max_length)
+    if recipe.model.image_embedding_init == "codebook":  # before a resume overwrites them
+        vectors = load_tokenizer_model(bank.image_tokenizer_dir).code_vectors()
+        if vectors.shape[0] != layout.codebook_size:
+            raise ConfigError(
+                f"model.image_embedding_init=codebook: the tokenizer in {bank.image_tokenizer_dir} "
+                f"has {vectors.shape[0]} codes, the codes' vocabulary {layout.codebook_size}"
+            )
+        init_image_embeddings(lm, vectors, layout.image_offset, seed=tc.seed)
     lm.config.t2i_prefix_length = seq.t2i_prefix_length  # decoding builds prompts from it
     positions = seq.positions(layout)
     if positions is not None:  # every forward of the model reads it (lm.positions)

@@ -171,6 +171,21 @@ class VQVAE(VQVAEBase):
         vectors = self.quantizer.lookup(codes).to(self.decoder.conv_out.weight.dtype)
         return self.decoder(vectors).clamp(-1.0, 1.0)
 
+    @torch.no_grad()
+    def code_vectors(self) -> torch.Tensor:
+        """What the decoder reads for each id: [K, D] float32, row k for code k (K = codebook
+        size, D = latent_dim), from any family's `lookup`. Raises ValueError for residual VQ
+        (num_quantizers > 1), whose ids name one level's code, not a decoder input."""
+        quant = self.config.quant
+        if quant.num_quantizers > 1:
+            raise ValueError(
+                f"code_vectors: a residual quantizer ({quant.num_quantizers} levels) has no one "
+                "vector per id"
+            )
+        device = next(self.parameters()).device
+        ids = torch.arange(quant.codebook_size, device=device).view(1, -1, 1)  # [B=1, h=K, w=1]
+        return self.quantizer.lookup(ids)[0, :, :, 0].T.float()  # (K, D)
+
     def unused_in_bypass(self) -> list[torch.nn.Parameter]:
         """The trainable quantizer parameters the bypass warm-up does not use (a codebook,
         SimVQ's map): every one but those of the quantizer's `proj_in` / `proj_out` projections
