@@ -67,7 +67,8 @@ class LMConfig:
     pad_vocab_to: int = 64  # embedding rows rounded up to a multiple of this (tensor cores)
     loss: str = "split"  # "split": image targets over image rows, others over text rows | "full"
     # the image ids' embedding rows at the start: "random" (GPT-2's N(0, 0.02)) or "codebook" (the
-    # tokenizer's code vectors, rotated into the model width: `init_image_embeddings`)
+    # tokenizer's code vectors, rotated into the model width: `init_image_embeddings`). Measured
+    # worse on shapes (demo LM one-draw t2i 59.5% against 78.0%: docs/results.md, issue 14)
     image_embedding_init: str = "random"
 
     def __post_init__(self) -> None:
@@ -186,7 +187,9 @@ def init_image_embeddings(
     Rows = (v - mean(v)) @ P, scaled to GPT-2's init std (`initializer_range`, 0.02), with P a
     seeded random [D, C] matrix of orthonormal rows when D <= C (inner products of centred codes
     kept exactly, up to the scale) or orthonormal columns when D > C (a random projection). Our
-    own option, measured in docs/results.md (issue 14); not from a paper. Text rows untouched.
+    own option, not from a paper; measured worse than the random rows on shapes (docs/results.md,
+    issue 14's twelfth run: the demo LM's one-draw text-to-image 78.0% -> 59.5% with CFG 1.5).
+    Text rows untouched.
 
     Raises ValueError when the ids do not fit the embedding or `code_vectors` is not [K, D].
     """
