@@ -131,6 +131,11 @@ def cpu_has_native_bf16() -> bool:
     return True  # other CPUs (Apple silicon, ...): not known to vqgpt; keep the config's choice
 
 
+def trains_on_cpu() -> bool:
+    """Whether this process trains on the CPU: a multi-CPU launch, or no accelerator at all."""
+    return multi_cpu_run() or not torch.accelerator.is_available()
+
+
 def run_precision(cfg: TrainConfig) -> str:
     """The precision this run trains in: `cfg.mixed_precision`, except that bf16 on a CPU without
     native bf16 (`cpu_has_native_bf16`) trains in float32 ("no"), with one warning: there bf16
@@ -138,8 +143,7 @@ def run_precision(cfg: TrainConfig) -> str:
     steps. `VQGPT_CPU_BF16=1` keeps bf16 anyway (to reproduce a bf16 run's numerics)."""
     if cfg.mixed_precision != "bf16" or os.environ.get(CPU_BF16_ENV) == "1":
         return cfg.mixed_precision
-    on_cpu = multi_cpu_run() or not torch.accelerator.is_available()
-    if not on_cpu or cpu_has_native_bf16():
+    if not trains_on_cpu() or cpu_has_native_bf16():
         return cfg.mixed_precision
     if os.environ.get("RANK", "0") == "0":  # one warning, not one per process
         logger.warning(
@@ -157,8 +161,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     check_launch()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    on_cpu = multi_cpu_run() or not torch.accelerator.is_available()
-    if cfg.keep_freed_memory and on_cpu:
+    if cfg.keep_freed_memory and trains_on_cpu():
         keep_freed_memory()
     # One process may train several runs (`vqgpt demo`: the tokenizer, then the LM), each with its
     # own precision; Accelerate keeps that in a singleton, so every run starts from a fresh one
