@@ -152,7 +152,7 @@ def test_second_run_does_no_work(reference):
     assert mtimes(Path(cfg.output_dir)) == before  # nothing rewritten, nothing added
 
 
-def test_unfinished_changed_tokenizer_or_source_is_redone(tokenizer, tmp_path):
+def test_unfinished_changed_tokenizer_or_source_is_redone(tokenizer, tmp_path, capsys):
     cfg = replace(shapes_config(tokenizer, tmp_path / "out"), splits=["test"])
     assert pretokenize(cfg).did_work
     first = codes_tensor(load_codes(cfg.output_dir, "test")[:])
@@ -164,8 +164,11 @@ def test_unfinished_changed_tokenizer_or_source_is_redone(tokenizer, tmp_path):
     model = load_tokenizer_model(tokenizer)
     model.quantizer.codebooks[0].embed.data = model.quantizer.codebooks[0].embed.data.flip(0)
     model.save_pretrained(tmp_path / "tok2")
+    capsys.readouterr()
     redone = pretokenize(replace(cfg, tokenizer=str(tmp_path / "tok2")))
     assert redone.did_work
+    # the replaced codes are said, with what differs
+    assert "holds codes of another tokenizer than this run's" in capsys.readouterr().err
     second = codes_tensor(load_codes(cfg.output_dir, "test")[:])
     source = load_image_dataset(cfg.images, "test")
     assert torch.equal(second, direct_codes(model, source["image"]))
@@ -176,6 +179,7 @@ def test_unfinished_changed_tokenizer_or_source_is_redone(tokenizer, tmp_path):
     # a different source: other shapes (seed 1), with the second tokenizer
     other = replace(shapes_config(tmp_path / "tok2", tmp_path / "out", seed=1), splits=["test"])
     assert pretokenize(other).did_work
+    assert "holds codes of another source than this run's" in capsys.readouterr().err
     assert load_codes(cfg.output_dir, "test")["text"] != source["text"]
     assert not pretokenize(other).did_work
 

@@ -549,10 +549,32 @@ def _describe_skips(stats: SkipStats) -> str:
     return f"{stats.total} skipped ({describe_skips(stats.counts)})" if stats.total else "0 skipped"
 
 
+def identity_change(old: Identity, new: Identity) -> str:
+    """What differs between two identities, in words ("another tokenizer and source")."""
+    parts = [
+        name
+        for name, differs in (
+            ("tokenizer", old.tokenizer_fingerprint != new.tokenizer_fingerprint),
+            ("source", old.source != new.source),
+            ("chunk size", old.chunk_rows != new.chunk_rows),
+            ("format version", old.version != new.version),
+        )
+        if differs
+    ]
+    return "another " + " and ".join(parts or ["identity"])
+
+
 def already_done(state: PartialState, split_dir: Path, identity: Identity) -> SplitResult | None:
     """The result of a finished split made with `identity`; None when it must be (re)done."""
     done = read_split_info(split_dir.parent, split_dir.name)
-    if done is None or done.identity != identity:
+    if done is None:
+        return None
+    if done.identity != identity:
+        _note(
+            state,
+            f"{split_dir.name}: {split_dir} holds codes of {identity_change(done.identity, identity)}"
+            " than this run's: they are replaced by codes encoded again",
+        )
         return None
     _note(
         state,
