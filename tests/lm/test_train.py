@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from vqgpt.lm.pipeline import Pipeline
+from vqgpt.lm.pretokenize import read_split_info
+from vqgpt.tokenizer.codec import load_tokenizer_model
 from vqgpt.training import read_metrics
 
 
@@ -60,6 +63,29 @@ def test_killed_run_resumes_with_the_same_next_step_loss(
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     for step in range(resumed_from + 1, 7):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-7), step
+
+
+def test_a_resume_with_another_image_tokenizer_is_refused_before_its_codes_change(
+    lm_run, tiny_tokenizer_run, tmp_path, run_cli, error_line, tiny_lm_recipe, write_yaml
+):
+    out, codes = tmp_path / "run", tmp_path / "codes"  # copies: the fixture's run stays as it is
+    shutil.copytree(lm_run, out)
+    shutil.copytree(lm_run.parent / "codes", codes)
+    before = read_split_info(codes, "train")
+    record = json.loads((out / "image_tokenizer.json").read_text())
+    assert record["fingerprint"] == before.tokenizer_fingerprint
+    # the run's tokenizer trained again: the same architecture, other weights
+    model = load_tokenizer_model(tiny_tokenizer_run)
+    model.quantizer.codebooks[0].embed.data = model.quantizer.codebooks[0].embed.data.flip(0)
+    model.save_pretrained(tmp_path / "tok2")
+    cfg = write_yaml(tmp_path / "r.yaml", tiny_lm_recipe(tmp_path / "tok2", out, codes))
+    result = run_cli("train-lm", "--config", str(cfg), "--resume", "latest", check=False)
+    line = error_line(result, "train-lm")
+    assert "was trained on the codes of another image tokenizer" in line and "tok2" in line
+    assert read_split_info(codes, "train") == before  # nothing was encoded again
+    # the same tokenizer resumes (the run is complete: nothing to do but save)
+    cfg = write_yaml(tmp_path / "r.yaml", tiny_lm_recipe(tiny_tokenizer_run, out, codes))
+    assert "resumed from" in run_cli("train-lm", "--config", str(cfg), "--resume", "latest").stderr
 
 
 def test_an_epoch_smaller_than_one_step_is_a_config_error(

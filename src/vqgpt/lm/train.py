@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from accelerate import Accelerator
 from transformers import GPT2LMHeadModel
 
 from vqgpt.config import ConfigError, load_config
+from vqgpt.files import read_json, write_text
 from vqgpt.lm.batches import DocumentBank, ExampleBank, build_epoch, joint_tokenizer
 from vqgpt.lm.evaluate import LMEvalConfig, evaluate_lm
 from vqgpt.lm.loss import LMWithLoss
@@ -24,7 +26,7 @@ from vqgpt.lm.model import (
     peak_flops,
 )
 from vqgpt.lm.pipeline import save_pipeline
-from vqgpt.lm.pretokenize import PretokenizeConfig, pretokenize
+from vqgpt.lm.pretokenize import PretokenizeConfig, pretokenize, tokenizer_fingerprint
 from vqgpt.lm.sequences import SequenceConfig
 from vqgpt.tokenizer.codec import load_tokenizer_model
 from vqgpt.training import (
@@ -36,6 +38,7 @@ from vqgpt.training import (
     is_sharded,
     local_batch_size,
     optimizer_step,
+    resolve_resume,
     resume_run,
     run_loop,
     start_run,
@@ -90,12 +93,46 @@ def gather_lm(accelerator: Accelerator, model: torch.nn.Module) -> GPT2LMHeadMod
     return lm.eval()
 
 
+IMAGE_TOKENIZER_RECORD = "image_tokenizer.json"  # <run>/: the tokenizer whose codes it trains on
+
+
+def check_image_tokenizer(
+    accelerator: Accelerator, tc: TrainConfig, data: PretokenizeConfig, resume: str | None
+) -> None:
+    """A resumed run must go on with the image tokenizer it started with; a new run records it.
+
+    The record is `<run>/image_tokenizer.json` (the path given and the sha256 fingerprint of the
+    tokenizer's config and weights, as pretokenisation's). A tokenizer trained again in the same
+    folder would otherwise have its codes encoded anew and the LM resumed on them, half its steps
+    on one codebook and half on another.
+
+    Raises:
+        ConfigError: resuming, and `data.tokenizer` is not the tokenizer of the run's record.
+    """
+    record = Path(tc.output_dir) / IMAGE_TOKENIZER_RECORD
+    now = tokenizer_fingerprint(data.tokenizer)
+    if resolve_resume(tc.output_dir, resume) is not None and record.is_file():
+        before = read_json(record)
+        if before.get("fingerprint") != now:
+            raise ConfigError(
+                f"--resume: {tc.output_dir} was trained on the codes of another image tokenizer "
+                f"({before.get('tokenizer')}, sha256 {str(before.get('fingerprint'))[:12]}) than "
+                f"{data.tokenizer} (sha256 {now[:12]}); resume with that tokenizer, or start a "
+                "new run in another train.output_dir"
+            )
+        return
+    if accelerator.is_main_process:
+        text = json.dumps({"tokenizer": str(data.tokenizer), "fingerprint": now}, indent=2)
+        write_text(record, text + "\n")
+
+
 def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
     """Train (or resume) the stage-two GPT-2; returns the <run>/final folder."""
     tc = recipe.train
     accelerator = start_run(recipe, tc, "vqgpt-lm", resume)
     out = Path(tc.output_dir)
     local_batch_size(tc, accelerator)  # the global batch must split evenly
+    check_image_tokenizer(accelerator, tc, recipe.data, resume)  # before codes are re-encoded
 
     codes = pretokenize(recipe.data)  # no work when the codes are cached already
     if codes.did_work:
