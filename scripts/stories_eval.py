@@ -131,6 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-pipeline", action="store_true", help="stories scores only")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature of story continuations and text-to-image draws (default: "
+        "vqgpt's, SamplingConfig.temperature); captions stay greedy",
+    )
     args = parser.parse_args(argv)
 
     from vqgpt.eval.pipeline import PipelineEvalConfig, evaluate_pipeline
@@ -144,12 +151,17 @@ def main(argv: list[str] | None = None) -> None:
     prompts = stories_prompts(stories, "test")
     pipe = Pipeline.from_pretrained(args.run)
     sampling = SamplingConfig(seed=args.seed, batch_size=args.batch_size)  # single draws
+    if args.temperature is not None:
+        sampling = replace(sampling, temperature=args.temperature)
     scores = evaluate_stories(prompts, document_generator(pipe, sampling), args.batch_size)
     pipeline = None
     if not args.no_pipeline:
         recipe = load_lm_recipe(Path(args.run) / "config.yaml")
         cfg = PipelineEvalConfig(
-            num_images=args.num_images, seed=args.seed, batch_size=args.batch_size
+            num_images=args.num_images,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            temperature=sampling.temperature,
         )
         pipeline = evaluate_pipeline(pipe, recipe.data.images, cfg)
     print(f"{args.run}: {stories.num_test_stories} held-out stories, {len(prompts)} prompts\n")
