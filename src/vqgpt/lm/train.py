@@ -116,9 +116,9 @@ def check_image_tokenizer(
         if before.get("fingerprint") != now:
             raise ConfigError(
                 f"--resume: {tc.output_dir} was trained on the codes of another image tokenizer "
-                f"({before.get('tokenizer')}, sha256 {str(before.get('fingerprint'))[:12]}) than "
-                f"{data.tokenizer} (sha256 {now[:12]}); resume with that tokenizer, or start a "
-                "new run in another train.output_dir"
+                f"than {data.tokenizer} holds now (sha256 {str(before.get('fingerprint'))[:12]} "
+                f"then, {now[:12]} now; it started with {before.get('tokenizer')}); resume with "
+                "the tokenizer it started with, or start a new run in another train.output_dir"
             )
         return
     if accelerator.is_main_process:
