@@ -131,20 +131,23 @@ def teacher_forced(pipe, data: Heldout, temperature: float, batch_size: int) -> 
 
 
 @torch.no_grad()
-def half_drawn(pipe, data: Heldout, k: int, cfg_scale: float, temperature: float, seed: int, bs):
-    """Shapes-checker accuracy when the first `k` true codes are given and the LM draws the rest."""
+def half_drawn_codes(
+    pipe, data: Heldout, k: int, cfg_scale: float, temperature: float, seed: int, bs: int
+) -> torch.Tensor:
+    """Codes [B, h, w]: the first `k` true codes (raster order), the rest drawn by the LM, each
+    row seeded as `ImageSampler` seeds it (so k = 0 draws what plain text-to-image draws)."""
     from einops import rearrange
 
-    from vqgpt.eval.shape_checker import t2i_scores
     from vqgpt.lm.decoding import KVDecoder, decode_loop, inference, narrow_head, vocab_width
-    from vqgpt.lm.infer import decode_codes
     from vqgpt.lm.sampling import SamplingConfig, image_token_mask
 
     layout, model = pipe.layout, pipe.lm
     h, w = layout.grid
     prompts, uncond = _prompts(pipe, data.captions)
     given = layout.codes_to_ids(data.codes.flatten(1)[:, :k]).tolist()
-    sampling = SamplingConfig(temperature=temperature, cfg_scale=cfg_scale, seed=seed)
+    sampling = SamplingConfig(
+        temperature=temperature, cfg_scale=cfg_scale, seed=seed, batch_size=bs
+    )
     allowed = image_token_mask(layout, vocab_width(model), pipe.device)
     decoder = KVDecoder(model, "dynamic", narrow_head(model, allowed))
     drawn = []
@@ -165,8 +168,16 @@ def half_drawn(pipe, data: Heldout, k: int, cfg_scale: float, temperature: float
             )
             drawn.append(layout.ids_to_codes(out.tokens).cpu())
     codes = torch.cat([data.codes.flatten(1)[:, :k], torch.cat(drawn)], dim=1)
-    images = decode_codes(pipe, rearrange(codes, "b (h w) -> b h w", h=h, w=w))
-    scores = t2i_scores(data.captions, images)
+    return rearrange(codes, "b (h w) -> b h w", h=h, w=w)
+
+
+def half_drawn(pipe, data: Heldout, k: int, cfg_scale: float, temperature: float, seed: int, bs):
+    """Shapes-checker accuracy (and per attribute) of `half_drawn_codes`' images."""
+    from vqgpt.eval.shape_checker import t2i_scores
+    from vqgpt.lm.infer import decode_codes
+
+    codes = half_drawn_codes(pipe, data, k, cfg_scale, temperature, seed, bs)
+    scores = t2i_scores(data.captions, decode_codes(pipe, codes))
     return {"accuracy": scores.accuracy, **scores.per_attribute}
 
 
