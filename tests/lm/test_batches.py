@@ -340,3 +340,54 @@ def test_group_by_length_keeps_each_step_and_cuts_the_padding(bank, documents, w
         for s in range(len(by_len[0]) // acc):
             widths = [b["input_ids"].shape[1] for b in by_len[0][s * acc : (s + 1) * acc]]
             assert widths == sorted(widths)
+
+
+# ---------------------------------------------------------------------------------------------
+# sequences.image_input_noise: the noisy context (reAR's "switch" perturbation)
+
+
+def test_noisy_context_switches_only_the_codes_a_row_draws():
+    from vqgpt.lm.sequences import IGNORE_INDEX, build_caption, build_t2i, noisy_context
+
+    seq = SequenceConfig(max_length=24, pack=False)
+    codes = torch.tensor([[1, 2], [3, 4]])
+    t2i = build_t2i(codes, [5, 6, 7], LAYOUT, seq)
+    flips, spots = 0, 0
+    for i in range(400):
+        got = noisy_context(t2i, LAYOUT, 1.0, random.Random(i))
+        assert got.labels == t2i.labels and got.loss_weights == t2i.loss_weights
+        for a, b, y in zip(t2i.input_ids, got.input_ids, t2i.labels, strict=True):
+            drawn = LAYOUT.image_offset <= a < LAYOUT.vocab_size and y != IGNORE_INDEX
+            assert a == b or (drawn and LAYOUT.image_offset <= b < LAYOUT.vocab_size)
+            spots += drawn
+            flips += a != b
+    # r ~ U(0, 1), each switch to one of K = 8 codes (1 in 8 draws its own code again):
+    # E[changed] = 0.5 * 7 / 8 of the drawn codes
+    assert 0.38 < flips / spots < 0.49
+    caption = build_caption(codes, [5, 6, 7], LAYOUT, seq)  # codes read, not drawn
+    assert noisy_context(caption, LAYOUT, 1.0, random.Random(0)).input_ids == caption.input_ids
+    assert noisy_context(t2i, LAYOUT, 0.0, random.Random(0)).input_ids == t2i.input_ids
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_noisy_context_is_the_same_at_two_ranks_and_after_a_resume(bank, documents, accumulation):
+    clean = SequenceConfig(max_length=24, pack=False, document_ratio=0.4, seed=3)
+    noisy = dataclasses.replace(clean, image_input_noise=0.5, group_by_length=True)
+    data, docs = bank(), documents()
+    one = list(build_epoch(data, noisy, 1, 4, 0, 1, accumulation, documents=docs))
+    plain = list(build_epoch(data, dataclasses.replace(noisy, image_input_noise=0.0), 1, 4, 0, 1, accumulation, documents=docs))  # fmt: skip
+    assert len(one) == len(plain) > 0
+    for got, want in zip(one, plain, strict=True):  # only image inputs differ, never targets
+        assert torch.equal(got["labels"], want["labels"])
+        changed = got["input_ids"] != want["input_ids"]
+        assert bool(LAYOUT.is_image(got["input_ids"][changed]).all())
+    assert any(
+        bool((g["input_ids"] != w["input_ids"]).any()) for g, w in zip(one, plain, strict=True)
+    )
+    two = [list(build_epoch(data, noisy, 1, 4, r, 2, accumulation, documents=docs)) for r in (0, 1)]
+    for i, whole in enumerate(one):
+        width = whole["input_ids"].shape[1]
+        rows = torch.cat([torch.nn.functional.pad(two[r][i]["input_ids"], (0, width - two[r][i]["input_ids"].shape[1]), value=LAYOUT.eos_id) for r in (0, 1)])  # fmt: skip
+        assert torch.equal(rows, whole["input_ids"])
+    resumed = list(build_epoch(data, noisy, 1, 4, 0, 1, accumulation, skip=3, documents=docs))
+    assert_same_batches(resumed, one[3:])

@@ -28,6 +28,7 @@ from vqgpt.lm.sequences import (
     build_document,
     collate,
     make_example,
+    noisy_context,
 )
 from vqgpt.lm.vocab import JointTokenizer, VocabLayout
 from vqgpt.tokenizer.codec import resolve_model_dir
@@ -262,6 +263,12 @@ class EpochBatches:
                 for segments in self.documents.read(order[start : start + READ_ROWS]):
                     yield build_document(segments, layout, None, self.seq)
 
+    def _noisy(self, window: Example, step: int, index: int) -> Example:
+        """`noisy_context` of the step's `index`-th window, from a generator of its own (seed,
+        epoch, step, index): every rank and every resume draws the same noise for it."""
+        rng = random.Random(f"vqgpt-lm-noise-{self.seq.seed}-{self.epoch}-{step}-{index}")
+        return noisy_context(window, self.bank.layout, self.seq.image_input_noise, rng)
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rng = random.Random(f"vqgpt-lm-{self.seq.seed}-{self.epoch}")
         self._fitted = FitStream(self._examples(rng), self.bank.layout, self.seq)
@@ -276,6 +283,8 @@ class EpochBatches:
             first = self.steps * self.accumulation  # the step's first micro-batch in the epoch
             self.steps += 1
             if first + self.accumulation > self.skip:
+                if self.seq.image_input_noise > 0:  # the same draws at any number of processes
+                    step = [self._noisy(w, self.steps - 1, i) for i, w in enumerate(step)]
                 if self.seq.group_by_length:  # stable: equal lengths keep their order
                     step.sort(key=len)
                 weight = sum(sum(w.loss_weights[1:]) for w in step)  # the step's targets

@@ -118,12 +118,20 @@ class SequenceConfig:
     # index) or "shared" (code k of every image at the position of a t2i example's code k, wherever
     # the image sits: documents' and captions' images train the positions t2i draws at)
     image_positions: str = "sequential"
-    seed: int = 0  # task choice and caption dropout
+    # noisy context (exposure bias): each training row that draws an image (t2i, documents) gets a
+    # ratio r ~ U(0, image_input_noise), and each of its image-code *inputs* that is also a
+    # target is replaced by a uniformly drawn code with probability r; the targets stay the true
+    # codes, so the LM learns to draw the right next code after wrong ones. Captioning rows and
+    # held-out losses see clean codes. 0 = off. The "switch" perturbation of reAR (He et al.,
+    # "Rethinking Visual Autoregressive Models via Generator-Tokenizer Consistency
+    # Regularization", 2025; perturb_input_tokens in github.com/QY-H00/reAR), kept constant here
+    image_input_noise: float = 0.0
+    seed: int = 0  # task choice, caption dropout and input noise
 
     def __post_init__(self) -> None:
         if self.max_length < 4:
             raise ConfigError(f"sequences.max_length must be at least 4, got {self.max_length}")
-        for name in ("t2i_ratio", "caption_dropout"):
+        for name in ("t2i_ratio", "caption_dropout", "image_input_noise"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"sequences.{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.document_ratio < 1.0:
@@ -493,6 +501,32 @@ class FitStream:
 # batching
 
 
+def noisy_context(example: Example, layout: VocabLayout, max_ratio: float, rng) -> Example:
+    """`example` with some image-code inputs replaced by random codes (`image_input_noise`).
+
+    r ~ U(0, max_ratio) for the row; each input position that holds an image code *and* is a
+    target (labels != -100: the codes the row draws, not the ones a caption reads) becomes a code
+    drawn uniformly from [0, K) with probability r. Labels and loss weights are unchanged, so
+    position t still learns the true code t + 1 from a context with wrong codes in it. `rng` is a
+    `random.Random` (the caller seeds it; the draws depend on nothing else). A row with no such
+    position, or max_ratio 0, comes back as it is.
+    """
+    lo, hi = layout.image_offset, layout.vocab_size
+    spots = [
+        i
+        for i, (t, y) in enumerate(zip(example.input_ids, example.labels, strict=True))
+        if lo <= t < hi and y != IGNORE_INDEX
+    ]
+    if not spots or max_ratio <= 0:
+        return example
+    ratio = rng.random() * max_ratio
+    ids = list(example.input_ids)
+    for i in spots:
+        if rng.random() < ratio:
+            ids[i] = lo + rng.randrange(hi - lo)
+    return Example(ids, example.labels, example.loss_weights, example.task, example.task_ids)
+
+
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
     """Right-pad to the longest example: input_ids, labels, loss_weights, attention_mask, task_ids."""
     if not examples:
@@ -532,6 +566,7 @@ __all__ = [
     "fit",
     "iter_pack",
     "make_example",
+    "noisy_context",
     "pack",
     "t2i_prefix",
     "check_length",
