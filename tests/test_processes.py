@@ -206,8 +206,8 @@ def test_resume_with_another_process_count_is_refused(
 def test_lm_in_two_processes_and_with_accumulation_trains_like_one(
     tiny_tokenizer_run, tmp_path, run_cli, tiny_lm_recipe, write_yaml, accelerate_launcher
 ):
-    """Captions, text-to-image and (30% of the examples) shapes stories documents; two
-    processes save one loadable pipeline and log each step once."""
+    """Captions, text-to-image and (30% of the examples) shapes stories documents, with the
+    recipes' noisy context; two processes save one loadable pipeline and log each step once."""
     codes = tmp_path / "codes"  # pretokenized once, shared
     stories = dict(num_stories=24, num_test_stories=4, max_scenes=2, image_size=32)
     documents = dict(source="shapes_stories", stories=stories)
@@ -221,6 +221,7 @@ def test_lm_in_two_processes_and_with_accumulation_trains_like_one(
         recipe = tiny_lm_recipe(tiny_tokenizer_run, out, codes, train=dict(save_every=0, **train))
         recipe["data"]["documents"] = documents
         recipe["sequences"]["document_ratio"] = 0.3
+        recipe["sequences"]["image_input_noise"] = 0.2  # as the shipped recipes: same noise
         cfg = write_yaml(tmp_path / f"{name}.yaml", recipe)
         result = run_cli("train-lm", "--config", str(cfg), launcher=launcher)
         assert "pipeline saved to" in result.stderr
@@ -241,7 +242,8 @@ def test_lm_resume_is_bit_exact_with_dropout(
     processes, tiny_tokenizer_run, tmp_path, run_cli, tiny_lm_recipe, write_yaml,
     accelerate_launcher,
 ):  # fmt: skip
-    """Dropout 0.1 (drawn from the RNG a checkpoint restores); resumed from step 10 (mid-epoch,
+    """Dropout 0.1 (drawn from the RNG a checkpoint restores) and the noisy context (seeded per
+    window); resumed from step 10 (mid-epoch,
     second epoch: an epoch is 8 steps) and, in one process, from step 8 (the epoch boundary): the
     same losses after the checkpoint, the same final weights. (A mid-epoch resume in the first
     epoch: lm/test_train.py.) Two processes resume once: each launch costs ~15 s."""
@@ -250,7 +252,10 @@ def test_lm_resume_is_bit_exact_with_dropout(
 
     def recipe(out: Path) -> Path:
         train = dict(max_steps=12, save_every=2, keep_checkpoints=6)
-        cfg = tiny_lm_recipe(tiny_tokenizer_run, out, codes, train=train, model=dict(dropout=0.1))
+        cfg = tiny_lm_recipe(
+            tiny_tokenizer_run, out, codes, train=train, model=dict(dropout=0.1),
+            sequences=dict(image_input_noise=0.2),  # its draws, too, must repeat after a resume
+        )  # fmt: skip
         return write_yaml(out.parent / f"{out.name}.yaml", cfg)
 
     full = tmp_path / "full"
