@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -426,6 +427,21 @@ def _kill_after_checkpoint(cmd: list[str], out: Path, step: int = 2) -> int:
 def repo_root() -> Path:
     """The checkout's root (configs/, scripts/)."""
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """(name) -> scripts/<name>.py as a module, registered in sys.modules under `name` (so its
+    dataclasses resolve)."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

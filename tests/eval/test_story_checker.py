@@ -2,9 +2,7 @@
 the wrong kind or none at all count as wrong."""
 
 import functools
-import importlib.util
 import math
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -96,16 +94,9 @@ def test_a_score_with_no_prompts_of_its_kind_is_nan(truth):
 
 
 @pytest.fixture(scope="module")
-def script(repo_root):
+def script(load_script):
     """scripts/stories_eval.py as a module."""
-    spec = importlib.util.spec_from_file_location(
-        "stories_eval", repo_root / "scripts" / "stories_eval.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["stories_eval"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["stories_eval"]
+    return load_script("stories_eval")
 
 
 @functools.cache

@@ -4,9 +4,6 @@ that show an object."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -14,15 +11,8 @@ from PIL import Image
 
 
 @pytest.fixture(scope="module")
-def probe(repo_root):
-    spec = importlib.util.spec_from_file_location(
-        "t2i_probe", repo_root / "scripts" / "t2i_probe.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["t2i_probe"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["t2i_probe"]
+def probe(load_script):
+    return load_script("t2i_probe")
 
 
 @pytest.fixture(scope="module")
