@@ -510,6 +510,10 @@ def noisy_context(example: Example, layout: VocabLayout, max_ratio: float, rng) 
     position t still learns the true code t + 1 from a context with wrong codes in it. `rng` is a
     `random.Random` (the caller seeds it; the draws depend on nothing else). A row with no such
     position, or max_ratio 0, comes back as it is.
+
+    Source: the "switch" mode of `perturb_input_tokens` in reAR (He et al., "Rethinking Visual
+    Autoregressive Models via Generator-Tokenizer Consistency Regularization", 2025,
+    github.com/QY-H00/reAR), for exposure bias; its embedding regulariser is not included.
     """
     lo, hi = layout.image_offset, layout.vocab_size
     spots = [
