@@ -48,9 +48,10 @@ class Heldout:
 
 def object_cells(image: Image.Image, grid: tuple[int, int]) -> np.ndarray:
     """[h * w] bool: cells where more than CELL_SHARE of the pixels differ from the border colour."""
+    from vqgpt.eval.shape_checker import _background
+
     px = np.asarray(image.convert("RGB"), dtype=np.float32)
-    ring = np.concatenate([px[0], px[-1], px[1:-1, 0], px[1:-1, -1]])
-    off = (np.abs(px - np.median(ring, axis=0)) > COLOUR_GAP).any(-1)  # (H, W)
+    off = (np.abs(px - _background(px)) > COLOUR_GAP).any(-1)  # (H, W)
     h, w = grid
     cells = off.reshape(h, px.shape[0] // h, w, px.shape[1] // w).mean(axis=(1, 3))
     return (cells > CELL_SHARE).reshape(-1)
@@ -70,13 +71,13 @@ def held_out(pipe, run: str, n: int) -> Heldout:
 
 
 def _prompts(pipe, captions: list[str]) -> tuple[list[list[int]], list[int]]:
-    from vqgpt.lm.generate import t2i_prefix_length
-    from vqgpt.lm.sequences import t2i_prefix
+    """`eos caption boi` in the model's training format, and CFG's caption-dropped prompt."""
+    from vqgpt.lm.generate import t2i_prompts
+    from vqgpt.lm.sampling import SamplingConfig
 
-    layout, prefix = pipe.layout, t2i_prefix_length(pipe.lm)
     ids = pipe.tokenizer.encode_texts(captions)
-    prompts = [[*t2i_prefix(c, layout, prefix), layout.boi_id] for c in ids]
-    return prompts, [*t2i_prefix([], layout, prefix), layout.boi_id]
+    out = t2i_prompts(pipe.lm, pipe.layout, ids, SamplingConfig(cfg_scale=2.0))  # any scale != 1
+    return out.prompts, out.uncond_prompt
 
 
 @torch.no_grad()
