@@ -241,7 +241,9 @@ def test_quantizer_variants_and_families_export_with_identical_codes(tmp_path, r
             model=dict(norm_out=False),
             quantizer=dict(type="fsq", fsq_levels=[4, 4, 2], codebook_dim=3),
         ),
-        "lfq": dict(quantizer=dict(type="lfq", codebook_dim=5)),
+        "lfq": dict(  # and the local encoder (model.local_encoder)
+            model=dict(local_encoder=True), quantizer=dict(type="lfq", codebook_dim=5)
+        ),
     }
     grids = {"residual": (4, 8, 8, 2), "factorised_l2": (4, 16, 16)}
     models, jobs = {}, []

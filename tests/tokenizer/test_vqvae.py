@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from vqgpt.config import ConfigError
 from vqgpt.tokenizer.quantize import QuantizerConfig
 from vqgpt.tokenizer.vqvae import VQVAE, ModelConfig, VQVAEConfig
 
@@ -21,6 +22,8 @@ def tiny(**arch) -> VQVAE:
         (dict(stem_stride=2, channel_mult=(1, 2, 2)), (4, 4)),  # f = 8
         (dict(stem_stride=2, channel_mult=(1, 1, 2, 2), attention=True), (2, 2)),  # f = 16
         (dict(stem_stride=2, channel_mult=(1, 2, 2), norm_out=False), (4, 4)),
+        (dict(stem_stride=2, channel_mult=(1, 2, 2), local_encoder=True), (4, 4)),
+        (dict(stem_stride=1, channel_mult=(1, 2), local_encoder=True), (16, 16)),  # f = 2
     ],
 )
 def test_encode_decode_shapes(arch, grid):
@@ -73,6 +76,67 @@ def test_norm_out_false_drops_the_two_output_norms_and_round_trips(tmp_path):
     with_norms.config.architecture.pop("norm_out")  # an older run's config.json
     with_norms.save_pretrained(tmp_path / "old")
     assert VQVAE.from_pretrained(tmp_path / "old").config.arch.norm_out is True
+
+
+def _cell_inputs(model: VQVAE, cell: tuple[int, int], side: int) -> torch.Tensor:
+    """[side, side] bool: the pixels whose change moves z_e at `cell` (its gradient's support),
+    over random images (one image could leave a pixel at zero gradient by chance)."""
+    pixels = (torch.rand(2, 3, side, side) * 2 - 1).requires_grad_(True)
+    model.encoder(pixels)[:, :, cell[0], cell[1]].sum().backward()
+    return pixels.grad.abs().sum((0, 1)) > 0
+
+
+@pytest.mark.parametrize(
+    "channel_mult,field",
+    [((1, 2, 2), 24), ((1, 1, 2, 2), 56)],  # f = 8: 24 x 24 pixels; f = 16: 56 x 56
+)
+def test_the_local_encoder_sees_its_own_patch_and_about_one_cell_around_it(channel_mult, field):
+    """model.local_encoder: a code's input is its f x f patch and about one cell around it (the
+    receptive field worked out by hand for a stride-2 stem), and no statistic of the image (no
+    GroupNorm in the encoder); taming's default sees every pixel."""
+    side = 64
+    local = tiny(local_encoder=True, image_size=side, channel_mult=channel_mult)
+    default = tiny(image_size=side, channel_mult=channel_mult)
+    f = local.config.arch.downsample_factor
+    cell = (side // f // 2, side // f // 2)
+    seen = _cell_inputs(local, cell, side)
+    rows, cols = seen.nonzero().unbind(1)
+    lo, hi = cell[0] * f, cell[0] * f + f  # the cell's own pixels [lo, hi) (square cells)
+    assert seen[lo:hi, lo:hi].all()
+    for pos in (rows, cols):
+        assert pos.max() - pos.min() + 1 == field  # the patch and 16 / 40 pixels around it
+    assert seen.sum() == field * field
+    assert _cell_inputs(default, cell, side).all()  # the default: every pixel of the image
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in local.encoder.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in local.decoder.modules())  # unchanged
+    # pixels out of the field change nothing, through convolutions or norms: z_e as codes
+    local.eval()
+    pixels = torch.rand(1, 3, side, side) * 2 - 1
+    moved = pixels.clone()
+    top = int(rows.min())  # every row above the field redrawn
+    moved[..., :top, :] = torch.rand_like(moved[..., :top, :]) * 2 - 1
+    assert torch.equal(
+        local.encoder(moved)[..., cell[0] :, :], local.encoder(pixels)[..., cell[0] :, :]
+    )
+    assert torch.equal(local.encode(moved)[:, cell[0] :], local.encode(pixels)[:, cell[0] :])
+    assert not torch.equal(
+        default.encoder(moved)[..., cell[0], :], default.encoder(pixels)[..., cell[0], :]
+    )
+
+
+def test_local_encoder_round_trips_and_older_configs_read_as_taming(tmp_path):
+    model = tiny(local_encoder=True)
+    model.save_pretrained(tmp_path / "new")
+    loaded = VQVAE.from_pretrained(tmp_path / "new").eval()
+    assert loaded.config.arch.local_encoder is True
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(loaded.encode(pixels), model.eval().encode(pixels))
+    old = tiny()
+    old.config.architecture.pop("local_encoder")  # a config.json from before 2026-12-07
+    old.save_pretrained(tmp_path / "old")
+    assert VQVAE.from_pretrained(tmp_path / "old").config.arch.local_encoder is False
+    with pytest.raises(ConfigError, match="local_encoder and model.attention"):
+        ModelConfig(local_encoder=True, attention=True)
 
 
 def test_bad_input_shapes_are_clear_errors():

@@ -39,11 +39,20 @@ class ModelConfig:
     # reach the latent and the pixels (docs/results.md, issue 15's eleventh round: +1.6 dB held
     # out for the photos autoencoder at equal steps and time)
     norm_out: bool = True
+    # true: each code sees its own f x f patch and about one cell around it (per-position norms,
+    # 1x1 convs from stride f/2 on; modeling_vqgpt.Encoder), not the whole image: the same
+    # content gets the same code in every image (docs/results.md, "A local encoder")
+    local_encoder: bool = False
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.stem_stride not in (1, 2):
             raise ConfigError("model.stem_stride must be 1 or 2")
+        if self.local_encoder and self.attention:
+            raise ConfigError(
+                "model.local_encoder and model.attention exclude each other: the mid block's "
+                "self-attention lets every code see the whole image"
+            )
         if not self.channel_mult:
             raise ConfigError("model.channel_mult needs at least one entry")
         f = self.downsample_factor

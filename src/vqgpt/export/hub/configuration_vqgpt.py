@@ -24,6 +24,7 @@ ARCHITECTURE_DEFAULTS: dict[str, Any] = {
     "attention": False,  # self-attention in the mid blocks
     "norm_groups": 32,
     "norm_out": True,  # GroupNorm before the encoder's last conv and the decoder's output conv
+    "local_encoder": False,  # per-position norms, 1x1 convs at the two lowest resolutions
     "dropout": 0.0,
 }
 QUANTIZER_DEFAULTS: dict[str, Any] = {

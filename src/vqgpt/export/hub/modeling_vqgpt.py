@@ -33,29 +33,58 @@ from .quantization_vqgpt import build_quantizer
 # convolutional blocks (taming-transformers style)
 
 
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    """GroupNorm with as many groups as divide `channels` (at most `groups`)."""
+class LayerNorm2d(nn.Module):
+    """Each position's channels normalised on their own ([B, C, H, W]; ConvNeXt's channels-first
+    LayerNorm), with GroupNorm's per-channel affine: no statistic over the image reaches a
+    position, unlike GroupNorm's. The local encoder's norm (`arch["local_encoder"]`)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        var, mean = torch.var_mean(x, dim=1, keepdim=True, unbiased=False)
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def group_norm(channels: int, groups: int, local: bool = False) -> nn.Module:
+    """GroupNorm with as many groups as divide `channels` (at most `groups`); `local`: a
+    `LayerNorm2d` instead (per position)."""
+    if local:
+        return LayerNorm2d(channels)
     while channels % groups:
         groups -= 1
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
-def output_norm(channels: int, arch: dict) -> list[nn.Module]:
+def output_norm(channels: int, arch: dict, local: bool = False) -> list[nn.Module]:
     """The GroupNorm before the encoder's last conv and the decoder's output conv (taming's
     `norm_out`): [the norm], or [] when `arch["norm_out"]` is false."""
-    return [group_norm(channels, arch["norm_groups"])] if arch["norm_out"] else []
+    return [group_norm(channels, arch["norm_groups"], local)] if arch["norm_out"] else []
 
 
 class ResnetBlock(nn.Module):
-    """norm -> SiLU -> conv, twice, plus a (1x1-projected) skip."""
+    """norm -> SiLU -> conv, twice, plus a (1x1-projected) skip. `kernel` 1: the convs mix no
+    neighbouring positions; `local_norm`: per-position norms (`LayerNorm2d`), not GroupNorm."""
 
-    def __init__(self, in_ch: int, out_ch: int, groups: int, dropout: float = 0.0):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        groups: int,
+        dropout: float = 0.0,
+        kernel: int = 3,
+        local_norm: bool = False,
+    ):
         super().__init__()
-        self.norm1 = group_norm(in_ch, groups)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = group_norm(out_ch, groups)
+        self.norm1 = group_norm(in_ch, groups, local_norm)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2)
+        self.norm2 = group_norm(out_ch, groups, local_norm)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, kernel, padding=kernel // 2)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -108,11 +137,12 @@ class Upsample(nn.Module):
 class MidBlock(nn.Module):
     """ResnetBlock, optional attention, ResnetBlock."""
 
-    def __init__(self, ch: int, groups: int, attention: bool, dropout: float):
+    def __init__(self, ch: int, groups: int, attention: bool, dropout: float, local: bool = False):
         super().__init__()
-        self.res1 = ResnetBlock(ch, ch, groups, dropout)
+        k = 1 if local else 3
+        self.res1 = ResnetBlock(ch, ch, groups, dropout, kernel=k, local_norm=local)
         self.attn = AttnBlock(ch, groups) if attention else nn.Identity()
-        self.res2 = ResnetBlock(ch, ch, groups, dropout)
+        self.res2 = ResnetBlock(ch, ch, groups, dropout, kernel=k, local_norm=local)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.res2(self.attn(self.res1(x)))
@@ -124,30 +154,45 @@ class MidBlock(nn.Module):
 
 class Encoder(nn.Module):
     """pixels [B, 3, H, W] -> z_e [B, latent_dim, H/f, W/f]; `arch` is config.json's
-    `architecture` section."""
+    `architecture` section.
+
+    taming's encoder (the default) sees far: 3x3 convolutions at every level and GroupNorm over
+    the whole image, so one code of an 8x8 grid (f = 8) depends on pixels ~9 cells away and on
+    the image's statistics. `arch["local_encoder"]` makes it local: norms per position
+    (`LayerNorm2d`), and from the level at stride f/2 on (its blocks, the mid block, the last
+    conv) 1x1 convolutions, the downsampling convs kept (3x3): a code then sees its own f x f
+    patch and about one cell around it (with a stride-2 stem: 24 x 24 pixels at f = 8, 56 x 56
+    at f = 16; tests/tokenizer/test_vqvae.py). Why: on flat
+    backgrounds the default gives the same content different codes, image by image, which an LM
+    must then predict (docs/results.md, "A local encoder").
+    """
 
     def __init__(self, arch: dict):
         super().__init__()
         chans = [arch["base_channels"] * m for m in arch["channel_mult"]]
         groups, dropout = arch["norm_groups"], arch["dropout"]
+        local = arch["local_encoder"]
         stem = (
             nn.Conv2d(arch["in_channels"], chans[0], 4, stride=2, padding=1)
             if arch["stem_stride"] == 2
             else nn.Conv2d(arch["in_channels"], chans[0], 3, padding=1)
         )
         layers: list[nn.Module] = [stem]
-        ch = chans[0]
+        ch, stride, f = chans[0], arch["stem_stride"], downsample_factor(arch)
         for level, out_ch in enumerate(chans):
+            k = 1 if local and 2 * stride >= f else 3  # local: 1x1 at strides f/2 and f
             for _ in range(arch["num_res_blocks"]):
-                layers.append(ResnetBlock(ch, out_ch, groups, dropout))
+                layers.append(ResnetBlock(ch, out_ch, groups, dropout, k, local_norm=local))
                 ch = out_ch
             if level < len(chans) - 1:
                 layers.append(Downsample(ch))
+                stride *= 2
+        k = 1 if local else 3
         layers += [
-            MidBlock(ch, groups, arch["attention"], dropout),
-            *output_norm(ch, arch),
+            MidBlock(ch, groups, arch["attention"], dropout, local),
+            *output_norm(ch, arch, local),
             nn.SiLU(),
-            nn.Conv2d(ch, arch["latent_dim"], 3, padding=1),
+            nn.Conv2d(ch, arch["latent_dim"], k, padding=k // 2),
         ]
         self.layers = nn.Sequential(*layers)
 
