@@ -12,7 +12,9 @@ usage, perplexity, dead codes (of the K codes, those the held-out split never us
 neighbour-swap PSNR (code-neighbourhood smoothness: the reconstruction against the decoding of the
 same codes with each replaced by its nearest other code, in dB; high means an LM's near miss
 draws nearly the right patch), the codes kept under noise (code_stability: the fraction of code
-positions unchanged when the image gets invisible Gaussian noise), the shapes checker on the
+positions unchanged when the image gets invisible Gaussian noise), the far codes kept under an
+edit (code_locality: the fraction of code positions at least 3 cells below an edited top half that
+keep their id: whether a code depends only on what is near it), the shapes checker on the
 reconstructions (shapes only: the text-to-image ceiling) and wall seconds per step (the whole
 run, checkpoints off, the final evaluation excluded). `--remeasure` measures rows already run
 again from their kept weights (final/), adding metrics that did not exist when they ran, without
@@ -368,6 +370,32 @@ def code_stability(
     return same / codes.numel()
 
 
+LOCALITY_GAP = 3  # cells: the edited rows end at least this many rows above the rows counted
+
+
+def code_locality(
+    model, pixels: torch.Tensor, codes: torch.Tensor, batch: int = 100
+) -> float | None:
+    """Fraction of far code positions unchanged when the top half of each image is replaced by
+    the next image's top half (images rolled by one): far = the rows of the grid at least
+    LOCALITY_GAP cells below the edit (rows 6 and 7 of an 8 x 8 grid). 1.0: a code depends only
+    on what is near it, so the same content gets the same code whatever else the image shows;
+    an LM then predicts each code from its neighbourhood (`model.local_encoder` gives 1.0 by
+    construction). None when the grid has no such rows. pixels (n >= 2, 3, H, W) in [-1, 1],
+    codes (n, h, w) their codes."""
+    import torch
+
+    h, height = codes.shape[1], pixels.shape[-2]
+    first = h // 2 + LOCALITY_GAP - 1  # the first far row (edited rows: [0, h // 2))
+    if first >= h or len(pixels) < 2:
+        return None
+    edited = pixels.clone()
+    edited[:, :, : height // 2] = pixels.roll(1, dims=0)[:, :, : height // 2]
+    with torch.no_grad():
+        new = torch.cat([model.encode(b) for b in edited.split(batch)])
+    return (new[:, first:] == codes[:, first:]).float().mean().item()
+
+
 def measure(job: Job, recipe, final: Path) -> dict[str, Any]:
     """Held-out metrics of the trained model (and, on shapes, the checker's ceiling)."""
     import torch
@@ -391,6 +419,7 @@ def measure(job: Job, recipe, final: Path) -> dict[str, Any]:
         recon = torch.cat([model.decode(c) for c in codes.split(100)])
     row["neighbour_psnr"] = neighbour_swap_psnr(model, codes, recon)
     row["code_stability"] = code_stability(model, pixels, codes)
+    row["code_locality"] = code_locality(model, pixels, codes)
     if job.dataset == "shapes":
         from vqgpt.eval.shape_checker import t2i_scores
 
@@ -557,15 +586,21 @@ def _lm_cells(rs: list[dict[str, Any]]) -> str:
     return f" {loss} | {t2i}% | {caption}% | {len(runs)} |"
 
 
+def _percent_or_dash(cell: str) -> str:
+    """A column's cell with a % sign, or '-' where no row of the group measured it."""
+    return cell + "%" if cell != "-" else "-"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per (variant, impl), mean ± sd over its seeds."""
     with_lm = any(r.get("lm") for r in rows)
     head = (
         "| variant | impl | seeds | PSNR (dB) | SSIM | usage | perplexity | dead codes "
-        "| neighbour-swap PSNR (dB) | codes kept under noise | shapes ceiling | s / step | steps |"
+        "| neighbour-swap PSNR (dB) | codes kept under noise | far codes kept under an edit "
+        "| shapes ceiling | s / step | steps |"
         + (" LM image loss (nats) | LM t2i, 1 draw | LM captions | LM runs |" if with_lm else "")
     )
-    lines = [head, "|" + "---|" * (17 if with_lm else 13)]
+    lines = [head, "|" + "---|" * (18 if with_lm else 14)]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["variant"], r["impl"]), []).append(r)
@@ -579,6 +614,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {variant} | {impl} | {len(rs)} | {col('psnr', '.2f')} | {col('ssim', '.4f')} "
             f"| {col('usage', '.1f', 100)}% | {col('perplexity', '.0f')} | {col('dead_codes', '.0f')} "
             f"| {col('neighbour_psnr', '.2f')} | {col('code_stability', '.1f', 100)}% "
+            f"| {_percent_or_dash(col('code_locality', '.1f', 100))} "
             f"| {col('ceiling', '.1f', 100) + '%' if rs[0].get('ceiling') is not None else '-'} "
             f"| {col('s_per_step', '.2f')} | {'/'.join(map(str, steps))} |"
             + (_lm_cells(rs) if with_lm else "")

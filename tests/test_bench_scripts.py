@@ -392,6 +392,7 @@ def test_bench_tokenizers_quick_measures_every_row(repo_root, python_forked, tmp
         assert 0 <= r["ceiling"] <= 1 and r["ceiling_originals"] == 1.0
         assert 0 < r["neighbour_psnr"] <= 100  # dB, capped where the swap changes nothing
         assert 0 <= r["code_stability"] <= 1
+        assert 0 <= r["code_locality"] <= 1
         config = (tmp_path / "shapes" / f"{r['variant']}-vqgpt-s0" / "config.yaml").read_text()
         assert "type: fsq" in config if r["variant"] == "fsq" else "estimator: rotation" in config
         assert "bypass_steps: 2" in config  # --set reaches the recipe
@@ -449,6 +450,30 @@ def test_code_stability_counts_the_codes_that_invisible_noise_flips(bench_tokeni
         offset = torch.nn.functional.normalize(torch.randn(64, 8), dim=1) * 1e-4
         embed[0::2], embed[1::2] = z + offset, z - offset  # twins on either side of each vector
         assert 0.2 < bench_tokenizers.code_stability(model, pixels, model.encode(pixels)) < 0.8
+
+
+def test_code_locality_is_one_for_the_local_encoder_and_below_for_tamings(bench_tokenizers):
+    """Far codes kept under an edit of the top half: the local encoder (model.local_encoder)
+    keeps every one; taming's encoder, whose codes see the whole image, changes some; a grid
+    with no row far enough gives None."""
+    from vqgpt.tokenizer.quantize import QuantizerConfig
+    from vqgpt.tokenizer.vqvae import VQVAE, ModelConfig, VQVAEConfig
+
+    def model(local: bool, image_size: int = 64) -> VQVAE:
+        torch.manual_seed(0)
+        arch = ModelConfig(image_size=image_size, base_channels=8, latent_dim=8, norm_groups=4,
+                           local_encoder=local)  # fmt: skip
+        return VQVAE(VQVAEConfig.build(arch, QuantizerConfig(codebook_size=256))).eval()
+
+    pixels = torch.rand(6, 3, 64, 64) * 2 - 1
+    scores = {}
+    for local in (True, False):
+        m = model(local)
+        scores[local] = bench_tokenizers.code_locality(m, pixels, m.encode(pixels))
+    assert scores[True] == 1.0 and scores[False] < 0.9
+    small = model(True, image_size=32)  # 4 x 4 codes: rows 0-1 edited, none 3 rows below
+    few = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert bench_tokenizers.code_locality(small, few, small.encode(few)) is None
 
 
 def test_bench_tokenizers_remeasure_adds_new_metrics_without_training(
