@@ -43,7 +43,8 @@ class ModelConfig:
     # 1x1 convs from stride f/2 on; modeling_vqgpt.Encoder), not the whole image, so the same
     # content gets the same code in every image. Measured on the demo (docs/results.md, issue
     # 15's fourteenth round): +1.0 dB, LM image loss 0.333 -> 0.112 nats a code, captions 99.5%,
-    # but one-draw text-to-image 98.5% -> 80.5% (CFG 1.5): off in every recipe
+    # but one-draw text-to-image (CFG 1.5) 98.5% -> 80.5% with the noisy context the recipes
+    # use (85.5% vs 84.0% without it): off in every recipe
     local_encoder: bool = False
     dropout: float = 0.0
 

@@ -164,8 +164,9 @@ class Encoder(nn.Module):
     patch and about one cell around it (with a stride-2 stem: 24 x 24 pixels at f = 8, 56 x 56
     at f = 16; tests/tokenizer/test_vqvae.py). Why: on flat
     backgrounds the default gives the same content different codes, image by image, which an LM
-    must then predict. The local codes' LMs predict them far better and draw worse (vqgpt's
-    docs/results.md, issue 15's fourteenth round), so it is off by default.
+    must then predict. The local codes' LMs predict them far better and draw no better, worse
+    with the noisy context (vqgpt's docs/results.md, issue 15's fourteenth round), so it is off
+    by default.
     """
 
     def __init__(self, arch: dict):
