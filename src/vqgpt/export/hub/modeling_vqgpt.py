@@ -162,11 +162,10 @@ class Encoder(nn.Module):
     (`LayerNorm2d`), and from the level at stride f/2 on (its blocks, the mid block, the last
     conv) 1x1 convolutions, the downsampling convs kept (3x3): a code then sees its own f x f
     patch and about one cell around it (with a stride-2 stem: 24 x 24 pixels at f = 8, 56 x 56
-    at f = 16; tests/tokenizer/test_vqvae.py). Why: on flat
-    backgrounds the default gives the same content different codes, image by image, which an LM
-    must then predict. The local codes' LMs predict them far better and draw no better, worse
-    with the noisy context (vqgpt's docs/results.md, issue 15's fourteenth round), so it is off
-    by default.
+    at f = 16; tests/tokenizer/test_vqvae.py). Why: on flat backgrounds the default gives the
+    same content different codes, image by image, which an LM must then predict. The local
+    codes' LMs predict them far better and draw no better, worse with the noisy context (vqgpt's
+    docs/results.md, issue 15's fourteenth round), so it is off by default.
     """
 
     def __init__(self, arch: dict):
