@@ -130,11 +130,13 @@ def test_streamed_shards_in_two_processes_train_like_one(
             "augmented-no-output-norm",
             dict(data=dict(hflip=True, hue_jitter=0.5), model=dict(norm_out=False)),
         ),
-        # LFQ's entropy penalty takes the batch mean over every rank's rows
+        # LFQ's entropy penalty takes the batch mean over every rank's rows; the local
+        # encoder (model.local_encoder: per-position norms, no statistic across rows or ranks)
         (
-            "bypass-lfq",
+            "bypass-lfq-local-encoder",
             dict(
-                quantizer=dict(type="lfq", bypass_steps=2, codebook_dim=5, restart_after_steps=20)
+                model=dict(local_encoder=True),
+                quantizer=dict(type="lfq", bypass_steps=2, codebook_dim=5, restart_after_steps=20),
             ),
         ),  # VQ's field: its default
     ],
