@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,14 +17,9 @@ from vqgpt.lm.vocab import VocabLayout
 
 
 @pytest.fixture(scope="module")
-def bench(repo_root):
-    """scripts/bench_lm.py as a module (registered so its dataclasses resolve)."""
-    spec = importlib.util.spec_from_file_location("bench_lm", repo_root / "scripts" / "bench_lm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_lm"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["bench_lm"]
+def bench(load_script):
+    """scripts/bench_lm.py as a module."""
+    return load_script("bench_lm")
 
 
 @pytest.mark.parametrize(
@@ -215,13 +209,9 @@ def test_bench_gpu_rejects_unknown_arguments(repo_root):
     assert result.returncode == 2 and "usage" in result.stderr
 
 
-def test_bench_sampling_hf_baseline_draws_image_codes(tiny_gpt2, repo_root):
+def test_bench_sampling_hf_baseline_draws_image_codes(tiny_gpt2, load_script):
     """The HF `generate` baseline (its CFG, our image-only processor): h*w codes in [0, K)."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_sampling", repo_root / "scripts" / "bench_sampling.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_sampling")
     layout = VocabLayout(codebook_size=16, grid=(3, 3), text_vocab_size=100)
     model = tiny_gpt2(layout)
     captions = [[5, 17, 3], [], [42], [7, 7, 7, 7, 7, 1]]
@@ -235,12 +225,8 @@ def test_bench_sampling_hf_baseline_draws_image_codes(tiny_gpt2, repo_root):
 # scripts/bench_data.py: the corpus in three formats reads back the same rows
 
 
-def test_bench_data_corpus_reads_the_same_rows_in_every_format(repo_root, tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location(
-        "bench_data", repo_root / "scripts" / "bench_data.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_bench_data_corpus_reads_the_same_rows_in_every_format(load_script, tmp_path, monkeypatch):
+    bench = load_script("bench_data")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     corpus = bench.write_corpus(tmp_path / "corpus", 10)
     assert len(list(corpus["parquet"].glob("*.parquet"))) == 2
@@ -269,14 +255,10 @@ def _no_decode():
 # scripts/bench_lm_memory.py
 
 
-def test_bench_lm_memory_measures_each_size_and_tables_the_difference(repo_root, tmp_path):
+def test_bench_lm_memory_measures_each_size_and_tables_the_difference(load_script, tmp_path):
     """The benchmark's parts in this process (its CLI runs each size in a fresh one): synthetic
     splits load_codes accepts, the batches iterated, one table row per size and the difference."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_lm_memory", repo_root / "scripts" / "bench_lm_memory.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_lm_memory")
     results = []
     for rows in (300, 3000):
         bench.write_codes(tmp_path / str(rows), "train", rows)
@@ -295,15 +277,9 @@ def test_bench_lm_memory_measures_each_size_and_tables_the_difference(repo_root,
 
 
 @pytest.fixture(scope="module")
-def bench_tokenizers(repo_root):
-    """scripts/bench_tokenizers.py as a module (registered so its dataclasses resolve)."""
-    path = repo_root / "scripts" / "bench_tokenizers.py"
-    spec = importlib.util.spec_from_file_location("bench_tokenizers", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_tokenizers"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["bench_tokenizers"]
+def bench_tokenizers(load_script):
+    """scripts/bench_tokenizers.py as a module."""
+    return load_script("bench_tokenizers")
 
 
 @pytest.mark.parametrize("k", [64, 1024])

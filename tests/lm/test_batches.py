@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import random
 import tracemalloc
 
@@ -178,14 +177,11 @@ def test_bank_reads_rows_in_the_order_asked_and_checks_the_grid(memory_bank):
         ExampleBank(data.rows, JointTokenizer.build(8, (2, 3)), data.image_tokenizer_dir)
 
 
-def test_an_epoch_over_a_large_split_does_not_hold_it(repo_root, tmp_path):
+def test_an_epoch_over_a_large_split_does_not_hold_it(load_script, tmp_path):
     """50,000 rows of 8x8 codes on disk (6.4 MB as int16, 26 MB as a LongTensor; their captions'
     ids as lists far more): opening the bank and building a few steps allocates a small part of
     it, the shuffled order (4 bytes a row) included."""
-    path = repo_root / "scripts" / "bench_lm_memory.py"
-    spec = importlib.util.spec_from_file_location("bench_lm_memory", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)  # its writer makes the split as pretokenize does
+    bench = load_script("bench_lm_memory")  # its writer makes the split as pretokenize does
     rows = 50_000
     bench.write_codes(tmp_path, "train", rows)
     from vqgpt.lm.arrow_rows import ArrowRows
