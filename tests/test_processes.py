@@ -272,3 +272,33 @@ def test_lm_resume_is_bit_exact_with_dropout(
         assert sorted(resumed) == list(range(step + 1, 13))
         assert all(resumed[s] == reference[s] for s in resumed), (step, resumed, reference)
         assert sha(out / "final" / "model.safetensors") == sha(full / "final" / "model.safetensors")
+
+
+def test_lm_with_muon_trains_in_two_processes_like_one_and_resumes_bit_exactly(
+    tiny_tokenizer_run, tmp_path, run_cli, tiny_lm_recipe, write_yaml, accelerate_launcher
+):
+    """`train.optimizer=muon`: each rank orthogonalises the same all-reduced gradients, so two
+    processes follow one process's curve; the checkpoint holds both optimizers' state (Muon's
+    momentum, AdamW's moments), and a resume from it ends on the same weights."""
+    codes = tmp_path / "codes"
+
+    def recipe(out: Path) -> Path:
+        train = dict(max_steps=8, save_every=4, keep_checkpoints=4, optimizer="muon")
+        cfg = tiny_lm_recipe(tiny_tokenizer_run, out, codes, train=train)
+        return write_yaml(out.parent / f"{out.name}.yaml", cfg)
+
+    runs = {}
+    for processes in (1, 2):
+        out = runs[processes] = tmp_path / f"run{processes}"
+        run_cli("train-lm", "--config", str(recipe(out)),
+                launcher=accelerate_launcher if processes == 2 else None)  # fmt: skip
+    for key in ("loss", "image_loss", "text_loss"):
+        assert_same_training(runs[1], runs[2], key, rel=1e-4)
+    assert summary(runs[2])["replica_max_abs_diff"] == 0.0
+    reference = {r["step"]: r["loss"] for r in read_metrics(runs[2], "train")}
+    out = tmp_path / "from_4"
+    run_cli("train-lm", "--config", str(recipe(out)), "--resume",
+            str(runs[2] / "checkpoints" / "step_4"), launcher=accelerate_launcher)  # fmt: skip
+    resumed = {r["step"]: r["loss"] for r in read_metrics(out, "train")}
+    assert sorted(resumed) == [5, 6, 7, 8] and all(resumed[s] == reference[s] for s in resumed)
+    assert sha(out / "final" / "model.safetensors") == sha(runs[2] / "final" / "model.safetensors")

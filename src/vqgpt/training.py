@@ -41,10 +41,14 @@ from vqgpt.cpu_memory import keep_freed_memory
 from vqgpt.distributed import multi_cpu_run
 from vqgpt.errors import VqgptError
 from vqgpt.files import FileReadError, read_json, read_json_lines, write_text
+from vqgpt.optim import MuonWithAdamW
 from vqgpt.recipes import packaged_recipe
 
 CHECKPOINT_PREFIX = "step_"
 logger = logging.getLogger(__name__)
+
+
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -63,6 +67,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float | None = 1.0
+    # "adamw" | "muon": Muon on the LM's hidden matrices, AdamW on the rest, both at
+    # learning_rate (vqgpt.optim; the LM only)
+    optimizer: str = "adamw"
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
     log_every: int = 10
     eval_every: int = 250
@@ -88,6 +95,10 @@ class TrainConfig:
             raise ConfigError("train.learning_rate must be positive")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError("train.min_lr_ratio must be in [0, 1]")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"train.optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}"
+            )
 
 
 def check_launch() -> None:
@@ -191,18 +202,56 @@ def local_batch_size(tc: TrainConfig, accelerator: Accelerator) -> int:
 
 
 def build_optimizer(
-    model: torch.nn.Module, tc: TrainConfig, betas: tuple[float, float] | None = None
+    model: torch.nn.Module,
+    tc: TrainConfig,
+    betas: tuple[float, float] | None = None,
+    matrices: Sequence[torch.nn.Parameter] | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW at `tc.learning_rate` (betas: `tc.betas` unless given) for both stages.
+    """The run's optimizer at `tc.learning_rate` (betas: `tc.betas` unless given) for both stages.
 
-    Weight decay `tc.weight_decay` on matrices and kernels only (ndim >= 2: linear and conv
-    weights, embeddings, a gradient-trained codebook); norms' gains and every bias are not
-    decayed (nanoGPT's and most GPT recipes' rule). torch's default implementation: multi-tensor
-    (foreach) on GPUs, one tensor at a time on the CPU. Not `fused`: its different rounding sent
-    the demo's tokenizer to another minimum (held-out PSNR 30.85 dB instead of 32.43, the
-    demo's text-to-image ceiling from 86.5% to 78.0%: docs/results.md, "Session 4").
+    `tc.optimizer == "adamw"`: AdamW. Weight decay `tc.weight_decay` on matrices and kernels only
+    (ndim >= 2: linear and conv weights, embeddings, a gradient-trained codebook); norms' gains
+    and every bias are not decayed (nanoGPT's and most GPT recipes' rule). torch's default
+    implementation: multi-tensor (foreach) on GPUs, one tensor at a time on the CPU. Not `fused`:
+    its different rounding sent the demo's tokenizer to another minimum (held-out PSNR 30.85 dB
+    instead of 32.43, the demo's text-to-image ceiling from 86.5% to 78.0%: docs/results.md,
+    "Session 4").
+
+    `tc.optimizer == "muon"`: Muon on `matrices` (the caller's hidden 2-D weights: the LM's
+    transformer blocks, `vqgpt.lm.model.hidden_matrices`), AdamW as above on every other
+    parameter (`vqgpt.optim.MuonWithAdamW`).
+
+    Raises:
+        ConfigError: Muon asked for by a caller without hidden matrices (the tokenizer), or
+            under an FSDP / DeepSpeed launch (Muon needs each matrix whole on every process).
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    if tc.optimizer == "muon":
+        if not matrices:
+            raise ConfigError(
+                "train.optimizer=muon is for the LM's hidden matrices; this model trains with "
+                "train.optimizer=adamw"
+            )
+        for plugin in ("FSDP", "DEEPSPEED"):
+            if os.environ.get(f"ACCELERATE_USE_{plugin}", "false").lower() == "true":
+                raise ConfigError(
+                    f"train.optimizer=muon needs each matrix whole on every process, and the "
+                    f"launch shards them ({plugin}); use train.optimizer=adamw, or launch with "
+                    "plain data parallel"
+                )
+        muon = {id(p) for p in matrices}
+        rest = [p for p in params if id(p) not in muon]
+        groups = [
+            {"params": [p for p in rest if p.ndim >= 2], "weight_decay": tc.weight_decay},
+            {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        return MuonWithAdamW(
+            [p for p in params if id(p) in muon],
+            [g for g in groups if g["params"]],
+            lr=tc.learning_rate,
+            weight_decay=tc.weight_decay,
+            betas=betas or tc.betas,
+        )
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},

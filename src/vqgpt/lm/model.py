@@ -296,6 +296,13 @@ def extend_positions(model: GPT2LMHeadModel, n_positions: int) -> GPT2LMHeadMode
     return model
 
 
+def hidden_matrices(model: GPT2LMHeadModel) -> list[nn.Parameter]:
+    """The 2-D weights of the transformer blocks (attention's c_attn and c_proj, the MLP's c_fc
+    and c_proj; `len(model.transformer.h) * 4` of them): what `train.optimizer=muon` trains with
+    Muon. Embeddings, the tied output head, norms and biases are not among them."""
+    return [p for p in model.transformer.h.parameters() if p.ndim == 2 and p.requires_grad]
+
+
 def forward_hidden(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None
 ) -> Tensor:
@@ -360,6 +367,7 @@ __all__ = [
     "flops_per_token",
     "forward_hidden",
     "get_real_vocab_size",
+    "hidden_matrices",
     "init_image_embeddings",
     "peak_flops",
     "resize_for_vocab",

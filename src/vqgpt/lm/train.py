@@ -22,6 +22,7 @@ from vqgpt.lm.model import (
     LMConfig,
     build_lm,
     flops_per_token,
+    hidden_matrices,
     init_image_embeddings,
     peak_flops,
 )
@@ -167,7 +168,7 @@ def train_lm(recipe: LMRecipe, resume: str | None = None) -> Path:
         lm.config.image_positions = positions.to_dict()
     # the loss runs inside the wrapped module's forward (data parallel and FSDP see it there)
     model = LMWithLoss(lm, recipe.model.loss, layout.image_offset, layout.codebook_size)
-    optimizer = build_optimizer(model, tc)
+    optimizer = build_optimizer(model, tc, matrices=hidden_matrices(lm))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw_model = accelerator.unwrap_model(model).lm
