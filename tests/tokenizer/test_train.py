@@ -120,6 +120,17 @@ def test_unknown_config_key_fails_with_a_clear_message(
     assert "quantizer.codebok_size" in result.stderr
 
 
+def test_muon_for_the_tokenizer_is_refused_in_one_line_before_a_folder_is_made(
+    tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml
+):
+    out = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "r.yaml", tiny_tokenizer_recipe(out))
+    result = run_cli("train-tokenizer", "--config", str(cfg), "train.optimizer=muon", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "train.optimizer=muon is for the LM's hidden matrices" in result.stderr
+    assert not out.exists()
+
+
 def test_bypass_steps_train_the_projections_and_leave_the_codebook(
     tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml
 ):

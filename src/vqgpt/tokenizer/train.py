@@ -12,7 +12,7 @@ from accelerate import skip_first_batches
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from vqgpt.config import load_config
+from vqgpt.config import ConfigError, load_config
 from vqgpt.data.sources import (
     DataConfig,
     DataError,
@@ -57,6 +57,11 @@ class TokenizerRecipe:
         if self.data.image_size != self.model.image_size:
             self.data.image_size = self.model.image_size  # one source of truth: the model
         self.quantizer.check_code_dim(self.model.latent_dim)  # fsq / lfq: the code dim fits
+        if self.train.optimizer != "adamw":  # before a run folder is made
+            raise ConfigError(
+                f"train.optimizer={self.train.optimizer} is for the LM's hidden matrices; the "
+                "tokenizer trains with train.optimizer=adamw"
+            )
 
 
 def load_recipe(
