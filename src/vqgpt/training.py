@@ -101,17 +101,25 @@ class TrainConfig:
             )
 
 
+def sharding_plugin() -> str | None:
+    """ "FSDP" or "DEEPSPEED" when the Accelerate launch config asks for it
+    (ACCELERATE_USE_<PLUGIN>=true), else None."""
+    for plugin in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{plugin}", "false").lower() == "true":
+            return plugin
+    return None
+
+
 def check_launch() -> None:
     """Refuse a launch config this machine cannot honour (instead of silently ignoring it)."""
-    for plugin in ("FSDP", "DEEPSPEED"):
-        asked = os.environ.get(f"ACCELERATE_USE_{plugin}", "false").lower() == "true"
-        if asked and not torch.cuda.is_available():
-            raise ConfigError(
-                f"the launch config asks for {plugin} (ACCELERATE_USE_{plugin}=true), which "
-                "Accelerate runs on GPUs only, and this machine has none; launch with "
-                f"{packaged_recipe('accelerate/cpu_2proc.yaml')} (plain data parallel) or on a "
-                "GPU machine"
-            )
+    plugin = sharding_plugin()
+    if plugin is not None and not torch.cuda.is_available():
+        raise ConfigError(
+            f"the launch config asks for {plugin} (ACCELERATE_USE_{plugin}=true), which "
+            "Accelerate runs on GPUs only, and this machine has none; launch with "
+            f"{packaged_recipe('accelerate/cpu_2proc.yaml')} (plain data parallel) or on a "
+            "GPU machine"
+        )
 
 
 CPU_BF16_ENV = "VQGPT_CPU_BF16"  # "1": keep bf16 autocast on a CPU that only emulates it
@@ -232,13 +240,13 @@ def build_optimizer(
                 "train.optimizer=muon is for the LM's hidden matrices; this model trains with "
                 "train.optimizer=adamw"
             )
-        for plugin in ("FSDP", "DEEPSPEED"):
-            if os.environ.get(f"ACCELERATE_USE_{plugin}", "false").lower() == "true":
-                raise ConfigError(
-                    f"train.optimizer=muon needs each matrix whole on every process, and the "
-                    f"launch shards them ({plugin}); use train.optimizer=adamw, or launch with "
-                    "plain data parallel"
-                )
+        plugin = sharding_plugin()
+        if plugin is not None:
+            raise ConfigError(
+                f"train.optimizer=muon needs each matrix whole on every process, and the launch "
+                f"shards them ({plugin}); use train.optimizer=adamw, or launch with plain data "
+                "parallel"
+            )
         muon = {id(p) for p in matrices}
         rest = [p for p in params if id(p) not in muon]
         groups = [
