@@ -106,6 +106,10 @@ def test_muon_without_hidden_matrices_or_under_sharding_is_refused(monkeypatch):
     model = tiny_lm()
     with pytest.raises(ConfigError, match="train.optimizer=muon is for the LM"):
         build_optimizer(model, muon_config())  # the tokenizer passes none
+    with monkeypatch.context() as m:  # a torch before 2.9, which pyproject allows
+        m.delattr(torch.optim, "Muon")
+        with pytest.raises(ConfigError, match=r"needs torch >= 2.9 \(torch.optim.Muon\)"):
+            build_optimizer(model, muon_config(), matrices=hidden_matrices(model))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="needs each matrix whole"):
         build_optimizer(model, muon_config(), matrices=hidden_matrices(model))

@@ -230,8 +230,9 @@ def build_optimizer(
     parameter (`vqgpt.optim.MuonWithAdamW`).
 
     Raises:
-        ConfigError: Muon asked for by a caller without hidden matrices (the tokenizer), or
-            under an FSDP / DeepSpeed launch (Muon needs each matrix whole on every process).
+        ConfigError: Muon asked for by a caller without hidden matrices (the tokenizer), with a
+            torch before 2.9 (no `torch.optim.Muon`), or under an FSDP / DeepSpeed launch (Muon
+            needs each matrix whole on every process).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if tc.optimizer == "muon":
@@ -239,6 +240,11 @@ def build_optimizer(
             raise ConfigError(
                 "train.optimizer=muon is for the LM's hidden matrices; this model trains with "
                 "train.optimizer=adamw"
+            )
+        if not hasattr(torch.optim, "Muon"):  # pyproject allows torch >= 2.4
+            raise ConfigError(
+                f"train.optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch "
+                f"{torch.__version__}: upgrade it, or use train.optimizer=adamw"
             )
         plugin = sharding_plugin()
         if plugin is not None:
