@@ -138,6 +138,13 @@ def main(argv: list[str] | None = None) -> None:
         help="sampling temperature of story continuations and text-to-image draws (default: "
         "vqgpt's, SamplingConfig.temperature); captions stay greedy",
     )
+    parser.add_argument(
+        "--cfg",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale of story images and text-to-image draws (default: "
+        "vqgpt's, SamplingConfig.cfg_scale)",
+    )
     args = parser.parse_args(argv)
 
     from vqgpt.eval.pipeline import PipelineEvalConfig, evaluate_pipeline
@@ -153,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     sampling = SamplingConfig(seed=args.seed, batch_size=args.batch_size)  # single draws
     if args.temperature is not None:
         sampling = replace(sampling, temperature=args.temperature)
+    if args.cfg is not None:
+        sampling = replace(sampling, cfg_scale=args.cfg)
     scores = evaluate_stories(prompts, document_generator(pipe, sampling), args.batch_size)
     pipeline = None
     if not args.no_pipeline:
@@ -162,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
             batch_size=args.batch_size,
             temperature=sampling.temperature,
+            cfg_scales=(1.0, sampling.cfg_scale),
         )
         pipeline = evaluate_pipeline(pipe, recipe.data.images, cfg)
     print(f"{args.run}: {stories.num_test_stories} held-out stories, {len(prompts)} prompts\n")
