@@ -9,7 +9,7 @@ import torch
 
 from vqgpt.config import ConfigError
 from vqgpt.lm.model import LMConfig, build_lm, hidden_matrices
-from vqgpt.optim import MuonWithAdamW
+from vqgpt.optim import MuonWithAdamW, newton_schulz
 from vqgpt.training import TrainConfig, build_optimizer, warmup_cosine
 
 
@@ -115,3 +115,90 @@ def test_muon_without_hidden_matrices_or_under_sharding_is_refused(monkeypatch):
         build_optimizer(model, muon_config(), matrices=hidden_matrices(model))
     with pytest.raises(ConfigError, match="train.optimizer='sgd': use one of adamw, muon"):
         TrainConfig(optimizer="sgd")
+
+
+@pytest.mark.parametrize("shape", [(8, 32), (32, 8), (16, 16)])
+def test_newton_schulz_in_bf16_is_torchs_iteration_and_float32_rounds_finer(shape):
+    reference = getattr(torch.optim._muon, "_zeropower_via_newtonschulz", None)
+    if reference is None:
+        pytest.skip("this torch has no torch.optim._muon._zeropower_via_newtonschulz")
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 3.0
+    args = ((3.4445, -4.7750, 2.0315), 5, 1e-7)
+    ours = newton_schulz(g, *args, dtype=torch.bfloat16)
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, reference(g, *args))
+    f32 = newton_schulz(g, *args, dtype=torch.float32)
+    assert f32.dtype == torch.float32 and f32.shape == g.shape
+    # the same iteration: bf16's result is f32's rounded along the way (a few 1e-2 at most)
+    assert (ours.float() - f32).abs().max() < 0.05
+    # and it orthogonalises: singular values near 1, where g's spread
+    s = torch.linalg.svdvals(f32)
+    assert s.min() > 0.6 and s.max() < 1.3
+
+
+def muon_of(model: torch.nn.Module, ns_dtype: torch.dtype) -> MuonWithAdamW:
+    matrices = hidden_matrices(model)
+    rest = [p for p in model.parameters() if all(p is not m for m in matrices)]
+    return MuonWithAdamW(
+        matrices,
+        [{"params": rest}],
+        lr=2e-3,
+        weight_decay=0.1,
+        betas=(0.9, 0.95),
+        ns_dtype=ns_dtype,
+    )
+
+
+def test_float32_muon_is_torchs_update_with_float32_newton_schulz(monkeypatch):
+    """The float32 path (CPUs without native bf16) is torch's step (momentum, Nesterov, weight
+    decay, per-shape LR) with only the Newton-Schulz dtype changed: bit for bit torch's own step
+    with its iteration swapped for `newton_schulz` in float32, and near torch's bf16 step."""
+    import torch.optim._muon as torch_muon
+
+    def run(dtype: torch.dtype, steps: int) -> tuple[list[torch.Tensor], dict]:
+        model = tiny_lm()
+        opt = muon_of(model, dtype)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            x = torch.randint(0, 300, (2, 16), generator=g)
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return [p.detach().clone() for p in hidden_matrices(model)], opt.state_dict()
+
+    start = [p.detach().clone() for p in hidden_matrices(tiny_lm())]
+    ours, _ = run(torch.float32, 3)
+    bf16_one, bf16_state = run(torch.bfloat16, 1)
+    f32_one, _ = run(torch.float32, 1)
+    for a, b, s in zip(bf16_one, f32_one, start, strict=True):
+        assert not torch.equal(a, b)  # another rounding ...
+        cosine = torch.nn.functional.cosine_similarity((a - s).flatten(), (b - s).flatten(), dim=0)
+        assert cosine > 0.95  # ... of the same update (bf16 moves its singular values ~0.1-0.2)
+    with monkeypatch.context() as m:
+        swap = lambda g, c, n, e: newton_schulz(g, c, n, e, torch.float32)  # noqa: E731
+        m.setattr(torch_muon, "_zeropower_via_newtonschulz", swap)
+        torchs, _ = run(torch.bfloat16, 3)  # torch's own step, its iteration in float32
+    for a, b in zip(ours, torchs, strict=True):
+        assert torch.equal(a, b)
+    # torch's state loads into the float32 Muon (the same keys: one momentum_buffer a matrix)
+    opt = muon_of(tiny_lm(), torch.float32)
+    opt.load_state_dict(bf16_state)
+    assert opt.muon.ns_dtype == torch.float32
+    with pytest.raises(ValueError, match="ns_dtype must be one of"):
+        muon_of(tiny_lm(), torch.float16)
+
+
+def test_muon_iterates_in_float32_where_the_cpu_only_emulates_bf16(monkeypatch):
+    import vqgpt.training as training
+
+    model = tiny_lm()
+    build = lambda: build_optimizer(model, muon_config(), matrices=hidden_matrices(model))  # noqa: E731
+    monkeypatch.setattr(training, "trains_on_cpu", lambda: True)
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    assert build().muon.ns_dtype == torch.bfloat16
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    assert build().muon.ns_dtype == torch.float32
+    monkeypatch.setenv(training.CPU_BF16_ENV, "1")  # keep bf16 anyway
+    assert build().muon.ns_dtype == torch.bfloat16
+    monkeypatch.delenv(training.CPU_BF16_ENV)
+    monkeypatch.setattr(training, "trains_on_cpu", lambda: False)  # a GPU run
+    assert build().muon.ns_dtype == torch.bfloat16

@@ -155,6 +155,16 @@ def trains_on_cpu() -> bool:
     return multi_cpu_run() or not torch.accelerator.is_available()
 
 
+def muon_ns_dtype() -> torch.dtype:
+    """The dtype of Muon's Newton-Schulz iterations in this run (`vqgpt.optim.Muon`): bfloat16
+    (torch's) unless the run trains on a CPU that only emulates bf16 (`cpu_has_native_bf16`),
+    where those products would cost ~170x float32's: there float32. `VQGPT_CPU_BF16=1` keeps
+    bfloat16 (to reproduce a bf16 machine's numerics), as for `run_precision`."""
+    if os.environ.get(CPU_BF16_ENV) == "1" or not trains_on_cpu() or cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
 def run_precision(cfg: TrainConfig) -> str:
     """The precision this run trains in: `cfg.mixed_precision`, except that bf16 on a CPU without
     native bf16 (`cpu_has_native_bf16`) trains in float32 ("no"), with one warning: there bf16
@@ -227,7 +237,7 @@ def build_optimizer(
 
     `tc.optimizer == "muon"`: Muon on `matrices` (the caller's hidden 2-D weights: the LM's
     transformer blocks, `vqgpt.lm.model.hidden_matrices`), AdamW as above on every other
-    parameter (`vqgpt.optim.MuonWithAdamW`).
+    parameter (`vqgpt.optim.MuonWithAdamW`; its Newton-Schulz iterations in `muon_ns_dtype()`).
 
     Raises:
         ConfigError: Muon asked for by a caller without hidden matrices (the tokenizer), with a
@@ -265,6 +275,7 @@ def build_optimizer(
             lr=tc.learning_rate,
             weight_decay=tc.weight_decay,
             betas=betas or tc.betas,
+            ns_dtype=muon_ns_dtype(),
         )
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
