@@ -42,8 +42,9 @@ def newton_schulz(
 ) -> torch.Tensor:
     """The quintic Newton-Schulz iteration of `torch.optim.Muon` (K. Jordan's reference,
     github.com/KellerJordan/Muon) in `dtype`: an approximately semi-orthogonal matrix with the
-    singular vectors of `g` [A, B] (singular values ~0.7-1.2, not exactly 1), shape [A, B], dtype
-    `dtype`. In bfloat16 it is torch's `_zeropower_via_newtonschulz` operation for operation."""
+    singular vectors of `g` [A, B] (its singular values roughly 0.5-1.5, not exactly 1: the
+    coefficients trade exactness for speed), shape [A, B], dtype `dtype`. In bfloat16 it is
+    torch's `_zeropower_via_newtonschulz`, operation for operation."""
     a, b, c = coefficients
     tall = g.size(0) > g.size(1)
     x = g.to(dtype)
