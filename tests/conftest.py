@@ -121,10 +121,25 @@ class _CliServer:
         return {k: v for k, v in env.items() if not k.startswith("PYTEST_")}
 
     @classmethod
+    def why_not(cls, env: dict[str, str]) -> str | None:
+        """Why a call with `env` is not served (None: it is), naming the variables that differ."""
+        if os.environ.get("VQGPT_TESTS_NO_CLI_SERVER") == "1":
+            return "VQGPT_TESTS_NO_CLI_SERVER=1"
+        if sys.platform != "linux":  # macOS: forking after torch's import is not safe there
+            return f"{sys.platform}: no forking after torch's import"
+        if cls._env is None:
+            return None
+        key = cls._key(env)
+        changed = sorted(k for k in key.keys() | cls._env.keys() if key.get(k) != cls._env.get(k))
+        if changed:
+            return "the environment differs from the one this worker's server started with: " + (
+                ", ".join(changed)
+            )
+        return None
+
+    @classmethod
     def serves(cls, env: dict[str, str]) -> bool:
-        if os.environ.get("VQGPT_TESTS_NO_CLI_SERVER") == "1" or sys.platform != "linux":
-            return False  # macOS: forking after torch's import is not safe there
-        return cls._env is None or cls._key(env) == cls._env
+        return cls.why_not(env) is None
 
     @classmethod
     def get(cls) -> _CliServer:
@@ -318,7 +333,9 @@ def _python_forked() -> tuple[list[str], dict[str, str]]:
     `python -u ...` would, forked from the preloaded CLI server when it serves (several at once,
     unlike `run_cli`; what it starts with `sys.executable` is forked too); else a new Python."""
     env = _cli_env()
-    if not _CliServer.serves(env):
+    why_not = _CliServer.why_not(env)
+    if why_not is not None:
+        env["VQGPT_TESTS_NOT_SERVED"] = why_not  # for a test that needs the server to say why
         return [sys.executable], env
     server = _CliServer.get()
     env["VQGPT_TESTS_WORKER_SOCKET"] = server.worker_socket()

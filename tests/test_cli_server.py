@@ -34,7 +34,7 @@ def script(tmp_path):
 def test_the_worker_program_runs_a_script_as_python_does(served, script, tmp_path, python_forked):
     python, env = python_forked()
     if served and "VQGPT_TESTS_WORKER_SOCKET" not in env:
-        pytest.skip("no fork server here (macOS, or VQGPT_TESTS_NO_CLI_SERVER=1)")
+        pytest.skip(f"no fork server here: {env.get('VQGPT_TESTS_NOT_SERVED')}")
     if not served:
         env.pop("VQGPT_TESTS_WORKER_SOCKET", None)
     env["WORKER_TEST"] = "x1"
@@ -69,7 +69,7 @@ def test_a_signal_to_the_worker_program_reaches_the_worker(signum, script, tmp_p
     """SIGTERM is passed on (both end by it); SIGKILL ends the program, and the worker with it."""
     python, env = python_forked()
     if "VQGPT_TESTS_WORKER_SOCKET" not in env:
-        pytest.skip("no fork server here (macOS, or VQGPT_TESTS_NO_CLI_SERVER=1)")
+        pytest.skip(f"no fork server here: {env.get('VQGPT_TESTS_NOT_SERVED')}")
     env["WORKER_TEST"] = "x"
     proc = subprocess.Popen([*python, str(script), "wait"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
