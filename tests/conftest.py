@@ -118,7 +118,9 @@ class _CliServer:
 
     @staticmethod
     def _key(env: dict[str, str]) -> dict[str, str]:
-        return {k: v for k, v in env.items() if not k.startswith("PYTEST_")}
+        # pytest's own, and torch inductor's private ones (it sets _TORCHINDUCTOR_PYOBJECT_TENSOR_
+        # DATA_PTR in the test process when a test compiles: the skips named it)
+        return {k: v for k, v in env.items() if not k.startswith(("PYTEST_", "_TORCHINDUCTOR_"))}
 
     @classmethod
     def why_not(cls, env: dict[str, str]) -> str | None:
