@@ -155,14 +155,18 @@ def trains_on_cpu() -> bool:
     return multi_cpu_run() or not torch.accelerator.is_available()
 
 
+def bf16_emulated() -> bool:
+    """Whether this run trains on a CPU that only emulates bf16 (`cpu_has_native_bf16`), so that
+    bf16 work should run in float32 instead; `VQGPT_CPU_BF16=1` says no (keep bf16, to reproduce
+    a bf16 machine's numerics). Read by `run_precision` and `muon_ns_dtype`."""
+    return os.environ.get(CPU_BF16_ENV) != "1" and trains_on_cpu() and not cpu_has_native_bf16()
+
+
 def muon_ns_dtype() -> torch.dtype:
     """The dtype of Muon's Newton-Schulz iterations in this run (`vqgpt.optim.Muon`): bfloat16
-    (torch's) unless the run trains on a CPU that only emulates bf16 (`cpu_has_native_bf16`),
-    where those products would cost ~170x float32's: there float32. `VQGPT_CPU_BF16=1` keeps
-    bfloat16 (to reproduce a bf16 machine's numerics), as for `run_precision`."""
-    if os.environ.get(CPU_BF16_ENV) == "1" or not trains_on_cpu() or cpu_has_native_bf16():
-        return torch.bfloat16
-    return torch.float32
+    (torch's), or float32 where bf16 is emulated (`bf16_emulated`: those products would cost
+    ~170x float32's)."""
+    return torch.float32 if bf16_emulated() else torch.bfloat16
 
 
 def run_precision(cfg: TrainConfig) -> str:
@@ -170,9 +174,7 @@ def run_precision(cfg: TrainConfig) -> str:
     native bf16 (`cpu_has_native_bf16`) trains in float32 ("no"), with one warning: there bf16
     autocast is tens of times slower than float32, so a recipe's minutes would buy a few dozen
     steps. `VQGPT_CPU_BF16=1` keeps bf16 anyway (to reproduce a bf16 run's numerics)."""
-    if cfg.mixed_precision != "bf16" or os.environ.get(CPU_BF16_ENV) == "1":
-        return cfg.mixed_precision
-    if not trains_on_cpu() or cpu_has_native_bf16():
+    if cfg.mixed_precision != "bf16" or not bf16_emulated():
         return cfg.mixed_precision
     if os.environ.get("RANK", "0") == "0":  # one warning, not one per process
         logger.warning(
