@@ -115,11 +115,14 @@ def test_streamed_shards_in_two_processes_train_like_one(
         # a gradient-trained codebook sits out the bypass steps (the projections train in
         # them), and the discriminator joins at step index 3 (then runs one forward per
         # backward): the first 2 steps leave both out, the third the discriminator only, the
-        # fourth neither (one launch for both: a launch costs ~15 s)
+        # fourth neither (one launch for both: a launch costs ~15 s); the codebook diversity
+        # loss, from the third step, takes its batch mean over every rank's rows
         (
-            "bypass-factorised-gan-start-step",
+            "bypass-factorised-gan-start-step-diversity",
             dict(
-                quantizer=dict(bypass_steps=2, codebook_dim=4),
+                quantizer=dict(
+                    bypass_steps=2, codebook_dim=4, diversity_weight=0.5, diversity_temperature=0.05
+                ),
                 loss=dict(adversarial_weight=0.1, adversarial_start_step=3),
             ),
         ),
@@ -153,6 +156,13 @@ def test_steps_that_leave_parameters_unused_train_in_two_processes(
     out = runs[2]
     assert summary(out)["num_processes"] == 2 and summary(out)["replica_max_abs_diff"] == 0.0
     assert_same_training(runs[1], runs[2], "total", rel=1e-4)  # trains like one process
+    quantizer = sections.get("quantizer", {})
+    if quantizer.get("diversity_weight") or quantizer.get("type") == "lfq":
+        # LFQ's entropy penalty, VQ's diversity loss: the batch mean over every rank's rows
+        one, two = ({r["step"]: r["entropy"] for r in read_metrics(run, "train") if "entropy" in r}
+                    for run in (runs[1], runs[2]))  # fmt: skip
+        assert one and one.keys() == two.keys()
+        assert all(two[step] == pytest.approx(one[step], rel=1e-4) for step in one), (one, two)
 
 
 # ---------------------------------------------------------------------------------------------

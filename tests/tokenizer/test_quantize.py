@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 
 import pytest
@@ -156,6 +157,81 @@ def test_losses_reach_encoder_and_codebook():
     assert vq.codebooks[0].embed.grad.abs().sum() > 0
     torch.testing.assert_close(out.loss, out.codebook_loss + 0.25 * out.commitment_loss)
     torch.testing.assert_close(out.commitment_loss, F.mse_loss(z, q))
+
+
+# ---------------------------------------------------------------------------------------------
+# the codebook diversity loss (quantizer.diversity_weight)
+
+
+def full_table_diversity(z: torch.Tensor, codes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log K - H(mean_n softmax_c(-||z_n - c||^2 / T)), the whole [N, K] table at once, with
+    MAGVIT's log(m + 1e-5)."""
+    p = torch.softmax(-torch.cdist(z, codes).pow(2) / temperature, dim=1)
+    m = p.mean(0)
+    return math.log(codes.shape[0]) + (m * (m + 1e-5).log()).sum()
+
+
+def test_diversity_loss_is_the_full_table_one_computed_in_chunks_and_reaches_only_the_encoder():
+    torch.manual_seed(5)
+    vq = make(dim=3, codebook_size=12, ema=False, kmeans_init=False, restart_after_steps=0,
+              diversity_weight=0.7, diversity_temperature=0.5, chunk_size=5)  # fmt: skip
+    z_e = torch.randn(2, 3, 3, 4, requires_grad=True)  # 24 rows: 5 chunks, the last one short
+    out = vq(z_e)
+    codes = vq.codebooks[0].vectors.detach()
+    rows = z_e.detach().permute(0, 2, 3, 1).reshape(-1, 3).requires_grad_()
+    want = full_table_diversity(rows, codes, 0.5)
+    torch.testing.assert_close(out.entropy_loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        out.loss, out.codebook_loss + 0.25 * out.commitment_loss + 0.7 * want
+    )
+    (grad,) = torch.autograd.grad(out.entropy_loss, z_e, retain_graph=True)
+    (want_grad,) = torch.autograd.grad(want, rows)
+    torch.testing.assert_close(
+        grad.permute(0, 2, 3, 1).reshape(-1, 3), want_grad, rtol=1e-4, atol=1e-7
+    )
+    assert want_grad.abs().sum() > 0
+    (to_codes,) = torch.autograd.grad(out.entropy_loss, vq.codebooks[0].embed, allow_unused=True)
+    assert to_codes is None  # the codes move by the EMA / codebook loss only
+    assert vq.eval()(z_e).entropy_loss.item() == 0.0  # a training loss
+
+
+def test_diversity_loss_spreads_rows_piled_on_one_code_over_the_codebook():
+    """Rows of a batch piled near one of 16 codes; descending the diversity loss alone spreads
+    them over the codebook, while the commitment loss alone keeps them on one code."""
+    k, g = 16, torch.Generator().manual_seed(6)
+    used = {}
+    for name, weight, beta in (("diversity", 1.0, 0.0), ("commitment", 0.0, 1.0)):
+        vq = make(dim=2, codebook_size=k, ema=False, kmeans_init=False, restart_after_steps=0, beta=beta,
+                  diversity_weight=weight, diversity_temperature=0.5)  # fmt: skip
+        with torch.no_grad():  # a 4 x 4 grid of codes, 1 apart
+            vq.codebooks[0].embed.copy_(torch.cartesian_prod(*[torch.arange(4.0)] * 2))
+        vq.codebooks[0].embed.requires_grad_(False)
+        z = (torch.randn(1, 2, 8, 8, generator=g) * 0.1).requires_grad_()  # 64 rows near (0, 0)
+        opt = torch.optim.Adam([z], lr=0.05)
+        for _ in range(150):
+            out = vq(z)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+        used[name] = vq(z).codes.unique().numel()
+    assert used["commitment"] == 1
+    assert used["diversity"] >= 12, used
+
+
+def test_diversity_loss_is_off_by_default_and_checked():
+    assert QuantizerConfig().diversity_weight == 0.0
+    vq = make(dim=4)
+    out = vq(torch.randn(2, 4, 3, 3))
+    assert out.entropy_loss.item() == 0.0
+    assert torch.equal(out.loss, out.codebook_loss + 0.25 * out.commitment_loss)
+    with pytest.raises(ConfigError, match="diversity_weight must be a finite number >= 0"):
+        QuantizerConfig(diversity_weight=-1.0)
+    with pytest.raises(ConfigError, match="diversity_temperature must be a finite number > 0"):
+        QuantizerConfig(diversity_temperature=0.0)
+    with pytest.raises(
+        ConfigError, match="diversity_weight=0.1 means nothing for quantizer.type='fsq'"
+    ):
+        QuantizerConfig(type="fsq", codebook_size=16, fsq_levels=(4, 4), diversity_weight=0.1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,11 +28,9 @@ Inference (digits, ids, lookup) is the export's `ScalarQuantizer`; this adds the
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from vqgpt.config import to_dict
 from vqgpt.export.hub.quantization_vqgpt import (
@@ -41,47 +39,9 @@ from vqgpt.export.hub.quantization_vqgpt import (
     project,
     search_space,
 )
+from vqgpt.tokenizer.entropy import entropy_penalty
 from vqgpt.tokenizer.estimators import straight_through
 from vqgpt.tokenizer.quantize import QuantizerConfig, QuantizerOutput, unsnapped
-
-
-def _chunk_entropy(z: Tensor, codebook: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """(sum over rows of H(p_n), sum over rows of p_n [K]) for rows z [n, d], codes [K, d]."""
-    # -||z - c||^2 / T = (2 z.c - ||z||^2 - ||c||^2) / T; ||c||^2 = d for every code: a
-    # per-row constant, dropped like ||z||^2
-    logp = F.log_softmax(2 * z @ codebook.t() / temperature, dim=-1)  # (n, K)
-    p = logp.exp()
-    return -(p * logp).sum(), p.sum(dim=0)
-
-
-# MAGVIT's epsilon in the batch entropy's log (module docstring)
-BATCH_ENTROPY_EPS = 1e-5
-
-
-def entropy_penalty(z: Tensor, codebook: Tensor, temperature: float, chunk_size: int) -> Tensor:
-    """E_n[H(p_n)] - H(E_n[p_n]) for rows z [N, d] over codes [K, d], in nats (float32 scalar);
-    H(E_n[p_n]) with MAGVIT's log(m + 1e-5) (module docstring).
-
-    The batch mean E_n is over every process's rows when torch.distributed is initialised (all
-    ranks must call this with the same N). Peak memory O(chunk_size * K) (module docstring).
-    """
-    row_entropy, prob_sum = z.new_zeros(()), z.new_zeros(codebook.shape[0])
-    for start in range(0, z.shape[0], chunk_size):
-        rows = z[start : start + chunk_size]
-        if torch.is_grad_enabled() and rows.requires_grad:
-            h, p = checkpoint(_chunk_entropy, rows, codebook, temperature, use_reentrant=False)
-        else:
-            h, p = _chunk_entropy(rows, codebook, temperature)
-        row_entropy, prob_sum = row_entropy + h, prob_sum + p
-    n = z.shape[0]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_reduce
-
-        prob_sum = all_reduce(prob_sum)  # its backward all-reduces the gradient
-        n = n * dist.get_world_size()
-    mean_p = prob_sum / n  # (K,)
-    batch_entropy = -(mean_p * (mean_p + BATCH_ENTROPY_EPS).log()).sum()
-    return row_entropy / z.shape[0] - batch_entropy
 
 
 class LFQ(ScalarQuantizer):

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from vqgpt.config import ConfigError
 from vqgpt.export.hub import configuration_vqgpt as hub_config
 from vqgpt.export.hub import quantization_vqgpt as hub
+from vqgpt.tokenizer.entropy import batch_entropy, soft_assignment
 from vqgpt.tokenizer.estimators import ESTIMATORS, apply_estimator
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ FAMILY_FIELDS: dict[str, frozenset[str]] = {
         _VQ_SEARCH
         | {"preset", "l2_normalize", "num_quantizers", "init", "ema", "ema_decay", "ema_eps"}
         | {"kmeans_init", "kmeans_iters", "restart_after_steps", "dead_code_threshold"}
-        | {"dead_code_sampling"}
+        | {"dead_code_sampling", "diversity_weight", "diversity_temperature"}
     ),
     "simvq": frozenset(_VQ_SEARCH),  # frozen random codebook, learnt linear map (simvq.py)
     "fsq": frozenset({"fsq_levels"}),  # no codebook, no auxiliary loss (fsq.py)
@@ -122,6 +123,11 @@ class QuantizerConfig:
     fsq_levels: tuple[int, ...] | None = None
     entropy_weight: float = 0.1  # lfq: weight of the entropy penalty E[H(q(z))] - H(E[q(z)])
     entropy_temperature: float = 0.01  # lfq: T of q(c | z) = softmax_c(-||z - c||^2 / T)
+    # vq: weight of the codebook diversity loss log K - H(E_n[p_n]), p_n = softmax_c(-||z_n - c||^2
+    # / T) with T = diversity_temperature (entropy.py): the batch term of MAGVIT-v2's entropy
+    # penalty, as vector-quantize-pytorch's `codebook_diversity_loss_weight`; 0 = off
+    diversity_weight: float = 0.0
+    diversity_temperature: float = 1.0  # vq: T above, in squared search-space distance
 
     def __post_init__(self) -> None:
         # presets are expanded by `from_dict`, before the fields are set
@@ -157,6 +163,10 @@ class QuantizerConfig:
                 f"quantizer.dead_code_sampling={self.dead_code_sampling!r} is unknown; known: "
                 f"{list(DEAD_CODE_SAMPLING)}"
             )
+        if not math.isfinite(self.diversity_weight) or self.diversity_weight < 0:
+            raise ConfigError("quantizer.diversity_weight must be a finite number >= 0")
+        if not math.isfinite(self.diversity_temperature) or self.diversity_temperature <= 0:
+            raise ConfigError("quantizer.diversity_temperature must be a finite number > 0")
         if self.dead_code_threshold > 0 and not self.ema:
             raise ConfigError(
                 "quantizer.dead_code_threshold needs ema: true (it reads the EMA cluster sizes)"
@@ -583,10 +593,12 @@ class QuantizerOutput(NamedTuple):
 
     quantized: Tensor  # [B, D, H, W], value z_q, gradient by the estimator, input dtype
     codes: Tensor  # long [B, H, W] ids in [0, K), or [B, H, W, L] when num_quantizers > 1
-    loss: Tensor  # codebook_loss + beta * commitment_loss (+ lfq's weighted entropy_loss), f32
+    loss: Tensor  # codebook_loss + beta * commitment_loss (+ weighted entropy_loss), f32
     commitment_loss: Tensor  # ||z - sg[z_q]||^2, mean per quantizer, summed (unweighted)
     codebook_loss: Tensor  # ||sg[z] - z_q||^2 likewise; 0 when the codebook is EMA-updated
-    entropy_loss: Tensor  # lfq: E[H(q(z))] - H(E[q(z)]) (unweighted); 0 for the others
+    # lfq: E[H(q(z))] - H(E[q(z)]); vq: the diversity loss log K - H(E[q(z)]) summed over levels
+    # (training only, 0 when diversity_weight is 0); unweighted; 0 for the others
+    entropy_loss: Tensor
 
 
 class VectorQuantizer(nn.Module):
@@ -630,10 +642,13 @@ class VectorQuantizer(nn.Module):
             z_q = torch.zeros_like(z)
             commitment = z.new_zeros(())
             codebook_loss = z.new_zeros(())
+            diversity = z.new_zeros(())
             all_codes = []
             for cb in self.codebooks:
                 if self.training and not bool(cb.initialized):
                     cb.kmeans_init_(residual.detach())
+                if self.training and self.cfg.diversity_weight > 0:
+                    diversity = diversity + self._diversity_loss(residual, cb)
                 codes = cb.search(residual)  # (N,)
                 q = F.embedding(codes, cb.vectors)  # (N, search_dim)
                 commitment = commitment + F.mse_loss(residual, q.detach())
@@ -652,7 +667,24 @@ class VectorQuantizer(nn.Module):
             if self.cfg.num_quantizers == 1:
                 codes = codes[..., 0]
             loss = codebook_loss + self.cfg.beta * commitment
-        return QuantizerOutput(quantized, codes, loss, commitment, codebook_loss, z.new_zeros(()))
+            if self.cfg.diversity_weight > 0:
+                loss = loss + self.cfg.diversity_weight * diversity
+        return QuantizerOutput(quantized, codes, loss, commitment, codebook_loss, diversity)
+
+    def _diversity_loss(self, x: Tensor, cb: Codebook) -> Tensor:
+        """log K - H(E_n[p_n]) in nats for rows `x` [N, dim] against `cb`'s codes (detached: the
+        loss moves the encoder's outputs towards the codes the batch uses little, and the EMA /
+        codebook loss moves the codes); 0 when every code gets the same mean probability.
+
+        The batch term of MAGVIT-v2's entropy penalty (Yu et al., ICLR 2024, eq. 5) applied to a
+        learnt codebook, as vector-quantize-pytorch's `codebook_diversity_loss_weight`; chunked
+        and over every process's rows (`entropy.soft_assignment`).
+        """
+        codes = cb.vectors.detach().clone()  # the EMA step rewrites the codes before backward
+        code_sq = (codes * codes).sum(dim=1)
+        temperature, chunk = self.cfg.diversity_temperature, self.cfg.chunk_size
+        _, mean_p = soft_assignment(x, codes, temperature, chunk, code_sq)
+        return math.log(codes.shape[0]) - batch_entropy(mean_p)
 
     def bypass(self, z_e: Tensor) -> Tensor:
         """The warm-up's decoder input for `z_e` [B, D, H, W]: forward with the snapping left out

@@ -175,6 +175,8 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
     histogram = torch.zeros(raw_model.codebook_size, dtype=torch.float64)
     # the quantizer's parameters a bypass step leaves out (its projections are in: they train)
     bypass_unused = raw_model.unused_in_bypass()
+    qc = recipe.quantizer
+    logs_entropy = qc.type == "lfq" or (qc.type == "vq" and qc.diversity_weight > 0)
 
     def train_step(batch: dict, step: int) -> dict[str, Metric]:
         pixels = batch["pixel_values"]
@@ -198,6 +200,8 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
             record.parts.update(disc_record.parts)
         n = float(len(pixels))
         values: dict[str, Metric] = {k: (v * n, n) for k, v in record.to_log().items()}
+        if logs_entropy and not bypass:  # lfq's entropy penalty, vq's diversity loss (unweighted)
+            values["entropy"] = (float(output.quantizer.entropy_loss) * n, n)
         first = output.codes if output.codes.ndim < 4 else output.codes[..., 0]  # (B, h, w)
         histogram.add_(code_histogram(first, raw_model.codebook_size))
         values["items"] = n
