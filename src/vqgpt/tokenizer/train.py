@@ -201,7 +201,7 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
         n = float(len(pixels))
         values: dict[str, Metric] = {k: (v * n, n) for k, v in record.to_log().items()}
         if logs_entropy and not bypass:  # lfq's entropy penalty, vq's diversity loss (unweighted)
-            values["entropy"] = (float(output.quantizer.entropy_loss) * n, n)
+            values["entropy"] = (float(output.quantizer.entropy_loss.detach()) * n, n)
         first = output.codes if output.codes.ndim < 4 else output.codes[..., 0]  # (B, h, w)
         histogram.add_(code_histogram(first, raw_model.codebook_size))
         values["items"] = n
