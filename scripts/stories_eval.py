@@ -96,7 +96,9 @@ def run_stories_config(run: str | Path) -> StoriesConfig:
     return from_dict(StoriesConfig, stories, "data.documents.stories")
 
 
-def document_generator(pipe, sampling) -> ContinueDocuments:  # pipe: vqgpt.lm.pipeline.Pipeline
+def document_generator(
+    pipe, sampling, unconditional: str = "caption_dropped"
+) -> ContinueDocuments:  # pipe: vqgpt.lm.pipeline.Pipeline
     """The LM's document continuation (`vqgpt.lm.infer.continue_documents`), stopped after its
     first image: enough for one sentence or one image, the answer to a story prompt."""
     from vqgpt.lm.infer import continue_documents
@@ -108,7 +110,14 @@ def document_generator(pipe, sampling) -> ContinueDocuments:  # pipe: vqgpt.lm.p
         prompts = [
             [s["text"] if s["text"] is not None else s["image"] for s in d] for d in documents
         ]
-        done = continue_documents(pipe, prompts, sampling, max_new_tokens=budget, max_images=1)
+        done = continue_documents(
+            pipe,
+            prompts,
+            sampling,
+            max_new_tokens=budget,
+            max_images=1,
+            unconditional=unconditional,
+        )
         return [[as_segment(s) for s in c.segments] for c in done]
 
     return generate
@@ -145,6 +154,12 @@ def main(argv: list[str] | None = None) -> None:
         help="classifier-free guidance scale of story images and text-to-image draws (default: "
         "vqgpt's, SamplingConfig.cfg_scale)",
     )
+    parser.add_argument(
+        "--cfg-unconditional",
+        default="caption_dropped",
+        choices=["caption_dropped", "previous_image"],
+        help="the unconditional branch of guided story images (vqgpt.lm.continuation)",
+    )
     args = parser.parse_args(argv)
 
     from vqgpt.eval.pipeline import PipelineEvalConfig, evaluate_pipeline
@@ -162,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
         sampling = replace(sampling, temperature=args.temperature)
     if args.cfg is not None:
         sampling = replace(sampling, cfg_scale=args.cfg)
-    scores = evaluate_stories(prompts, document_generator(pipe, sampling), args.batch_size)
+    scores = evaluate_stories(
+        prompts, document_generator(pipe, sampling, args.cfg_unconditional), args.batch_size
+    )
     pipeline = None
     if not args.no_pipeline:
         recipe = load_lm_recipe(Path(args.run) / "config.yaml")

@@ -159,6 +159,29 @@ def test_cfg_guides_the_codes_only(model, boost_logits):
     assert len({tuple(r.tokens) for r in uncond}) == 1
 
 
+def test_the_previous_image_branch_is_the_document_up_to_its_last_image(model, boost_logits):
+    """`unconditional="previous_image"`: at scale 0 (the branch alone) a prompt with an image draws
+    what the document cut after that image's eoi draws unguided; one without, the caption-dropped
+    branch's codes."""
+    greedy = replace(SAMPLE, do_sample=False)
+    cut = PROMPTS[2][: PROMPTS[2].index(LAYOUT.eoi_id) + 1]  # [eos, 42, boi, codes, eoi]
+    handle = boost_logits(model, columns(LAYOUT.boi_id), 50.0)  # an image first, always
+    try:
+        branch = continue_document_ids(
+            model, LAYOUT, PROMPTS, replace(greedy, cfg_scale=0.0), HW + 2, 1, "previous_image"
+        )
+        dropped = continue_document_ids(
+            model, LAYOUT, PROMPTS, replace(greedy, cfg_scale=0.0), HW + 2, 1
+        )
+        (unguided_cut,) = continue_document_ids(model, LAYOUT, [cut], greedy, HW + 2, 1)
+    finally:
+        handle.remove()
+    assert branch[2].tokens == unguided_cut.tokens != dropped[2].tokens
+    assert [branch[i].tokens for i in (0, 1, 3)] == [dropped[i].tokens for i in (0, 1, 3)]
+    with pytest.raises(ValueError, match="unconditional branch 'none' is unknown"):
+        continue_document_ids(model, LAYOUT, PROMPTS, greedy, HW + 2, 1, "none")
+
+
 def test_prompts_are_checked(model):
     with pytest.raises(ValueError, match="ends inside an image.*after 0 of 9"):
         continue_document_ids(model, LAYOUT, [[99, 5, LAYOUT.boi_id]], SAMPLE)

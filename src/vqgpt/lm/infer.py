@@ -245,6 +245,7 @@ def continue_documents(
     sampling: SamplingConfig,
     max_new_tokens: int = 256,
     max_images: int = 4,
+    unconditional: str = "caption_dropped",
 ) -> list[ContinuedDocument]:
     """Continue each document prompt with text and images (`vqgpt.lm.continuation`): up to
     `max_new_tokens` new tokens and `max_images` images, never past the model's n_positions.
@@ -252,7 +253,9 @@ def continue_documents(
     A prompt that ends inside an image, or leaves no room to continue, is a ValueError naming it.
     """
     ids = [document_ids(pipe, p) for p in prompts]
-    runs = continue_document_ids(pipe.lm, pipe.layout, ids, sampling, max_new_tokens, max_images)
+    runs = continue_document_ids(
+        pipe.lm, pipe.layout, ids, sampling, max_new_tokens, max_images, unconditional
+    )
     return [
         ContinuedDocument(
             _segments(pipe, row), _segments(pipe, run.tokens), len(row), len(run.tokens), run.stop
