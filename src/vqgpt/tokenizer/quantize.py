@@ -125,7 +125,8 @@ class QuantizerConfig:
     entropy_temperature: float = 0.01  # lfq: T of q(c | z) = softmax_c(-||z - c||^2 / T)
     # vq: weight of the codebook diversity loss log K - H(E_n[p_n]), p_n = softmax_c(-||z_n - c||^2
     # / T) with T = diversity_temperature (entropy.py): the batch term of MAGVIT-v2's entropy
-    # penalty, as vector-quantize-pytorch's `codebook_diversity_loss_weight`; 0 = off
+    # penalty (vector-quantize-pytorch's `codebook_diversity_loss_weight` has the same aim, with
+    # another formula: docs/design.md); 0 = off
     diversity_weight: float = 0.0
     diversity_temperature: float = 1.0  # vq: T above, in squared search-space distance
 
@@ -677,7 +678,8 @@ class VectorQuantizer(nn.Module):
         codebook loss moves the codes); 0 when every code gets the same mean probability.
 
         The batch term of MAGVIT-v2's entropy penalty (Yu et al., ICLR 2024, eq. 5) applied to a
-        learnt codebook, as vector-quantize-pytorch's `codebook_diversity_loss_weight`; chunked
+        learnt codebook (the aim of vector-quantize-pytorch's `codebook_diversity_loss_weight`,
+        whose formula differs: docs/design.md, "Quantizer math"); chunked
         and over every process's rows (`entropy.soft_assignment`).
         """
         codes = cb.vectors.detach().clone()  # the EMA step rewrites the codes before backward
