@@ -16,8 +16,9 @@ text-to-image sequence that training's caption dropout teaches (`eos boi codes`)
 with its text dropped is never a training sequence, so nothing teaches the model what it would
 mean. `unconditional="previous_image"` takes instead the document up to its last image's `<|eoi|>`
 (then `<|boi|>`), so that guidance pushes by the text written since that image (the
-instruction of a change; InstructPix2Pix's text guidance, Brooks et al. 2023); a document
-without an image yet gets the caption-dropped branch. Measured on shapes stories (docs/results.md,
+instruction of a change; InstructPix2Pix's text guidance, Brooks et al. 2023): the context of
+an image drawn before its own text, which documents train; a document without an image yet
+gets the caption-dropped branch. Measured on shapes stories (docs/results.md,
 issue 14): change images 12.6 -> 16.3% at scale 1.5, within one draw's noise. Each row opening
 an image gets its own one-row decoder for that branch (rows open images at
 different steps, and a cache row cannot be restarted in a batch); it is dropped at `<|eoi|>`.
