@@ -175,8 +175,9 @@ def test_the_script_adapts_continue_documents_to_segments(script, truth, monkeyp
     image = next(a for a in answers if isinstance(a, Image.Image))
     seen = {}
 
-    def fake(pipe, documents, sampling, max_new_tokens, max_images):
+    def fake(pipe, documents, sampling, max_new_tokens, max_images, unconditional):
         seen.update(documents=documents, max_new_tokens=max_new_tokens, max_images=max_images)
+        seen.update(unconditional=unconditional)
         return [
             infer.ContinuedDocument(d, ["that was it.", image], 1, 2, "max_images")
             for d in documents
@@ -184,9 +185,10 @@ def test_the_script_adapts_continue_documents_to_segments(script, truth, monkeyp
 
     monkeypatch.setattr(infer, "continue_documents", fake)
     pipe = SimpleNamespace(layout=SimpleNamespace(tokens_per_image=64))
-    generate = script.document_generator(pipe, None)
+    generate = script.document_generator(pipe, None, "previous_image")
     p = next(p for p in prompts if p.asks_for == "text")
     (continuation,) = generate([list(p.segments)])
+    assert seen["unconditional"] == "previous_image"  # --cfg-unconditional reaches the branch
     assert continuation == [{"text": "that was it.", "image": None}, {"text": None, "image": image}]
     assert seen["max_images"] == 1 and seen["max_new_tokens"] >= 64 + 2 + 20
     flat = seen["documents"][0]  # the contract's segments as plain text and images, in order
