@@ -189,7 +189,7 @@ def _continue_batch(
     sampling: SamplingConfig,
     max_new: int,
     max_images: int,
-    unconditional: str = "caption_dropped",
+    unconditional: str,
 ) -> list[Continuation]:
     n, hw, n_positions = len(prompts), layout.tokens_per_image, max_positions(model)
     device, width = next(model.parameters()).device, vocab_width(model)
