@@ -234,6 +234,37 @@ def test_diversity_loss_is_off_by_default_and_checked():
         QuantizerConfig(type="fsq", codebook_size=16, fsq_levels=(4, 4), diversity_weight=0.1)
 
 
+def test_diversity_weight_decays_linearly_to_zero_after_the_warm_up_and_is_checked():
+    cfg = QuantizerConfig(diversity_weight=0.3, diversity_decay_steps=4, bypass_steps=2)
+    weights = [cfg.diversity_weight_at(step) for step in range(9)]
+    assert weights == pytest.approx([0.3, 0.3, 0.3, 0.225, 0.15, 0.075, 0.0, 0.0, 0.0])
+    constant = QuantizerConfig(diversity_weight=0.3, bypass_steps=2)
+    assert {constant.diversity_weight_at(step) for step in range(9)} == {0.3}
+    with pytest.raises(ConfigError, match="diversity_decay_steps must be >= 0"):
+        QuantizerConfig(diversity_weight=0.3, diversity_decay_steps=-1)
+    with pytest.raises(ConfigError, match="decays quantizer.diversity_weight, which is 0"):
+        QuantizerConfig(diversity_decay_steps=10)
+    with pytest.raises(ConfigError, match="diversity_decay_steps=10 means nothing for quantizer"):
+        QuantizerConfig(type="fsq", codebook_size=16, fsq_levels=(4, 4), diversity_decay_steps=10)
+
+
+def test_the_quantizers_diversity_weight_now_weighs_the_loss_and_zero_skips_it():
+    torch.manual_seed(7)
+    vq = make(dim=3, codebook_size=12, ema=False, kmeans_init=False, restart_after_steps=0,
+              diversity_weight=0.7, diversity_temperature=0.5)  # fmt: skip
+    z_e = torch.randn(2, 3, 3, 4)
+    vq.diversity_weight = 0.2  # as the training loop sets it from diversity_weight_at(step)
+    out = vq(z_e)
+    assert out.entropy_loss.item() > 0
+    torch.testing.assert_close(
+        out.loss, out.codebook_loss + 0.25 * out.commitment_loss + 0.2 * out.entropy_loss
+    )
+    vq.diversity_weight = 0.0
+    out = vq(z_e)
+    assert out.entropy_loss.item() == 0.0
+    assert torch.equal(out.loss, out.codebook_loss + 0.25 * out.commitment_loss)
+
+
 # ---------------------------------------------------------------------------------------------
 # nearest-code search
 

@@ -156,3 +156,27 @@ def test_bypass_steps_train_the_projections_and_leave_the_codebook(
         assert not torch.equal(step1[key], step2[key]), key
     for key in codebook:
         assert torch.equal(step1[key], step2[key]), key
+
+
+def test_the_diversity_weight_decays_over_the_training_steps(
+    tmp_path, run_cli, tiny_tokenizer_recipe, write_yaml
+):
+    """quantizer.diversity_decay_steps in the training loop: with one warm-up step and a decay
+    over 3, the diversity loss is on at steps 2-4 (logged 1-based) and off after; against the
+    constant weight, the same losses until the weight first falls (step 3), other ones from
+    then on."""
+    runs = {}
+    for name, decay in (("constant", 0), ("decay", 3)):
+        out = tmp_path / name
+        quantizer = dict(bypass_steps=1, diversity_weight=0.5, diversity_temperature=0.05)
+        quantizer["diversity_decay_steps"] = decay
+        recipe = tiny_tokenizer_recipe(out, quantizer=quantizer, train=dict(save_every=0))
+        run_cli("train-tokenizer", "--config", str(write_yaml(tmp_path / f"{name}.yaml", recipe)))
+        runs[name] = {r["step"]: r for r in read_metrics(out, "train")}
+    decay, constant = runs["decay"], runs["constant"]
+    assert [s for s in sorted(decay) if "entropy" in decay[s]] == [2, 3, 4]
+    assert [s for s in sorted(constant) if "entropy" in constant[s]] == [2, 3, 4, 5, 6]
+    for step in (1, 2):
+        assert decay[step]["total"] == constant[step]["total"], step
+    for step in (3, 4, 5, 6):
+        assert decay[step]["total"] != constant[step]["total"], step

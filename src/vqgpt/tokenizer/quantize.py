@@ -71,6 +71,7 @@ FAMILY_FIELDS: dict[str, frozenset[str]] = {
         | {"preset", "l2_normalize", "num_quantizers", "init", "ema", "ema_decay", "ema_eps"}
         | {"kmeans_init", "kmeans_iters", "restart_after_steps", "dead_code_threshold"}
         | {"dead_code_sampling", "diversity_weight", "diversity_temperature"}
+        | {"diversity_decay_steps"}
     ),
     "simvq": frozenset(_VQ_SEARCH),  # frozen random codebook, learnt linear map (simvq.py)
     "fsq": frozenset({"fsq_levels"}),  # no codebook, no auxiliary loss (fsq.py)
@@ -129,6 +130,10 @@ class QuantizerConfig:
     # another formula: docs/design.md); 0 = off
     diversity_weight: float = 0.0
     diversity_temperature: float = 1.0  # vq: T above, in squared search-space distance
+    # vq: the diversity weight falls linearly from diversity_weight to 0 over this many training
+    # steps after the warm-up (bypass_steps), and the loss is off after them; 0 = constant (an
+    # annealed entropy weight as MAGVIT's `entropy_loss_annealing_steps`, down to 0 here)
+    diversity_decay_steps: int = 0
 
     def __post_init__(self) -> None:
         # presets are expanded by `from_dict`, before the fields are set
@@ -168,11 +173,18 @@ class QuantizerConfig:
             raise ConfigError("quantizer.diversity_weight must be a finite number >= 0")
         if not math.isfinite(self.diversity_temperature) or self.diversity_temperature <= 0:
             raise ConfigError("quantizer.diversity_temperature must be a finite number > 0")
+        if self.diversity_decay_steps < 0:
+            raise ConfigError("quantizer.diversity_decay_steps must be >= 0 (0 = constant)")
         if self.dead_code_threshold > 0 and not self.ema:
             raise ConfigError(
                 "quantizer.dead_code_threshold needs ema: true (it reads the EMA cluster sizes)"
             )
         self._check_family()
+        if self.diversity_decay_steps and not self.diversity_weight:
+            raise ConfigError(
+                "quantizer.diversity_decay_steps decays quantizer.diversity_weight, which is 0 "
+                "(off); set a weight or leave the decay at 0"
+            )
 
     def _check_family(self) -> None:
         """The `type`: known, its own fields valid, every field it does not read at its default."""
@@ -234,6 +246,15 @@ class QuantizerConfig:
             f"the code dim is {where}={dim} but must be {need} = {why}; set "
             f"quantizer.codebook_dim: {need} (a projection) or model.latent_dim: {need}"
         )
+
+    def diversity_weight_at(self, step: int) -> float:
+        """The diversity loss's weight at training step `step` (0-based, the warm-up's included):
+        `diversity_weight` constant, or with `diversity_decay_steps` = S, falling linearly from
+        it at the first step after the warm-up to 0 at S steps after it (0 from then on)."""
+        if not self.diversity_decay_steps:
+            return self.diversity_weight
+        after_warmup = max(step - self.bypass_steps, 0)
+        return self.diversity_weight * max(1.0 - after_warmup / self.diversity_decay_steps, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,7 +619,7 @@ class QuantizerOutput(NamedTuple):
     commitment_loss: Tensor  # ||z - sg[z_q]||^2, mean per quantizer, summed (unweighted)
     codebook_loss: Tensor  # ||sg[z] - z_q||^2 likewise; 0 when the codebook is EMA-updated
     # lfq: E[H(q(z))] - H(E[q(z)]); vq: the diversity loss log K - H(E[q(z)]) summed over levels
-    # (training only, 0 when diversity_weight is 0); unweighted; 0 for the others
+    # (training only, 0 while its weight is 0); unweighted; 0 for the others
     entropy_loss: Tensor
 
 
@@ -623,6 +644,8 @@ class VectorQuantizer(nn.Module):
         else:
             self.proj_in = self.proj_out = None
         self.codebooks = nn.ModuleList(Codebook(search_dim, cfg) for _ in range(cfg.num_quantizers))
+        # the diversity loss's weight now (the training loop sets cfg.diversity_weight_at(step))
+        self.diversity_weight = cfg.diversity_weight
 
     @property
     def codebook(self) -> Tensor:
@@ -648,7 +671,7 @@ class VectorQuantizer(nn.Module):
             for cb in self.codebooks:
                 if self.training and not bool(cb.initialized):
                     cb.kmeans_init_(residual.detach())
-                if self.training and self.cfg.diversity_weight > 0:
+                if self.training and self.diversity_weight > 0:
                     diversity = diversity + self._diversity_loss(residual, cb)
                 codes = cb.search(residual)  # (N,)
                 q = F.embedding(codes, cb.vectors)  # (N, search_dim)
@@ -668,8 +691,8 @@ class VectorQuantizer(nn.Module):
             if self.cfg.num_quantizers == 1:
                 codes = codes[..., 0]
             loss = codebook_loss + self.cfg.beta * commitment
-            if self.cfg.diversity_weight > 0:
-                loss = loss + self.cfg.diversity_weight * diversity
+            if self.diversity_weight > 0:
+                loss = loss + self.diversity_weight * diversity
         return QuantizerOutput(quantized, codes, loss, commitment, codebook_loss, diversity)
 
     def _diversity_loss(self, x: Tensor, cb: Codebook) -> Tensor:

@@ -181,6 +181,10 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
     def train_step(batch: dict, step: int) -> dict[str, Metric]:
         pixels = batch["pixel_values"]
         bypass = step < recipe.quantizer.bypass_steps
+        diversity_on = qc.type == "vq" and qc.diversity_weight > 0
+        if diversity_on:  # quantizer.diversity_decay_steps: the weight falls to 0
+            raw_model.quantizer.diversity_weight = qc.diversity_weight_at(step)
+            diversity_on = raw_model.quantizer.diversity_weight > 0
         output = model(pixels, bypass_quantizer=bypass)
         record = loss_fn.autoencoder_loss(
             pixels, output.reconstruction, output.quantizer.loss, step, raw_model.last_layer
@@ -200,7 +204,8 @@ def train_tokenizer(recipe: TokenizerRecipe, resume: str | None = None) -> Path:
             record.parts.update(disc_record.parts)
         n = float(len(pixels))
         values: dict[str, Metric] = {k: (v * n, n) for k, v in record.to_log().items()}
-        if logs_entropy and not bypass:  # lfq's entropy penalty, vq's diversity loss (unweighted)
+        # lfq's entropy penalty, vq's diversity loss (unweighted; while its weight is not 0)
+        if logs_entropy and not bypass and (qc.type == "lfq" or diversity_on):
             values["entropy"] = (float(output.quantizer.entropy_loss.detach()) * n, n)
         first = output.codes if output.codes.ndim < 4 else output.codes[..., 0]  # (B, h, w)
         histogram.add_(code_histogram(first, raw_model.codebook_size))
