@@ -105,7 +105,9 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.document:
         return _continue_documents(args)
-    for option, value in (("--max-new-tokens", args.max_new_tokens), ("--max-images", args.max_images)):  # fmt: skip
+    only_documents = [("--max-new-tokens", args.max_new_tokens), ("--max-images", args.max_images)]
+    only_documents.append(("--cfg-unconditional", args.cfg_unconditional))
+    for option, value in only_documents:
         if value is not None:
             raise ValueError(f"{option} is for --document; images take h*w tokens each")
     prompts = read_prompts(args.prompts, args.prompts_file)
@@ -127,7 +129,12 @@ def _continue_documents(args: argparse.Namespace) -> None:
     if clash:
         raise ValueError(f"--document continues documents: leave out {', '.join(clash)}")
     prompts = read_documents(args.document)
-    limits = _given(args, max_new_tokens="max_new_tokens", max_images="max_images")
+    limits = _given(
+        args,
+        max_new_tokens="max_new_tokens",
+        max_images="max_images",
+        unconditional="cfg_unconditional",
+    )
     result = continue_to_folder(args.model, prompts, generate_sampling(args), args.out, **limits)
     _note(result.summary())
 
@@ -137,6 +144,15 @@ def _caption(args: argparse.Namespace) -> None:
 
     result = caption_files(args.model, args.inputs, caption_sampling(args), args.out)
     _note(result.summary())
+
+
+# vqgpt.lm.continuation.UNCONDITIONAL_BRANCHES, spelt out here so that --help needs no torch import
+UNCONDITIONAL_CHOICES = ("caption_dropped", "previous_image")
+CFG_UNCONDITIONAL_HELP = (
+    "--document: the CFG branch an image is guided against: caption_dropped (default: the "
+    "image with no text before it) or previous_image (the document up to its last image, so "
+    "guidance pushes by the text written since; InstructPix2Pix's text guidance)"
+)
 
 
 RERANK_HELP = (
@@ -333,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-images", type=int, default=None, help="--document: images at most (default 4)"
+    )
+    p.add_argument(
+        "--cfg-unconditional",
+        choices=UNCONDITIONAL_CHOICES,
+        default=None,
+        help=CFG_UNCONDITIONAL_HELP,
     )
     p.add_argument("--out", required=True, help=GENERATE_OUT_HELP)
     _add_sampling_args(p)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import re
@@ -292,6 +293,27 @@ def test_markdown_and_json_agree(tmp_path, cli_in_process, images_often):
     assert "already exists" in taken.stderr
 
 
+def test_cli_takes_the_cfg_branch_to_continue_documents(tmp_path, cli_in_process, monkeypatch):
+    from vqgpt import cli
+    from vqgpt.lm import infer
+    from vqgpt.lm.continuation import UNCONDITIONAL_BRANCHES
+
+    assert cli.UNCONDITIONAL_CHOICES == UNCONDITIONAL_BRANCHES
+    seen, real = [], infer.continue_documents
+
+    def spy(*args, **kwargs):  # the real continuation, its branch recorded
+        seen.append(inspect.signature(real).bind(*args, **kwargs).arguments.get("unconditional"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(infer, "continue_documents", spy)
+    args = ["generate", "--model", str(FIXTURES / "lm_run"), "--document", "A red circle"]
+    args += ["--max-new-tokens", "2", "--cfg", "2"]
+    for k, branch in enumerate([[], ["--cfg-unconditional", "previous_image"]]):
+        result = cli_in_process(*args, *branch, "--out", str(tmp_path / str(k)))
+        assert (tmp_path / str(k) / "document.md").is_file(), result.stderr
+    assert seen == ["caption_dropped", "previous_image"]
+
+
 def test_cli_refusals_are_one_line(tmp_path, cli_in_process, error_line):
     model = ["generate", "--model", str(FIXTURES / "lm_run"), "--out", str(tmp_path / "o")]
     for given, words in [
@@ -302,6 +324,10 @@ def test_cli_refusals_are_one_line(tmp_path, cli_in_process, error_line):
         (["--document", "a", "a cat"], "leave out captions"),
         (["--document", "a", "--max-images", "-1"], "max_images >= 0"),
         (["a cat", "--max-images", "2"], "--max-images is for --document"),
+        (
+            ["a cat", "--cfg-unconditional", "previous_image"],
+            "--cfg-unconditional is for --document",
+        ),
     ]:
         result = cli_in_process(*model, *given, check=False)
         assert words in error_line(result, "generate"), given

@@ -346,12 +346,14 @@ def continue_to_folder(
     out: str | Path,
     max_new_tokens: int = 256,
     max_images: int = 4,
+    unconditional: str = "caption_dropped",
 ) -> DocumentsResult:
     """Continue (where, prompt) pairs (`read_documents`) into `out`: per prompt k a Markdown file
     (`document.md`, or `000.md`, `001.md`, ... for several) with its images inline as PNGs
     (`<k>_<j>.png` generated, `<k>_p<j>.png` the prompt's as the model read them), and
     `documents.jsonl`, one line per prompt: {"file", "prompt", "segments" (the generated ones, in
-    the document format), "prompt_tokens", "new_tokens", "images", "stop"}.
+    the document format), "prompt_tokens", "new_tokens", "images", "stop"}. `unconditional` is
+    the CFG branch of every image (`vqgpt.lm.continuation.UNCONDITIONAL_BRANCHES`).
 
     Any of these names already in `out`: OutputExistsError before anything is drawn.
     """
@@ -360,7 +362,9 @@ def continue_to_folder(
     taken = [p.name for k in range(len(prompts)) for p in out.glob(f"{k:03d}_*.png")]
     refuse_existing(out, [*md_names, "documents.jsonl", *taken])
     pipe = Pipeline.from_pretrained(model)
-    docs = continue_documents(pipe, [p for _, p in prompts], sampling, max_new_tokens, max_images)
+    docs = continue_documents(
+        pipe, [p for _, p in prompts], sampling, max_new_tokens, max_images, unconditional
+    )
     out.mkdir(parents=True, exist_ok=True)
     result = DocumentsResult(index=out / "documents.jsonl")
     lines = []
