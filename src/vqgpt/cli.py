@@ -105,11 +105,19 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.document:
         return _continue_documents(args)
-    only_documents = [("--max-new-tokens", args.max_new_tokens), ("--max-images", args.max_images)]
-    only_documents.append(("--cfg-unconditional", args.cfg_unconditional))
-    for option, value in only_documents:
+    sized = "images take h*w tokens each"
+    only_documents = [
+        ("--max-new-tokens", args.max_new_tokens, sized),
+        ("--max-images", args.max_images, sized),
+        (
+            "--cfg-unconditional",
+            args.cfg_unconditional,
+            "a caption's CFG branch is the caption dropped",
+        ),
+    ]
+    for option, value, why in only_documents:
         if value is not None:
-            raise ValueError(f"{option} is for --document; images take h*w tokens each")
+            raise ValueError(f"{option} is for --document; {why}")
     prompts = read_prompts(args.prompts, args.prompts_file)
     blank = sum(not p.strip() for p in args.prompts)
     if blank:
