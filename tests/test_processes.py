@@ -116,12 +116,17 @@ def test_streamed_shards_in_two_processes_train_like_one(
         # them), and the discriminator joins at step index 3 (then runs one forward per
         # backward): the first 2 steps leave both out, the third the discriminator only, the
         # fourth neither (one launch for both: a launch costs ~15 s); the codebook diversity
-        # loss, from the third step, takes its batch mean over every rank's rows
+        # loss, from the third step, takes its batch mean over every rank's rows, its weight
+        # halved at the fourth (diversity_decay_steps: the same step, so weight, on each rank)
         (
             "bypass-factorised-gan-start-step-diversity",
             dict(
                 quantizer=dict(
-                    bypass_steps=2, codebook_dim=4, diversity_weight=0.5, diversity_temperature=0.05
+                    bypass_steps=2,
+                    codebook_dim=4,
+                    diversity_weight=0.5,
+                    diversity_temperature=0.05,
+                    diversity_decay_steps=2,
                 ),
                 loss=dict(adversarial_weight=0.1, adversarial_start_step=3),
             ),
